@@ -1,0 +1,63 @@
+# Classifier, multi-scale CAMs, seed fusion and seed evaluation.
+
+
+rule train_classifier:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+    output:
+        model=out("classifier/model.pt"),
+        log_csv=out("classifier/train_log.csv"),
+    params:
+        method=method_json,
+        stage=stage_json("train_classifier"),
+    threads: THREADS
+    log:
+        logs("train_classifier"),
+    shell:
+        "wsss train-classifier --index {input.index} --method {params.method:q} "
+        "--params {params.stage:q} --out {output.model} --resume --threads {threads} --log {log}"
+
+
+rule export_cams:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        model=out("classifier/model.pt"),
+    output:
+        out("cams.h5"),
+    params:
+        stage=stage_json("export_cams"),
+    threads: THREADS
+    log:
+        logs("export_cams"),
+    shell:
+        "wsss export-cams --index {input.index} --model {input.model} --params {params.stage:q} "
+        "--out {output} --threads {threads} --log {log}"
+
+
+rule fuse_seeds:
+    input:
+        out("cams.h5"),
+    output:
+        out("seeds.h5"),
+    params:
+        stage=stage_json("fuse_seeds"),
+    log:
+        logs("fuse_seeds"),
+    shell:
+        "wsss fuse-seeds --cams {input} --params {params.stage:q} --out {output} --log {log}"
+
+
+rule eval_seeds:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        seeds=out("seeds.h5"),
+    output:
+        miou=out("seed_miou.txt"),
+        metrics=out("seed_metrics.json"),
+    params:
+        stage=stage_json("eval_seeds"),
+    log:
+        logs("eval_seeds"),
+    shell:
+        "wsss eval-seeds --index {input.index} --seeds {input.seeds} --params {params.stage:q} "
+        "--out {output.miou} --log {log}"

@@ -1,0 +1,66 @@
+# Input functions and helpers shared by all rules (the only place with logic).
+import json
+
+from wsss_core.config import dataset_config, stage_params, method_params
+
+RESULTS = config["results"]
+THREADS = int(config.get("threads", 2))
+DEFAULT = config.get("default_target", {})
+
+
+wildcard_constraints:
+    dataset="|".join(config["datasets"]),
+    method="|".join(config["methods"]),
+
+
+def toy_datasets():
+    return [d for d, c in config["datasets"].items() if c["kind"] == "toy"]
+
+
+def dataset_root(wildcards):
+    """Where a dataset's VOC-layout files are; toy data lives under results/."""
+    ds = dataset_config(config, wildcards.dataset)
+    if ds["kind"] == "toy":
+        return f"{RESULTS}/{wildcards.dataset}/data"
+    if not ds.get("root"):
+        raise ValueError(
+            f"config key datasets.{wildcards.dataset}.root is not set: point it at your "
+            f"VOC-layout folder, e.g. --config 'datasets={{\"{wildcards.dataset}\": "
+            f"{{\"root\": \"/data/VOC2012\"}}}}' or edit config.yaml")
+    return ds["root"]
+
+
+def dataset_inputs(wildcards):
+    """The generated toy data is an input of the index; real datasets are read in place."""
+    ds = dataset_config(config, wildcards.dataset)
+    return [f"{RESULTS}/{wildcards.dataset}/data"] if ds["kind"] == "toy" else []
+
+
+def dataset_lists(wildcards):
+    ds = dataset_config(config, wildcards.dataset)
+    lists = ds.get("lists", {})
+    return " ".join(f"--{s.replace('_', '-')}-list {lists.get(s, s)}" for s in ("train_aug", "train", "val"))
+
+
+def stage_json(stage):
+    """A rule param holding the resolved parameter block of `stage` as JSON text."""
+    return lambda w: json.dumps(stage_params(config, w.dataset, w.method, stage), sort_keys=True)
+
+
+def method_json(wildcards):
+    return json.dumps(method_params(config, wildcards.dataset, wildcards.method), sort_keys=True)
+
+
+def out(path):
+    """results/{dataset}/{method}/<path>"""
+    return f"{RESULTS}/{{dataset}}/{{method}}/{path}"
+
+
+def logs(name):
+    return f"{RESULTS}/{{dataset}}/{{method}}/logs/{name}.log"
+
+
+def default_target():
+    d = DEFAULT.get("dataset", "toy")
+    m = DEFAULT.get("method", "cobra")
+    return [f"{RESULTS}/{d}/{m}/seed_miou.txt"]

@@ -1,0 +1,34 @@
+# Dataset preparation: toy generation and the validated dataset index.
+
+
+rule make_toy:
+    output:
+        directory(f"{RESULTS}/{{dataset}}/data"),
+    params:
+        ds=lambda w: dataset_config(config, w.dataset),
+    wildcard_constraints:
+        dataset="|".join(toy_datasets()) or "^$",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/make_toy.log",
+    shell:
+        "wsss make-toy --out {output} --seed {params.ds[seed]} "
+        "--image-size {params.ds[image_size]} --num-train-aug {params.ds[num_train_aug]} "
+        "--num-train-eval {params.ds[num_train_eval]} --num-val {params.ds[num_val]} --log {log}"
+
+
+rule dataset_index:
+    input:
+        dataset_inputs,
+    output:
+        f"{RESULTS}/{{dataset}}/index.json",
+    params:
+        root=dataset_root,
+        kind=lambda w: dataset_config(config, w.dataset)["kind"],
+        lists=dataset_lists,
+        num_classes=lambda w: (f"--num-classes {dataset_config(config, w.dataset)['num_classes']}"
+                               if "num_classes" in dataset_config(config, w.dataset) else ""),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/dataset_index.log",
+    shell:
+        "wsss dataset-index --name {wildcards.dataset} --kind {params.kind} --root {params.root} "
+        "{params.lists} {params.num_classes} --out {output} --log {log}"

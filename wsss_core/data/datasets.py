@@ -1,0 +1,77 @@
+"""torch Datasets over a DatasetIndex: classification training and multi-scale inference."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import transforms as T
+from .index import DatasetIndex
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The augmentation stream of one sample: independent of workers and iteration order."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+class ClassificationDataset(Dataset):
+    """Random long-side resize → normalise → flip → crop (IRN/CoBra order); multi-hot labels."""
+
+    def __init__(self, index: DatasetIndex, split: str, crop: int, scale_range: Sequence[int],
+                 seed: int = 0) -> None:
+        self.index = index
+        self.ids = index.ids(split)
+        self.crop = crop
+        self.scale_range = tuple(scale_range)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        image_id = self.ids[i]
+        rng = sample_rng(self.seed, self.epoch, i)
+        img = self.index.image(image_id)
+        img, _ = T.random_resize_long(img, None, *self.scale_range, rng)
+        img = T.normalize(img)
+        img, _ = T.random_hflip(img, None, rng)
+        img, _ = T.random_crop(img, None, self.crop, rng)
+        return {
+            "image": torch.from_numpy(T.to_chw(img)),
+            "label": torch.from_numpy(self.index.label_vector(image_id)),
+            "index": i,
+        }
+
+
+class MultiScaleDataset(Dataset):
+    """One image at several scales (bicubic), normalised; flips are batched by the model code."""
+
+    def __init__(self, index: DatasetIndex, split: str | Sequence[str], scales: Sequence[float]) -> None:
+        self.index = index
+        self.ids = index.ids(split) if isinstance(split, str) else list(split)
+        self.scales = list(scales)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        image_id = self.ids[i]
+        img = self.index.image(image_id)
+        scaled = []
+        for s in self.scales:
+            im = img if s == 1.0 else T.resize_image(img, T.scaled_size(img.shape[:2], s))
+            scaled.append(torch.from_numpy(T.to_chw(T.normalize(im))))
+        return {"id": image_id, "image": img, "scaled": scaled,
+                "keys": self.index.labels(image_id), "size": img.shape[:2]}
+
+
+def collate_single(batch: list[dict]) -> dict:
+    """Inference runs one image at a time (scales differ in size)."""
+    assert len(batch) == 1
+    return batch[0]

@@ -1,0 +1,170 @@
+"""Reader for datasets in PASCAL VOC layout (VOC 2012, COCO converted to VOC, the toy set).
+
+    <root>/JPEGImages/<id>.jpg
+    <root>/SegmentationClassAug/<id>.png   (or SegmentationClass/)
+    <root>/ImageSets/Segmentation/<list>.txt
+    <root>/class_names.txt                 (optional; VOC's 21 names otherwise)
+
+List files hold one id per line or the two-column WSSS form
+`/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png`. Image-level labels are derived from the
+masks, so no pickled label table is needed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+from .palette import IGNORE, VOC_CLASSES
+
+MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
+_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def check_id(image_id: str, source: str | os.PathLike) -> str:
+    """Reject ids that could escape the dataset folder or are not plain file stems."""
+    if (not image_id or "/" in image_id or "\\" in image_id or ".." in image_id
+            or not _ID_RE.match(image_id)):
+        raise DataError(f"{source}: invalid image id {image_id!r} (ids are plain file stems "
+                        f"without path separators or '..'); fix the list file")
+    return image_id
+
+
+def read_list(path: str | os.PathLike) -> list[str]:
+    """Ids of a list file in either the one-id or the two-column form; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: list file not found; create it or fix the list name in config.yaml")
+    ids: list[str] = []
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        first = line.split()[0]
+        if "/" in first and first.lower().endswith((".jpg", ".jpeg", ".png")):
+            first = Path(first).stem  # two-column form
+        ids.append(check_id(first, f"{path}:{lineno}"))
+    if not ids:
+        raise DataError(f"{path}: list file is empty; it must name at least one image id")
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            raise DataError(f"{path}: id {i} is listed twice; remove the duplicate line")
+        seen.add(i)
+    return ids
+
+
+def read_class_names(root: Path, num_classes: int | None = None) -> list[str]:
+    f = root / "class_names.txt"
+    if f.is_file():
+        names = [line.strip() for line in f.read_text().splitlines() if line.strip()]
+        if len(names) < 2:
+            raise DataError(f"{f}: needs background plus at least one class, one name per line")
+        return names
+    if num_classes is None or num_classes == len(VOC_CLASSES):
+        return list(VOC_CLASSES)
+    return ["background"] + [f"class{i}" for i in range(1, num_classes)]
+
+
+class VocLayout:
+    """Paths and validated reads for one dataset root in VOC layout."""
+
+    def __init__(self, root: str | os.PathLike, num_classes: int | None = None) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: dataset root not found; set datasets.<name>.root in "
+                            f"config.yaml to a folder holding JPEGImages/ and SegmentationClassAug/")
+        if not (self.root / "JPEGImages").is_dir():
+            raise DataError(f"{self.root / 'JPEGImages'}: folder missing; the root must be in VOC "
+                            f"layout (JPEGImages/, SegmentationClassAug/, ImageSets/Segmentation/)")
+        for d in MASK_DIRS:
+            if (self.root / d).is_dir():
+                self.mask_dir = d
+                break
+        else:
+            raise DataError(f"{self.root}: neither SegmentationClassAug/ nor SegmentationClass/ "
+                            f"found; add the masks (labels are derived from them)")
+        self.class_names = read_class_names(self.root, num_classes)
+        self.num_classes = len(self.class_names)
+
+    def list_path(self, name: str) -> Path:
+        """A list given by name (ImageSets/Segmentation/<name>.txt) or by path."""
+        p = Path(name).expanduser()
+        if p.suffix == ".txt" and (p.is_absolute() or p.exists()):
+            return p
+        return self.root / "ImageSets" / "Segmentation" / f"{name}.txt"
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def mask_path(self, image_id: str) -> Path:
+        return self.root / self.mask_dir / f"{image_id}.png"
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        return read_image(self.image_path(image_id))
+
+    def read_mask(self, image_id: str, expect_size: tuple[int, int] | None = None) -> np.ndarray:
+        path = self.mask_path(image_id)
+        mask = read_mask(path)
+        if expect_size is not None and mask.shape != tuple(expect_size):
+            raise DataError(f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its "
+                            f"image {expect_size[1]}x{expect_size[0]}; re-export the mask at image size")
+        bad = (mask >= self.num_classes) & (mask != IGNORE)
+        if bad.any():
+            v = int(mask[bad][0])
+            raise DataError(f"{path}: mask value {v} outside 0..{self.num_classes - 1} and {IGNORE}; "
+                            f"fix the mask or the dataset's class list")
+        return mask
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """RGB uint8 [H, W, 3]; a missing or corrupt file raises a DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image not found; restore it or remove its id from the list")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: unreadable or corrupt image ({e}); replace the file") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image, decoding it fully so corrupt files are caught up front."""
+    img = read_image(path)
+    return img.shape[0], img.shape[1]
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: mask not found; add it (labels come from the masks)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("P", "L"):
+                raise DataError(f"{path}: mask must be a palette or greyscale PNG of class "
+                                f"indices, not mode {img.mode}")
+            return np.asarray(img, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: unreadable mask ({e}); replace the file") from None
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int) -> list[int]:
+    """Foreground class ids (1..C-1) present in a mask, ignoring 255."""
+    present = np.unique(mask)
+    return [int(c) for c in present if 0 < c < num_classes]
+
+
+def multi_hot(labels: Sequence[int], num_classes: int) -> np.ndarray:
+    """Image-level label vector over the C-1 foreground classes (index c-1 for class c)."""
+    v = np.zeros(num_classes - 1, dtype=np.float32)
+    for c in labels:
+        v[c - 1] = 1.0
+    return v

@@ -1,0 +1,149 @@
+"""Backbones built through timm, reshaped to the WSSS conventions.
+
+IRN/CoBra ResNets: strides are placed on the first block of a layer (no dilation anywhere);
+`strides = (conv1, layer2, layer3, layer4)` with layer1 and the max-pool fixed (1 and 2), so
+(2, 2, 2, 1) gives output stride 16 and (2, 2, 1, 1) stride 8. BatchNorm is "frozen": it
+always normalises with the stored running statistics, while its affine parameters stay
+trainable where gradients reach them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import WeightsError
+
+
+class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that never updates or uses batch statistics (train or eval)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=False, momentum=0.0, eps=self.eps)
+
+
+def freeze_batchnorm_stats(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in `module` (in place) by a FrozenStatsBatchNorm2d."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, FrozenStatsBatchNorm2d):
+            frozen = FrozenStatsBatchNorm2d(child.num_features, eps=child.eps, affine=child.affine)
+            frozen.load_state_dict(child.state_dict())
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm_stats(child)
+    return module
+
+
+def _tiny_resnet(**kw) -> nn.Module:
+    from timm.models.resnet import BasicBlock, ResNet
+    return ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=(32, 64, 128, 256),
+                  stem_width=32, num_classes=0, **kw)
+
+
+#: backbones defined here (small CPU models); any other name is looked up in timm
+_LOCAL_RESNETS: dict[str, Callable[..., nn.Module]] = {
+    "resnet10t_narrow": _tiny_resnet,
+}
+
+
+def create_timm(name: str, pretrained: bool = False, pretrained_file: str | None = None,
+                **kwargs) -> nn.Module:
+    """timm.create_model with the project's weight policy: a local file, the timm cache/hub,
+    or a one-line WeightsError naming what was looked for."""
+    if name in _LOCAL_RESNETS:
+        if pretrained:
+            raise WeightsError(f"backbone {name}: no pretrained weights exist; set pretrained: false")
+        return _LOCAL_RESNETS[name](**kwargs)
+    if pretrained and pretrained_file:
+        path = Path(pretrained_file).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"{path}: pretrained weights for {name} not found; download them "
+                               f"there or set pretrained_file to the right path")
+        return timm.create_model(name, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:  # unknown model name
+        raise WeightsError(f"backbone {name}: {e}") from None
+    except Exception as e:  # hub unreachable and nothing cached
+        if not pretrained:
+            raise
+        raise WeightsError(
+            f"backbone {name}: ImageNet weights not in the timm/Hugging Face cache and not "
+            f"downloadable ({type(e).__name__}); set model.pretrained_file to a local "
+            f"checkpoint or pre-fetch them with timm.create_model('{name}', pretrained=True)"
+        ) from None
+
+
+class ResNetStages(nn.Module):
+    """A timm ResNet split into the five IRN stages: stem (conv1..max-pool), layer1..layer4."""
+
+    def __init__(self, name: str, strides: Sequence[int] = (2, 2, 2, 1), pretrained: bool = False,
+                 pretrained_file: str | None = None, frozen_bn: bool = True) -> None:
+        super().__init__()
+        net = create_timm(name, pretrained=pretrained, pretrained_file=pretrained_file)
+        if not all(hasattr(net, a) for a in ("conv1", "bn1", "maxpool", "layer4")):
+            raise WeightsError(f"backbone {name}: not a ResNet-style timm model (need conv1 .. layer4)")
+        if len(strides) != 4:
+            raise ValueError("strides = (conv1, layer2, layer3, layer4)")
+        _set_stride(net.conv1, strides[0])
+        for layer, s in zip((net.layer2, net.layer3, net.layer4), strides[1:]):
+            _set_layer_stride(layer, s)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.out_channels = [
+            _out_channels(self.stem), _out_channels(net.layer1), _out_channels(net.layer2),
+            _out_channels(net.layer3), _out_channels(net.layer4)]
+        self.strides = tuple(strides)
+        self.output_stride = 2 * strides[0] * strides[1] * strides[2] * strides[3]
+        if frozen_bn:
+            freeze_batchnorm_stats(self)
+
+    def stages(self) -> list[nn.Module]:
+        return [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for stage in self.stages():
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+def _set_stride(conv: nn.Conv2d, stride: int) -> None:
+    conv.stride = (stride, stride)
+
+
+def _set_layer_stride(layer: nn.Sequential, stride: int) -> None:
+    """Put `stride` on the first block's strided conv and its downsample path (v1.5 style)."""
+    block = layer[0]
+    strided = block.conv2 if hasattr(block, "conv3") else block.conv1  # bottleneck vs basic
+    _set_stride(strided, stride)
+    for conv in (block.conv1, block.conv2, getattr(block, "conv3", None)):
+        if conv is not None and conv is not strided:
+            _set_stride(conv, 1)
+    if block.downsample is not None:
+        for m in block.downsample.modules():
+            if isinstance(m, nn.Conv2d):
+                _set_stride(m, stride)
+            elif isinstance(m, nn.AvgPool2d):  # avg-down variants
+                m.stride = stride
+                m.kernel_size = stride if stride > 1 else 1
+    for m in block.modules():
+        if isinstance(m, nn.Conv2d):
+            m.dilation = (1, 1)
+            k = m.kernel_size[0]
+            m.padding = (k // 2, k // 2)
+
+
+def _out_channels(module: nn.Module) -> int:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    if hasattr(module[-1] if isinstance(module, nn.Sequential) else module, "conv3"):
+        return module[-1].conv3.out_channels
+    return bns[-1].num_features if bns else convs[-1].out_channels

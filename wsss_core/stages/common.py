@@ -1,0 +1,83 @@
+"""What every stage entry point shares: argument parsing, logging, errors, device, seeds."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import WSSSError
+
+log = logging.getLogger("wsss")
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"wsss {prog}", description=description)
+    p.add_argument("--log", help="log file (written beside the outputs by the workflow)")
+    return p
+
+
+def json_arg(text: str) -> Any:
+    """argparse type for JSON parameter blocks passed by the Snakemake rules."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+
+
+def setup_logging(log_path: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+def run_stage(args: argparse.Namespace, fn: Callable[..., Any], **kwargs) -> int:
+    """Run a stage function with logging; a WSSSError becomes one line and exit code 2."""
+    setup_logging(getattr(args, "log", None))
+    start = time.perf_counter()
+    try:
+        fn(**kwargs)
+    except WSSSError as e:
+        if os.environ.get("WSSS_DEBUG") == "1":
+            raise
+        log.error("wsss: error: %s", e)
+        return 2
+    log.info("done in %.1f s", time.perf_counter() - start)
+    return 0
+
+
+def exit_with(code: int) -> None:
+    if code:
+        sys.exit(code)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(preference: str | None = None):
+    """CUDA when present (or WSSS_DEVICE / preference says so), CPU otherwise."""
+    import torch
+    pref = preference or os.environ.get("WSSS_DEVICE", "auto")
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pref)
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
