@@ -1,20 +1,30 @@
 # wsss: weakly supervised semantic segmentation as a Snakemake DAG.
 #   snakemake --cores 2                                  # toy data, CoBra, to seg_miou.txt
 #   snakemake --cores 8 results/voc/cobra/seg_miou.txt   # PASCAL VOC 2012 (set datasets.voc.root)
+import os
+
 from snakemake.utils import validate
 
 from wsss_core import config as wsss_config
 
 configfile: "config.yaml"
 
+# Idle OpenMP threads must not spin: with two jobs on two cores a spinning pool slows every
+# parallel op of the other job by orders of magnitude.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 wsss_config.apply_defaults(config)
 wsss_config.validate_config(config)  # one-line errors naming the key
-validate(config, "wsss_core/schemas/config.schema.yaml")
+# defaults are already filled by apply_defaults; Snakemake's default-setting validator would
+# also copy the toy branch's defaults into voc entries while trying the oneOf branches
+validate(config, "wsss_core/schemas/config.schema.yaml", set_default=False)
 
 
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/cams.smk"
+include: "rules/refine.smk"
+include: "rules/seg.smk"
 
 
 rule all:

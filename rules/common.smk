@@ -63,4 +63,4 @@ def logs(name):
 def default_target():
     d = DEFAULT.get("dataset", "toy")
     m = DEFAULT.get("method", "cobra")
-    return [f"{RESULTS}/{d}/{m}/seed_miou.txt"]
+    return [f"{RESULTS}/{d}/{m}/seg_miou.txt"]

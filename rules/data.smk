@@ -13,7 +13,7 @@ rule make_toy:
     shell:
         "wsss make-toy --out {output} --seed {params.ds[seed]} "
         "--image-size {params.ds[image_size]} --num-train-aug {params.ds[num_train_aug]} "
-        "--num-train-eval {params.ds[num_train_eval]} --num-val {params.ds[num_val]} --log {log}"
+        "--num-train-eval {params.ds[num_train_eval]} --num-val {params.ds[num_val]} 2> {log}"
 
 
 rule dataset_index:
@@ -30,5 +30,5 @@ rule dataset_index:
     log:
         f"{RESULTS}/{{dataset}}/logs/dataset_index.log",
     shell:
-        "wsss dataset-index --name {wildcards.dataset} --kind {params.kind} --root {params.root} "
+        "wsss dataset-index --name {wildcards.dataset} --kind {params.kind} --root {params.root:q} "
         "{params.lists} {params.num_classes} --out {output} --log {log}"

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "propagate": ("wsss_core.stages.propagate", "random-walk propagation of CAMs (HDF5)"),
     "make-masks": ("wsss_core.stages.make_masks", "pseudo masks from propagated maps (+ CRF)"),
     "eval-masks": ("wsss_core.stages.eval_masks", "mask and IR-label mIoU"),
-    "sweep-alpha": ("wsss_core.stages.sweep_alpha", "mask threshold (alpha) sweep"),
+    "sweep-masks": ("wsss_core.stages.sweep_masks", "mask threshold (alpha / bg) sweep without CRF"),
     "train-seg": ("wsss_core.stages.train_seg", "train the segmentation network on pseudo masks"),
     "eval-seg": ("wsss_core.stages.eval_seg", "multi-scale segmentation evaluation on val"),
     "results-table": ("wsss_core.stages.results_table", "collect metric files into a table"),

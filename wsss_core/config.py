@@ -22,7 +22,7 @@ SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
 #: stages whose parameter blocks are defined by a schema in schemas/stages/
 STAGES = (
     "train_classifier", "export_cams", "fuse_seeds", "eval_seeds", "ir_labels", "train_irn",
-    "make_masks", "eval_masks", "train_seg", "eval_seg",
+    "propagate", "make_masks", "train_seg", "eval_seg",
 )
 #: free-form blocks checked by the method plug-in rather than by a stage schema
 PLUGIN_BLOCKS = ("model", "cobra")
@@ -51,19 +51,34 @@ def _validator(schema: dict, base: Path):
     return cls(schema, registry=registry)
 
 
+def _explain(error) -> str:
+    """One line for a schema error; for the oneOf over dataset kinds, the error of the branch
+    whose `kind` matches the entry (branches with a different kind are not what the user meant)."""
+    import jsonschema
+
+    while error.context:
+        wrong_kind = {e.relative_schema_path[0] for e in error.context
+                      if list(e.relative_path)[:1] == ["kind"]}
+        same_kind = [e for e in error.context if e.relative_schema_path[0] not in wrong_kind]
+        if not same_kind:
+            kind = error.instance.get("kind") if isinstance(error.instance, dict) else None
+            return (f"config key {_key_path([*error.absolute_path, 'kind'])}: {kind!r} is not "
+                    f"one of {', '.join(_DEFAULT_PRESET)}")
+        error = jsonschema.exceptions.best_match(same_kind)
+    return f"config key {_key_path(error.absolute_path)}: {error.message}"
+
+
 def validate_config(cfg: dict) -> dict:
     """Check `cfg` against the schema; raise ConfigError naming the first offending key."""
     import jsonschema
 
     schema = dict(_load_schema(SCHEMA_PATH))
     validator = _validator(schema, SCHEMA_DIR)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(cfg))
+    # not best_match: it descends into the oneOf context by itself and may report the
+    # "wrong kind" error of a branch the entry was never meant for
+    error = max(validator.iter_errors(cfg), key=jsonschema.exceptions.relevance, default=None)
     if error is not None:
-        # oneOf over dataset kinds: report the branch that matches the entry's `kind`
-        while error.context:
-            inner = [e for e in error.context if "kind" not in e.path]
-            error = jsonschema.exceptions.best_match(inner or error.context)
-        raise ConfigError(f"config key {_key_path(error.absolute_path)}: {error.message}")
+        raise ConfigError(_explain(error))
     for name, ds in cfg["datasets"].items():
         if ds["kind"] == "toy":
             n_eval, n_aug = ds.get("num_train_eval", 100), ds.get("num_train_aug", 320)
@@ -114,7 +129,7 @@ def load_config(path: str | Path, *extra: str | Path) -> dict:
             raise ConfigError(f"{p}: config file not found") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return validate_config(cfg)
+    return validate_config(apply_defaults(cfg))
 
 
 def deep_merge(base: dict, over: dict) -> dict:

@@ -75,3 +75,45 @@ def collate_single(batch: list[dict]) -> dict:
     """Inference runs one image at a time (scales differ in size)."""
     assert len(batch) == 1
     return batch[0]
+
+
+class IRNDataset(Dataset):
+    """IRN training pairs (irn.md §6): rescale 0.5-1.5 (image bicubic, label nearest) →
+    normalise → joint flip → joint crop (image pad 0, label pad 255) → label ↓4 nearest."""
+
+    def __init__(self, index: DatasetIndex, split: str, label_dir: str, crop: int,
+                 scale_range: Sequence[float] = (0.5, 1.5), seed: int = 0) -> None:
+        from pathlib import Path
+        self.index = index
+        self.ids = index.ids(split)
+        self.label_dir = Path(label_dir)
+        self.crop = crop
+        self.scale_range = tuple(scale_range)
+        self.seed = seed
+        self.epoch = 0
+        from ..errors import DataError
+        missing = [i for i in self.ids if not (self.label_dir / f"{i}.png").is_file()]
+        if missing:
+            raise DataError(f"{self.label_dir / (missing[0] + '.png')}: IR label missing "
+                            f"({len(missing)} in all); re-run the ir_labels stage")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        from ..io import read_label_png
+        image_id = self.ids[i]
+        rng = sample_rng(self.seed, self.epoch, i)
+        img = self.index.image(image_id)
+        label = read_label_png(self.label_dir / f"{image_id}.png")
+        img, label = T.random_rescale(img, label, *self.scale_range, rng)
+        img = T.normalize(img)
+        img, label = T.random_hflip(img, label, rng)
+        img, label = T.random_crop(img, label, self.crop, rng)
+        low = (self.crop - 1) // 4 + 1
+        label = T.resize_mask(np.ascontiguousarray(label), (low, low))
+        return {"image": torch.from_numpy(T.to_chw(img)),
+                "label": torch.from_numpy(label.astype(np.int64)), "index": i}

@@ -41,7 +41,7 @@ CLASS_PROBS: tuple[float, ...] = (1 / 8,) * 8
 #: P(1 object), P(2 objects), P(3 objects) planned per image (before occlusion drops)
 OBJECTS_PER_IMAGE_PROBS: tuple[float, ...] = (0.5, 0.3, 0.2)
 #: object extent (its canonical diameter) as a fraction of the image's long side
-OBJECT_SCALE_RANGE: tuple[float, float] = (0.20, 0.55)
+OBJECT_SCALE_RANGE: tuple[float, float] = (0.30, 0.65)
 #: short side / long side
 ASPECT_RANGE: tuple[float, float] = (0.75, 1.0)
 #: probability that the long side is the width (VOC is mostly landscape)
@@ -82,6 +82,22 @@ MIN_VISIBLE_AREA: float = 0.008
 #: minimum RGB distance (0..sqrt(3)) between an object's mean colour and the background's
 #: mean colour under it; lower-contrast objects are pushed apart so shapes stay visible
 MIN_CONTRAST: float = 0.15
+#: probability that an object's texture is re-coloured in its class's tint (the luminance of
+#: the photo crop kept) instead of a random colour: colour is then a partial cue, as on VOC
+#: (skies are blue, grass is green), which makes the classes learnable from scratch on a CPU
+#: in minutes, while the other objects of a class (and shared textures) still require shape
+CLASS_TINT_PROB: float = 0.6
+#: (dark, light) duotone of each class's tint, same order as CLASS_NAMES
+CLASS_TINTS: tuple[tuple[tuple[float, float, float], tuple[float, float, float]], ...] = (
+    ((0.45, 0.05, 0.05), (1.00, 0.55, 0.50)),  # polygon: red
+    ((0.05, 0.30, 0.05), (0.55, 1.00, 0.45)),  # ellipse: green
+    ((0.45, 0.40, 0.00), (1.00, 0.95, 0.45)),  # star: yellow
+    ((0.05, 0.05, 0.45), (0.50, 0.55, 1.00)),  # ring: blue
+    ((0.30, 0.15, 0.05), (0.85, 0.60, 0.35)),  # horse: brown
+    ((0.40, 0.05, 0.40), (1.00, 0.55, 1.00)),  # cross: magenta
+    ((0.05, 0.35, 0.40), (0.45, 1.00, 1.00)),  # crescent: cyan
+    ((0.50, 0.20, 0.00), (1.00, 0.70, 0.30)),  # boat: orange
+)
 JPEG_QUALITY: int = 95
 
 SPLIT_TRAIN_AUG = 0
@@ -106,12 +122,17 @@ class ToyConfig:
     min_visible_fraction: float = MIN_VISIBLE_FRACTION
     min_visible_area: float = MIN_VISIBLE_AREA
     min_contrast: float = MIN_CONTRAST
+    class_tint_prob: float = CLASS_TINT_PROB
+    class_tints: tuple = CLASS_TINTS
     jpeg_quality: int = JPEG_QUALITY
 
     def __post_init__(self) -> None:
         n = len(self.class_names)
-        if len(self.class_probs) != n or len(self.class_textures) != n:
-            raise ConfigError("toy config: class_probs and class_textures need one entry per class")
+        if len(self.class_probs) != n or len(self.class_textures) != n or len(self.class_tints) != n:
+            raise ConfigError("toy config: class_probs, class_textures and class_tints need one "
+                              "entry per class")
+        if not 0.0 <= self.class_tint_prob <= 1.0:
+            raise ConfigError("toy config: class_tint_prob must lie in [0, 1]")
         for name, probs in (("class_probs", self.class_probs),
                             ("objects_per_image_probs", self.objects_per_image_probs),
                             ("background_probs", [p for _, p in self.background_probs])):
@@ -500,6 +521,10 @@ def synthesize(rng: np.random.Generator, image_size: int,
         coverages.append(_coverage(inside, h, w, cx, cy, radius, angle, mirror))
         pool = [t for t in cfg.class_textures[c] if t != background]
         tex = _texture(rng, pool[int(rng.integers(len(pool)))], h, w)
+        if rng.random() < cfg.class_tint_prob:
+            dark, light = (np.asarray(t, dtype=np.float32) for t in cfg.class_tints[c])
+            shift = rng.uniform(-0.06, 0.06, 3).astype(np.float32)
+            tex = np.clip(_duotone(tex.mean(axis=-1), dark + shift, light + shift), 0, 1)
         textures.append(_push_contrast(rng, tex, bg, coverages[-1], cfg.min_contrast))
 
     # Later objects occlude earlier ones; drop objects left too small, then re-layer.

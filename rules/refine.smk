@@ -1,0 +1,101 @@
+# Refinement: IR labels, IRN, random walk, pseudo masks, their sweep and evaluation.
+
+
+rule ir_labels:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        seeds=out("seeds.h5"),
+        cams=out("cams.h5"),
+    output:
+        directory(out("ir_labels")),
+    params:
+        stage=stage_json("ir_labels"),
+    threads: THREADS
+    log:
+        logs("ir_labels"),
+    shell:
+        "wsss ir-labels --index {input.index} --seeds {input.seeds} --cams {input.cams} "
+        "--params {params.stage:q} --out {output} --threads {threads} --log {log}"
+
+
+rule train_irn:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        labels=out("ir_labels"),
+        classifier=out("classifier/model.pt"),
+    output:
+        model=out("irn/model.pt"),
+        log_csv=out("irn/train_log.csv"),
+    params:
+        stage=stage_json("train_irn"),
+    threads: THREADS
+    log:
+        logs("train_irn"),
+    shell:
+        "wsss train-irn --index {input.index} --labels {input.labels} "
+        "--classifier {input.classifier} --params {params.stage:q} --out {output.model} "
+        "--resume --threads {threads} --log {log}"
+
+
+rule propagate:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        cams=out("cams.h5"),
+        irn=out("irn/model.pt"),
+    output:
+        out("rw.h5"),
+    params:
+        stage=stage_json("propagate"),
+    threads: THREADS
+    log:
+        logs("propagate"),
+    shell:
+        "wsss propagate --index {input.index} --cams {input.cams} --irn {input.irn} "
+        "--params {params.stage:q} --out {output} --threads {threads} --log {log}"
+
+
+rule make_masks:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        rw=out("rw.h5"),
+    output:
+        directory(out("masks")),
+    params:
+        stage=stage_json("make_masks"),
+    threads: THREADS
+    log:
+        logs("make_masks"),
+    shell:
+        "wsss make-masks --index {input.index} --rw {input.rw} --params {params.stage:q} "
+        "--out {output} --threads {threads} --log {log}"
+
+
+rule sweep_masks:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        rw=out("rw.h5"),
+    output:
+        out("mask_sweep.json"),
+    params:
+        stage=stage_json("make_masks"),
+    log:
+        logs("sweep_masks"),
+    shell:
+        "wsss sweep-masks --index {input.index} --rw {input.rw} --params {params.stage:q} "
+        "--out {output} --log {log}"
+
+
+rule eval_masks:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        masks=out("masks"),
+        ir_labels=out("ir_labels"),
+    output:
+        miou=out("mask_miou.txt"),
+        metrics=out("mask_metrics.json"),
+        ir=out("ir_label_metrics.json"),
+    log:
+        logs("eval_masks"),
+    shell:
+        "wsss eval-masks --index {input.index} --masks {input.masks} --ir-labels {input.ir_labels} "
+        "--out {output.miou} --ir-out {output.ir} --log {log}"

@@ -1,0 +1,108 @@
+# Segmentation network: training on the pseudo masks (train_aug) and evaluation on val.
+#
+# Two architectures can coexist per (dataset, method); `train_seg.model` names the default one:
+#   default model:          seg/model.pt, seg/train_log.csv, seg/pred/<id>.png,
+#                           seg_miou.txt, seg_metrics.json
+#   another model X         seg-X/model.pt, seg-X/train_log.csv, seg-X/pred/<id>.png,
+#   (deeplabv3plus|segformer): seg-X/seg_miou.txt, seg-X/seg_metrics.json
+# X's encoder is `train_seg.encoders.X` and its training keys are the shared ones overlaid by
+# `train_seg.per_model.X`; the rule passes the block resolved for X, so changing one
+# architecture's settings re-runs only that architecture.
+from wsss_core.stages.train_seg import resolve_seg_params
+
+SEG_MODEL_NAMES = "deeplabv3plus|segformer"
+
+
+def seg_train_json(wildcards):
+    """train_seg parameters resolved for the rule's architecture (`seg_model` or the default)."""
+    block = stage_params(config, wildcards.dataset, wildcards.method, "train_seg")
+    model = getattr(wildcards, "seg_model", None)
+    if model is not None and model == block["model"]:
+        raise ValueError(
+            f"{model} is the default segmentation model of {wildcards.dataset}/{wildcards.method} "
+            f"(config key train_seg.model): ask for {RESULTS}/{wildcards.dataset}/"
+            f"{wildcards.method}/seg_miou.txt instead of seg-{model}/")
+    return json.dumps(resolve_seg_params(block, model), sort_keys=True)
+
+
+def seg_out(path):
+    """results/{dataset}/{method}/seg-{seg_model}/<path>"""
+    return out(f"seg-{{seg_model}}/{path}")
+
+
+TRAIN_SEG_SHELL = (
+    "wsss train-seg --index {input.index} --masks {input.masks} --params {params.stage:q} "
+    "--out {output.model} --resume --threads {threads} --log {log}")
+EVAL_SEG_SHELL = (
+    "wsss eval-seg --index {input.index} --model {input.model} --params {params.stage:q} "
+    "--out {output.miou} --pred {output.pred} --threads {threads} --log {log}")
+
+
+rule train_seg:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        masks=out("masks"),
+    output:
+        model=out("seg/model.pt"),
+        log_csv=out("seg/train_log.csv"),
+    params:
+        stage=seg_train_json,
+    threads: THREADS
+    log:
+        logs("train_seg"),
+    shell:
+        TRAIN_SEG_SHELL
+
+
+rule train_seg_model:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        masks=out("masks"),
+    output:
+        model=seg_out("model.pt"),
+        log_csv=seg_out("train_log.csv"),
+    wildcard_constraints:
+        seg_model=SEG_MODEL_NAMES,
+    params:
+        stage=seg_train_json,
+    threads: THREADS
+    log:
+        logs("train_seg-{seg_model}"),
+    shell:
+        TRAIN_SEG_SHELL
+
+
+rule eval_seg:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        model=out("seg/model.pt"),
+    output:
+        miou=out("seg_miou.txt"),
+        metrics=out("seg_metrics.json"),
+        pred=directory(out("seg/pred")),
+    params:
+        stage=stage_json("eval_seg"),
+    threads: THREADS
+    log:
+        logs("eval_seg"),
+    shell:
+        EVAL_SEG_SHELL
+
+
+rule eval_seg_model:
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        model=seg_out("model.pt"),
+    output:
+        miou=seg_out("seg_miou.txt"),
+        metrics=seg_out("seg_metrics.json"),
+        pred=directory(seg_out("pred")),
+    wildcard_constraints:
+        seg_model=SEG_MODEL_NAMES,
+    params:
+        stage=stage_json("eval_seg"),
+    threads: THREADS
+    log:
+        logs("eval_seg-{seg_model}"),
+    shell:
+        EVAL_SEG_SHELL

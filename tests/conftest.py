@@ -1,0 +1,53 @@
+"""Shared fixtures: the repository root, a small generated toy dataset, the real VOC sample."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from wsss_core.data.index import DatasetIndex, build_index
+from wsss_core.data.toy import generate_toy
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: 48 real VOC 2012 images with SegmentationClassAug masks, kept beside the repository
+VOC_SAMPLE = REPO_ROOT.parent / "shared" / "voc_real" / "voc2012-sample48"
+#: a toy dataset small enough to generate in about a second
+SMALL_TOY = dict(seed=5, image_size=64, num_train_aug=12, num_train_eval=4, num_val=6)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def cli_env() -> dict[str, str]:
+    """Environment for subprocesses: the interpreter's bin folder (wsss, snakemake) first."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("WSSS_DEBUG", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    """A small toy dataset in VOC layout (read-only for tests: copy it before changing it)."""
+    out = tmp_path_factory.mktemp("toy_small") / "data"
+    generate_toy(out, **SMALL_TOY)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_index(toy_root: Path) -> DatasetIndex:
+    lists = {s: s for s in ("train_aug", "train", "val")}
+    return DatasetIndex(build_index("toy_small", "toy", toy_root, lists, progress=False))
+
+
+@pytest.fixture(scope="session")
+def voc_sample_root() -> Path:
+    """The real VOC sample folder; tests using it are skipped where it is absent."""
+    if not (VOC_SAMPLE / "JPEGImages").is_dir():
+        pytest.skip(f"real VOC sample not found at {VOC_SAMPLE}")
+    return VOC_SAMPLE

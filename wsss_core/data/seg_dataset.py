@@ -1,0 +1,89 @@
+"""Segmentation training data: dataset images with label PNGs from a folder (the pseudo masks).
+
+Every mask is checked for existence up front, so a missing file stops the stage before any
+model is built; size and label values are checked as each mask is read.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from ..io import read_label_png
+from ..seg_engine import SegTrainAugment
+from .datasets import sample_rng
+from .index import DatasetIndex
+from .palette import IGNORE
+
+
+def mask_path(masks_dir: str | os.PathLike, image_id: str) -> Path:
+    return Path(masks_dir) / f"{image_id}.png"
+
+
+def read_seg_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray:
+    """A label PNG as uint8 [H, W] with values 0..num_classes-1 or 255; DataError otherwise."""
+    try:
+        mask = read_label_png(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: mask not found") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable label PNG ({str(e).splitlines()[0][:160]})") from None
+    if mask.shape != tuple(size):
+        raise DataError(f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
+                        f"{size[0]}x{size[1]}")
+    bad = (mask >= num_classes) & (mask != IGNORE)
+    if bad.any():
+        raise DataError(f"{path}: label {int(mask[bad].max())} outside 0..{num_classes - 1} "
+                        f"and {IGNORE}")
+    return mask
+
+
+class SegmentationDataset(Dataset):
+    """Images of `split` with `masks_dir/<id>.png` as labels, augmented by `augment`; a sample's
+    randomness depends only on (seed, epoch, index), as in the classifier dataset."""
+
+    def __init__(self, index: DatasetIndex, split: str, masks_dir: str | os.PathLike,
+                 augment: SegTrainAugment, seed: int = 0) -> None:
+        self.index = index
+        self.ids = index.ids(split)
+        self.masks_dir = Path(masks_dir)
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        if not self.masks_dir.is_dir():
+            raise DataError(f"{self.masks_dir}: masks folder not found; run the masks stage first")
+        missing = [i for i in self.ids if not mask_path(self.masks_dir, i).is_file()]
+        if missing:
+            raise DataError(f"{mask_path(self.masks_dir, missing[0])}: mask not found "
+                            f"({len(missing)} of {len(self.ids)} {split} masks missing); "
+                            f"re-run the stage that writes {self.masks_dir}")
+        if not self.ids:
+            raise DataError(f"{index.source}: split {split!r} is empty")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        image_id = self.ids[i]
+        image = self.index.image(image_id)
+        mask = read_seg_mask(mask_path(self.masks_dir, image_id), image.shape[:2],
+                             self.index.num_classes)
+        image_chw, mask_hw = self.augment(image, mask, sample_rng(self.seed, self.epoch, i))
+        return {"image": torch.from_numpy(image_chw), "mask": torch.from_numpy(mask_hw), "index": i}
+
+    def masks_digest(self) -> str:
+        """SHA-256 over the mask files' names and bytes: a resume must not continue a run that
+        was trained on other masks."""
+        digest = hashlib.sha256()
+        for image_id in self.ids:
+            digest.update(image_id.encode() + b"\0")
+            digest.update(mask_path(self.masks_dir, image_id).read_bytes())
+        return digest.hexdigest()

@@ -1,0 +1,55 @@
+"""`cam`: the IRN-style ResNet CAM baseline (GAP + multilabel soft-margin, ReLU CAMs)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models.resnet_cam import ResNetCAM
+from . import register_method
+from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
+from .cobra_losses import multilabel_soft_margin
+from .settings import from_dict
+
+
+@dataclass
+class ResNetSettings:
+    backbone: str = "resnet50"
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2, 1])
+    pretrained: bool = True
+    pretrained_file: str | None = None
+    frozen_bn: bool = True  # IRN: BN statistics stay at their ImageNet values
+    detach_early: bool = True  # IRN: stem, layer1, layer2 get no gradient
+
+    def build(self, num_classes: int, with_background: bool, proj_dim: int | None = None) -> ResNetCAM:
+        return ResNetCAM(self.backbone, num_classes, with_background=with_background,
+                         proj_dim=proj_dim, strides=tuple(self.strides),
+                         detach_early=self.detach_early, pretrained=self.pretrained,
+                         pretrained_file=self.pretrained_file, frozen_bn=self.frozen_bn)
+
+
+@register_method
+class CAMMethod(Method):
+    name = "cam"
+    maps = (MapSpec("cam", strided=True),)
+    propagate_map = "cam"
+
+    def build(self) -> dict[str, nn.Module]:
+        self.settings = from_dict(ResNetSettings, self.params.get("model"), "model")
+        return {"cnn": self.settings.build(self.num_classes - 1, with_background=False)}
+
+    def optimizers(self, lr, weight_decay, momentum, kind="sgd"):
+        backbone, new = self.models["cnn"].param_groups()
+        return [make_optimizer([{"params": backbone, "lr_mult": 1.0}, {"params": new, "lr_mult": 10.0}],
+                               lr, weight_decay, momentum, kind)]
+
+    def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        x = batch["image"].to(ctx.device, non_blocking=True)
+        y = batch["label"].to(ctx.device, non_blocking=True)
+        loss = multilabel_soft_margin(self.models["cnn"](x)["logits"], y)
+        return {"total": loss, "cls": loss}
+
+    @torch.no_grad()
+    def infer(self, pair: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"cam": merge_flip(self.models["cnn"].cam(pair))}

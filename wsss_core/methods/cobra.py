@@ -1,0 +1,124 @@
+"""`cobra`: CoBra's complementary branches (../shared/methods/cobra.md §3-6).
+
+CNN branch (class-aware knowledge) + ViT branch (semantic-aware knowledge), trained together:
+classification on both, then from `aux_start_epoch` the L1 inter-CAM term, SAP (CNN pseudo
+labels → ViT projection) and CAP (ViT attention → CNN projection). Every difference between
+the official code and the paper/fix is a switch below; the defaults reproduce the official
+code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.vit_cam import ViTCAM
+from . import register_method
+from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
+from .cam import ResNetSettings
+from .cobra_losses import (cap_loss, cnn_pseudo_labels, l1_intercam, l1_positive_term,
+                           multilabel_soft_margin, sap_loss)
+from .settings import block, from_dict
+
+
+@dataclass
+class ViTSettings:
+    backbone: str = "deit_small_patch16_224"
+    pretrained: bool = True
+    pretrained_file: str | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None  # set (with depth, num_heads) for a from-scratch small ViT
+    depth: int | None = None
+    num_heads: int | None = None
+
+
+@dataclass
+class CobraModelSettings:
+    cnn: ResNetSettings = block(ResNetSettings)
+    vit: ViTSettings = block(ViTSettings)
+    proj_dim: int = 256
+
+
+@dataclass
+class CobraLossSettings:
+    top_bot_k: list[int] = field(default_factory=lambda: [20, 5, 5, 20])  # SAP+, SAP-, CAP+, CAP-
+    tau: float = 0.1
+    phi_c2t: float = 0.1  # SAP weight
+    phi_t2c: float = 0.1  # CAP weight
+    l1_weight: float = 0.1
+    aux_start_epoch: int = 5  # [OFFICIAL] 0-based epoch where L1/SAP/CAP switch on (paper: 1)
+    l1_positive_term: bool = False  # [PAPER] extra positive-class L1 term (official: off)
+    pseudo_label_mask: str = "official"  # "official" (absent classes zeroed) | "neginf" [FIX]
+    sap_temperature_bug: bool = True  # [OFFICIAL] misplaced temperature on SAP negatives
+    train_cnn_proj: bool = False  # [FIX] train the CNN projection conv (official: frozen random)
+    vit_head_group: str = "official"  # 10x group: "official" {head.bias, proj} | "intended"
+    rw_source: str = "vit"  # stride-4 map the random walk propagates: "vit" [OFFICIAL] | "cnn"
+
+
+@register_method
+class CobraMethod(Method):
+    name = "cobra"
+    maps = (MapSpec("cnn", strided=True), MapSpec("vit", strided=True),
+            MapSpec("attention", kind="agnostic", normalize=False))
+
+    def build(self) -> dict[str, nn.Module]:
+        self.model_settings = from_dict(CobraModelSettings, self.params.get("model"), "model")
+        self.loss_settings = s = from_dict(CobraLossSettings, self.params.get("cobra"), "cobra")
+        if len(s.top_bot_k) != 4:
+            from ..errors import ConfigError
+            raise ConfigError("config key cobra.top_bot_k: needs four counts (SAP+, SAP-, CAP+, CAP-)")
+        self.propagate_map = s.rw_source
+        m = self.model_settings
+        crop = int(self.train_params.get("crop", 224))
+        cnn = m.cnn.build(self.num_classes - 1, with_background=True, proj_dim=m.proj_dim)
+        v = m.vit
+        vit = ViTCAM(v.backbone, self.num_classes - 1, proj_dim=m.proj_dim, img_size=crop,
+                     patch_size=v.patch_size, embed_dim=v.embed_dim, depth=v.depth,
+                     num_heads=v.num_heads, pretrained=v.pretrained, pretrained_file=v.pretrained_file)
+        return {"cnn": cnn, "vit": vit}
+
+    def optimizers(self, lr, weight_decay, momentum, kind="sgd"):
+        s = self.loss_settings
+        cnn_base, cnn_new = self.models["cnn"].param_groups(train_proj=s.train_cnn_proj)
+        vit_base, vit_new = self.models["vit"].param_groups(mode=s.vit_head_group)
+        return [
+            make_optimizer([{"params": cnn_base, "lr_mult": 1.0}, {"params": cnn_new, "lr_mult": 10.0}],
+                           lr, weight_decay, momentum, kind),
+            make_optimizer([{"params": vit_base, "lr_mult": 1.0}, {"params": vit_new, "lr_mult": 10.0}],
+                           lr, weight_decay, momentum, kind),
+        ]
+
+    def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        s = self.loss_settings
+        x = batch["image"].to(ctx.device, non_blocking=True)
+        y = batch["label"].to(ctx.device, non_blocking=True)
+        c = self.models["cnn"](x)
+        v = self.models["vit"](x)
+        if c["logits"].shape[-2:] != v["logits"].shape[-2:]:
+            from ..errors import ConfigError
+            raise ConfigError(f"model: CNN grid {tuple(c['logits'].shape[-2:])} != ViT grid "
+                              f"{tuple(v['logits'].shape[-2:])}; match the CNN output stride to the "
+                              f"ViT patch size")
+        cls = multilabel_soft_margin(c["logits"], y) + multilabel_soft_margin(v["logits"], y)
+        losses = {"cls": cls}
+        total = cls
+        if ctx.epoch >= s.aux_start_epoch:
+            l1 = l1_intercam(c["logits"], v["logits"], x.shape[-2:])
+            if s.l1_positive_term:
+                l1 = l1 + l1_positive_term(c["logits"], v["logits"], y, x.shape[-2:])
+            pseudo = cnn_pseudo_labels(c["logits"], y, mode=s.pseudo_label_mask)
+            k = s.top_bot_k
+            sap = sap_loss(c["logits"], pseudo, v["proj"], k[0], k[1], s.tau, s.sap_temperature_bug)
+            cap = cap_loss(v["attn"], c["proj"], k[2], k[3], s.tau)
+            total = total + s.l1_weight * l1 + s.phi_c2t * sap + s.phi_t2c * cap
+            losses.update(l1=l1, sap=sap, cap=cap)
+        losses["total"] = total
+        return losses
+
+    @torch.no_grad()
+    def infer(self, pair: torch.Tensor) -> dict[str, torch.Tensor]:
+        cnn_cam = merge_flip(self.models["cnn"].cam(pair))[1:]
+        v = self.models["vit"].infer(pair)
+        return {"cnn": cnn_cam, "vit": merge_flip(v["cam"])[1:], "attention": merge_flip(v["attention"])}

@@ -1,0 +1,175 @@
+"""Fully supervised segmentation networks (last pipeline stage) built with
+segmentation-models-pytorch.
+
+Paper presets (CoBra Tab. 2): DeepLabV3+ with ResNet-101 (output stride 16) and SegFormer with
+MiT-B2. Tiny CPU presets use the same architectures with resnet18 / mit_b0 encoders.
+
+Weight policy: `pretrained_file` (an encoder state dict, .pth/.pt via torch.load(weights_only)
+or .safetensors) wins; otherwise `pretrained=True` takes smp's ImageNet encoder weights from the
+Hugging Face cache, downloading them only when the hub answers a quick probe, so an offline
+machine fails in seconds with a `WeightsError` instead of hanging in retries.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from ..errors import ConfigError, WeightsError
+
+#: segmentation architectures by config name
+SEG_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "deeplabv3plus": smp.DeepLabV3Plus,
+    "segformer": smp.Segformer,
+}
+
+#: encoder per architecture for the two presets
+PAPER_ENCODERS: dict[str, str] = {"deeplabv3plus": "resnet101", "segformer": "mit_b2"}
+TINY_ENCODERS: dict[str, str] = {"deeplabv3plus": "resnet18", "segformer": "mit_b0"}
+
+#: smp's name for its ImageNet weights of a native encoder
+_SMP_IMAGENET = "imagenet"
+_HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def create_seg_model(name: str, encoder: str, num_classes: int, pretrained: bool,
+                     pretrained_file: str | None = None, output_stride: int = 16) -> nn.Module:
+    """Build `name` ("deeplabv3plus" | "segformer") on the smp encoder `encoder`.
+
+    `output_stride` (8 or 16) applies to DeepLabV3+ only; SegFormer's MiT encoder has fixed
+    strides 4..32 and ignores it.
+    """
+    if name not in SEG_MODELS:
+        raise ConfigError(f"segmentation model {name!r} unknown; choose one of {sorted(SEG_MODELS)}")
+    if encoder not in smp.encoders.encoders:
+        raise ConfigError(f"segmentation encoder {encoder!r} is not an smp encoder name "
+                          f"(e.g. {', '.join(sorted(set(PAPER_ENCODERS.values()) | set(TINY_ENCODERS.values())))})")
+    if name == "deeplabv3plus":
+        if output_stride not in (8, 16):
+            raise ConfigError(f"deeplabv3plus output_stride must be 8 or 16, got {output_stride}")
+        # DeepLabV3+ paper: ASPP rates (6, 12, 18) at stride 16, doubled at stride 8
+        # (smp's default (12, 24, 36) is the stride-8 setting).
+        rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
+        model = smp.DeepLabV3Plus(encoder_name=encoder, encoder_weights=None,
+                                  encoder_output_stride=output_stride,
+                                  decoder_atrous_rates=rates, classes=num_classes)
+    else:
+        if not encoder.startswith("mit_b"):
+            raise ConfigError(f"segformer needs a MiT encoder (mit_b0 .. mit_b5), got {encoder!r}")
+        # SegFormer paper: all-MLP decoder width 256 for B0/B1, 768 for B2..B5
+        width = 256 if encoder in ("mit_b0", "mit_b1") else 768
+        model = smp.Segformer(encoder_name=encoder, encoder_weights=None,
+                              decoder_segmentation_channels=width, classes=num_classes)
+    if pretrained_file:
+        load_encoder_file(model.encoder, pretrained_file, encoder)
+    elif pretrained:
+        _load_encoder_state(model.encoder, _smp_imagenet_state(encoder), encoder,
+                            source=f"smp ImageNet weights for {encoder}")
+    return model
+
+
+def load_encoder_file(encoder_module: nn.Module, path: str | os.PathLike, encoder_name: str) -> None:
+    """Load a local encoder state dict into `encoder_module` (strict, classifier keys dropped)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise WeightsError(f"{file}: pretrained weights for encoder {encoder_name} not found; put an "
+                           f"encoder state dict (.pth/.safetensors) there or fix pretrained_file")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(file), device="cpu")
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file or a pickle with arbitrary objects
+        raise WeightsError(f"{file}: cannot read encoder weights ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]})") from None
+    _load_encoder_state(encoder_module, state, encoder_name, source=str(file))
+
+
+def _unwrap_state(state: object) -> dict[str, torch.Tensor]:
+    """Accept a bare state dict, a {'state_dict'|'model': ...} checkpoint, a DataParallel dict
+    or a whole smp model's state dict (only its `encoder.` part is kept)."""
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        return {}
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("encoder.") for k in state):
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    # ImageNet classifier of torchvision/timm ResNets ('fc') and MiT ('head') are not in the encoder
+    return {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}
+
+
+def _load_encoder_state(encoder_module: nn.Module, state: object, encoder_name: str,
+                        source: str) -> None:
+    weights = _unwrap_state(state)
+    own = encoder_module.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or unexpected or wrong_shape:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
+        raise WeightsError(
+            f"{source}: not an encoder state dict for {encoder_name} (missing {len(missing)}: "
+            f"{few(missing)}; unexpected {len(unexpected)}: {few(unexpected)}; wrong shape "
+            f"{len(wrong_shape)}: {few(wrong_shape)})")
+    # nn.Module's own loader: smp's encoder overrides differ in signature between encoders
+    nn.Module.load_state_dict(encoder_module, weights, strict=True)
+
+
+def _smp_imagenet_state(encoder: str) -> dict[str, torch.Tensor]:
+    """ImageNet encoder weights from the Hugging Face cache, or a fast download attempt."""
+    from huggingface_hub import constants, hf_hub_download
+    from safetensors.torch import load_file
+
+    settings = smp.encoders.encoders[encoder]["pretrained_settings"].get(_SMP_IMAGENET)
+    if settings is None:
+        raise WeightsError(f"encoder {encoder}: smp has no ImageNet weights for it; set "
+                           f"pretrained: false or name a local file in pretrained_file")
+    repo_id, revision = settings["repo_id"], settings["revision"]
+    looked_for = f"{repo_id}/model.safetensors (revision {revision[:8]}) in {constants.HF_HUB_CACHE}"
+    hint = (f"set pretrained_file to a local encoder state dict, or pre-fetch with "
+            f"huggingface_hub.hf_hub_download('{repo_id}', 'model.safetensors', revision='{revision}')")
+    try:
+        path = hf_hub_download(repo_id, "model.safetensors", revision=revision, local_files_only=True)
+    except Exception:
+        path = None
+    if path is None:
+        if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
+            raise WeightsError(f"{looked_for}: not cached and the hub is unreachable; {hint}")
+        try:
+            path = hf_hub_download(repo_id, "model.safetensors", revision=revision)
+        except Exception as e:
+            raise WeightsError(f"{looked_for}: download failed ({type(e).__name__}); {hint}") from None
+    return load_file(path, device="cpu")
+
+
+def _hub_reachable(endpoint: str) -> bool:
+    """One TCP connect with a short timeout: huggingface_hub itself retries for ~30 s."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=_HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def param_groups(model: nn.Module, lr: float, decoder_lr_mult: float = 10.0) -> list[dict]:
+    """SGD parameter groups: the encoder at `lr`, everything else (decoder, segmentation head)
+    at `lr * decoder_lr_mult`. Each group carries `lr_mult` so a schedule can rescale it."""
+    encoder_ids = {id(p) for p in model.encoder.parameters()}
+    encoder_params = [p for p in model.parameters() if id(p) in encoder_ids and p.requires_grad]
+    head_params = [p for p in model.parameters() if id(p) not in encoder_ids and p.requires_grad]
+    return [
+        {"params": encoder_params, "lr": lr, "lr_mult": 1.0},
+        {"params": head_params, "lr": lr * decoder_lr_mult, "lr_mult": float(decoder_lr_mult)},
+    ]

@@ -1,0 +1,163 @@
+"""ViT CAM classifier: CoBra's semantic-aware (ViT) branch, a TS-CAM-style head on a timm ViT.
+
+cobra.md §3.2. The blocks are run by `_block_forward`, which repeats timm's `Block` math with
+the attention probabilities made explicit (timm's fused attention never materialises them);
+`tests/test_cam_models.py` checks it against timm's own `forward_features`. The positional
+embedding is resampled DINO-style for any input size, so the patch grid is
+floor(H/p) x floor(W/p) (trailing pixels dropped).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from ..errors import ConfigError, WeightsError
+from .backbones import create_timm
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, src_grid: tuple[int, int],
+                          grid: tuple[int, int]) -> torch.Tensor:
+    """Resample a [1, 1 + gh*gw, D] class+patch positional embedding to a `grid` of patches.
+
+    DINO form (as in the reference code): bicubic, align_corners False, with scale factors
+    ((h + 0.1)/gh, (w + 0.1)/gw) so that floor() lands exactly on (h, w). Unchanged when the
+    grid already matches.
+    """
+    (gh, gw), (h, w) = src_grid, grid
+    if (gh, gw) == (h, w):
+        return pos_embed
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    dim = patch_pos.shape[-1]
+    patch_pos = patch_pos.reshape(1, gh, gw, dim).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw),
+                              mode="bicubic", align_corners=False)
+    if patch_pos.shape[-2:] != (h, w):
+        raise RuntimeError(f"positional embedding resampled to {tuple(patch_pos.shape[-2:])}, "
+                           f"expected {(h, w)}")
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, dim)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+def _block_forward(blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm `Block.forward` (pre-norm MHSA + MLP, layer scale, drop path) that also returns
+    the post-softmax attention averaged over heads, [B, T, T] (row = query, column = key)."""
+    attn_mod = blk.attn
+    if getattr(attn_mod, "gate", None) is not None:
+        raise ConfigError("gated attention is not supported by the CAM attention forward")
+    h = blk.norm1(x)
+    B, N, _ = h.shape
+    heads, head_dim = attn_mod.num_heads, attn_mod.head_dim
+    qkv = attn_mod.qkv(h).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
+    probs = ((q * attn_mod.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    o = (attn_mod.attn_drop(probs) @ v).transpose(1, 2).reshape(B, N, heads * head_dim)
+    o = attn_mod.norm(o) if hasattr(attn_mod, "norm") else o
+    o = attn_mod.proj_drop(attn_mod.proj(o))
+    x = x + blk.drop_path1(blk.ls1(o))
+    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return x, probs.mean(dim=1)
+
+
+class ViTCAM(nn.Module):
+    """ViT + 3x3 CAM head (background = channel 0) + 1x1 projection head (SAP embedding).
+
+    `backbone` names a timm ViT (e.g. `deit_small_patch16_224`, built through `create_timm`
+    with the weight policy; its stored positional grid is kept and resampled per input), unless
+    `embed_dim` is given: then a from-scratch timm `VisionTransformer` with `patch_size`,
+    `embed_dim`, `depth`, `num_heads` and positional grid `img_size / patch_size` is built and
+    `backbone` is only a label.
+    """
+
+    def __init__(self, backbone: str = "deit_small_patch16_224", num_classes: int = 20, *,
+                 proj_dim: int | None = 256, img_size: int = 224, patch_size: int | None = None,
+                 embed_dim: int | None = None, depth: int | None = None,
+                 num_heads: int | None = None, pretrained: bool = False,
+                 pretrained_file: str | None = None) -> None:
+        super().__init__()
+        if embed_dim is not None:
+            if None in (patch_size, depth, num_heads):
+                raise ConfigError(f"vit {backbone}: a custom ViT needs patch_size, embed_dim, "
+                                  f"depth and num_heads")
+            if pretrained:
+                raise WeightsError(f"vit {backbone}: a custom-size ViT has no pretrained weights; "
+                                   f"set pretrained: false")
+            vit = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                                    depth=depth, num_heads=num_heads, mlp_ratio=4.0,
+                                    qkv_bias=True, num_classes=0)
+        else:
+            vit = create_timm(backbone, pretrained=pretrained, pretrained_file=pretrained_file,
+                              num_classes=0)
+        if not isinstance(vit, VisionTransformer) or vit.cls_token is None \
+                or vit.reg_token is not None or vit.no_embed_class or vit.pos_embed is None:
+            raise ConfigError(f"vit {backbone}: need a timm VisionTransformer with one class "
+                              f"token, no register tokens and a class position embedding")
+        if not all(isinstance(b, Block) for b in vit.blocks):
+            raise ConfigError(f"vit {backbone}: blocks must be timm vision_transformer.Block")
+        self.vit = vit
+        self.patch_size = vit.patch_embed.patch_size[0]
+        if patch_size is not None and patch_size != self.patch_size:
+            raise ConfigError(f"vit {backbone}: patch_size {patch_size} != model's {self.patch_size}")
+        self.pos_grid = tuple(vit.patch_embed.grid_size)
+        self.embed_dim = vit.embed_dim
+        self.num_classes = num_classes
+        self.num_channels = num_classes + 1
+        self.head = nn.Conv2d(self.embed_dim, self.num_channels, 3, padding=1, bias=True)
+        self.proj = nn.Conv2d(self.embed_dim, proj_dim, 1, bias=False) if proj_dim else None
+
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Final-LN tokens [B, T, D], head-averaged attention [B, L, T, T], patch grid (h, w)."""
+        vit = self.vit
+        patches = vit.patch_embed.proj(x)  # a stride-p conv: trailing pixels are dropped
+        grid = (patches.shape[-2], patches.shape[-1])
+        t = vit.patch_embed.norm(patches.flatten(2).transpose(1, 2))
+        t = torch.cat([vit.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
+        t = vit.pos_drop(t + interpolate_pos_embed(vit.pos_embed, self.pos_grid, grid))
+        t = vit.norm_pre(vit.patch_drop(t))
+        attns = []
+        for blk in vit.blocks:
+            t, a = _block_forward(blk, t)
+            attns.append(a)
+        return vit.norm(t), torch.stack(attns, dim=1), grid
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`logits` Z_v [B, C+1, h, w] (raw), `attn` A [B, L, T, T] (head mean per layer),
+        `proj` E_v [B, proj_dim, h, w] when a projection head exists."""
+        tokens, attn, (h, w) = self.tokens(x)
+        fmap = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, h, w)
+        out = {"logits": self.head(fmap), "attn": attn}
+        if self.proj is not None:
+            out["proj"] = self.proj(fmap)
+        return out
+
+    def infer(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One forward, both inference maps (cobra.md §3.2/§6): `attention`
+        a = Σ_l A[:, l, 0, 1:] as [B, 1, h, w] (class-token row, summed over layers) and
+        `cam` = relu(a ⊙ Z_v) [B, C+1, h, w]."""
+        tokens, attn, (h, w) = self.tokens(x)
+        fmap = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, h, w)
+        logits = self.head(fmap)
+        a = F.relu(attn[:, :, 0, 1:].sum(dim=1)).reshape(-1, 1, h, w)
+        return {"cam": F.relu(a * logits), "attention": a}
+
+    def param_groups(self, mode: Literal["official", "intended"] = "official"
+                     ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(1x-lr parameters, 10x-lr parameters), cobra.md §3.3.
+
+        official: 10x = {head.bias, proj.weight} (the reference code's positional slice);
+        intended: 10x = {head.weight, head.bias, proj.weight}.
+        """
+        if mode == "official":
+            new = [self.head.bias]
+        elif mode == "intended":
+            new = [self.head.weight, self.head.bias]
+        else:
+            raise ConfigError(f"vit_head_group: {mode!r} is not one of official, intended")
+        if self.proj is not None:
+            new.append(self.proj.weight)
+        new_ids = {id(p) for p in new}
+        return [p for p in self.parameters() if id(p) not in new_ids], new

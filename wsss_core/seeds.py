@@ -1,0 +1,30 @@
+"""Seed fusion recipes and the seed → label-map rule (cobra.md §7)."""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+#: recipe → (maps it needs, fusion of those maps); all maps are per-class, max-normalised
+RECIPES: dict[str, tuple[tuple[str, ...], Callable[..., np.ndarray]]] = {
+    "cam": (("cam",), lambda cam: cam),
+    "cnn": (("cnn",), lambda cnn: cnn),
+    "vit": (("vit",), lambda vit: vit),
+    "max": (("cnn", "vit"), lambda cnn, vit: np.maximum(cnn, vit)),
+    "mean": (("cnn", "vit"), lambda cnn, vit: (cnn + vit) / 2),
+    "cobra": (("cnn", "vit"), lambda cnn, vit: (np.maximum(cnn, vit) + vit) / 2),
+}
+
+
+def fuse(recipe: str, maps: Mapping[str, np.ndarray]) -> np.ndarray:
+    names, fn = RECIPES[recipe]
+    return fn(*(maps[n] for n in names))
+
+
+def seed_labels(seed: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
+    """Prepend a constant background score, argmax (background wins ties), map through keys."""
+    if seed.shape[0] == 0:
+        return np.zeros(seed.shape[1:], dtype=np.uint8)
+    best = seed.argmax(axis=0)
+    fg = seed.max(axis=0) > threshold
+    return np.where(fg, np.asarray(keys)[best], 0).astype(np.uint8)

@@ -1,0 +1,132 @@
+"""Stage `eval_seg`: multi-scale (+ flip) inference of the trained segmentation network over a
+split (val by default), an optional dense CRF on the averaged probabilities, the predicted
+label maps as palette PNGs (`pred_dir/<id>.png`, so anyone can re-score them) and the mIoU.
+
+The network runs in this process; the CRF, CPU-bound per image, runs in a pool of `threads`
+worker processes while the network goes on with the next images (at most 2 x threads images in
+flight, so memory stays bounded). The workers import only `ops.crf` (numpy + pydensecrf), so the
+pool starts quickly; with one thread the CRF runs in this process.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from ..data.index import DatasetIndex
+from ..errors import ConfigError, DataError
+from ..io import atomic_dir, save_label_png
+from ..metrics import ConfusionMatrix, write_metrics
+from ..ops.crf import crf_from_probs
+from ..seg_engine import predict_multiscale
+from . import common
+from .train_seg import load_seg_model
+
+log = logging.getLogger("wsss")
+
+#: eval_seg keys every parameter block must hold
+EVAL_KEYS = ("scales", "flip", "crf", "crf_params")
+CRF_KEYS = ("gauss_sxy", "gauss_compat", "bi_sxy", "bi_srgb", "bi_compat", "iterations")
+#: CRF jobs in flight per worker: enough to keep every worker busy, few enough to bound memory
+_IN_FLIGHT_PER_WORKER = 2
+
+
+class _Done:
+    """The `result()` interface of a Future for a value computed in this process."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        self._value = value
+
+    def result(self) -> np.ndarray:
+        return self._value
+
+
+def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path,
+             pred_dir: str | Path, split: str = "val", threads: int | None = None) -> dict:
+    """Predict every image of `split`; write `pred_dir/<id>.png`, `out` (seg_miou.txt) and the
+    seg_metrics.json beside it; return the metrics report."""
+    missing = [k for k in EVAL_KEYS if k not in params]
+    if missing:
+        raise ConfigError(f"eval_seg parameter {missing[0]!r} missing (have {sorted(params)})")
+    common.set_threads(threads)
+    idx = DatasetIndex.load(index)
+    device = common.get_device()
+    net, meta = load_seg_model(model, device)
+    if int(meta["num_classes"]) != idx.num_classes:
+        raise DataError(f"{model}: trained for {meta['num_classes']} classes but {index} has "
+                        f"{idx.num_classes}")
+    scales = [float(s) for s in params["scales"]]
+    flip, use_crf = bool(params["flip"]), bool(params["crf"])
+    crf_kwargs = {k: params["crf_params"][k] for k in CRF_KEYS}
+    # a module-level function with plain kwargs: picklable, and unpickling imports only ops.crf
+    crf_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] = functools.partial(crf_from_probs,
+                                                                                 **crf_kwargs)
+    workers = max(1, int(threads or 1))
+    ids = idx.ids(split)
+    cm = ConfusionMatrix(idx.num_classes)
+    t0 = time.perf_counter()
+    pool = (ProcessPoolExecutor(max_workers=workers,
+                                mp_context=multiprocessing.get_context("forkserver"))
+            if use_crf and workers > 1 else None)
+    pending: deque[tuple[str, Future | _Done]] = deque()
+    try:
+        with atomic_dir(pred_dir) as tmp, tqdm(total=len(ids), desc="eval seg", unit="img",
+                                               mininterval=2.0) as bar:
+
+            def finish(image_id: str, scores: Future | _Done) -> None:
+                label = np.argmax(scores.result(), axis=0).astype(np.uint8)
+                save_label_png(tmp / f"{image_id}.png", label)
+                cm.update(label, idx.mask(image_id))
+                bar.update(1)
+
+            for image_id in ids:
+                image = idx.image(image_id)
+                probs = predict_multiscale(net, image, scales, flip, device)
+                if not use_crf:
+                    finish(image_id, _Done(probs))
+                elif pool is None:
+                    # pydensecrf needs a writable buffer; a decoded image may be read-only
+                    finish(image_id, _Done(crf_fn(np.array(image), probs)))
+                else:
+                    pending.append((image_id, pool.submit(crf_fn, image, probs)))
+                    while len(pending) > workers * _IN_FLIGHT_PER_WORKER:
+                        finish(*pending.popleft())
+            while pending:
+                finish(*pending.popleft())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    seconds = time.perf_counter() - t0
+    report = cm.report(idx.class_names, split=split, scales=scales, flip=flip, crf=use_crf,
+                       crf_params=crf_kwargs if use_crf else None, model=meta["model"],
+                       encoder=meta["encoder"], seconds=round(seconds, 2))
+    write_metrics(out, report)
+    log.info("seg mIoU %.2f on %s (%d images, scales %s, flip %s, crf %s) in %.1f s",
+             report["miou"], split, cm.images, scales, flip, use_crf, seconds)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("eval-seg", __doc__)
+    p.add_argument("--index", required=True)
+    p.add_argument("--model", required=True, help="segmentation model.pt")
+    p.add_argument("--params", required=True, type=common.json_arg, help="eval_seg parameters (JSON)")
+    p.add_argument("--out", required=True, help="seg_miou.txt (seg_metrics.json beside it)")
+    p.add_argument("--pred", required=True, help="folder for the predicted label PNGs")
+    p.add_argument("--split", default="val")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    return common.run_stage(a, eval_seg, index=a.index, model=a.model, params=a.params,
+                            out=a.out, pred_dir=a.pred, split=a.split, threads=a.threads)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

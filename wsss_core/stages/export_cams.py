@@ -1,0 +1,109 @@
+"""Stage `export_cams`: multi-scale + flip CAMs of every train_aug image into cams.h5.
+
+Per image and map: for each scale, one forward of (image, mirrored image) per branch; each
+per-scale map is resized bilinearly straight to the image size (and to stride 4 for maps the
+random walk propagates), summed over scales, restricted to the image's classes and divided by
+its spatial maximum (+1e-5). Class-agnostic maps (CoBra's attention) are summed, not
+normalised (their thresholds are read from the raw values).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..data.datasets import MultiScaleDataset, collate_single
+from ..data.index import DatasetIndex
+from ..map_store import MapWriter
+from ..methods.base import Method
+from . import common
+from .train_classifier import load_trained
+
+log = logging.getLogger("wsss")
+
+
+def strided_size(size: tuple[int, int], stride: int = 4) -> tuple[int, int]:
+    return (size[0] - 1) // stride + 1, (size[1] - 1) // stride + 1
+
+
+@torch.no_grad()
+def image_maps(method: Method, scaled: list[torch.Tensor], size: tuple[int, int], keys: list[int],
+               device: torch.device) -> dict[str, np.ndarray]:
+    """All maps of one image: `<name>` at (H, W) and `<name>_s4` at stride 4 where declared."""
+    h_s4 = strided_size(size)
+    sums: dict[str, torch.Tensor] = {}
+    for img in scaled:
+        img = img.to(device)
+        maps = method.infer(torch.stack([img, img.flip(-1)]))
+        for spec in method.maps:
+            m = maps[spec.name].float()[None]
+            targets = [(spec.name, size)] + ([(spec.name + "_s4", h_s4)] if spec.strided else [])
+            for key, target in targets:
+                r = F.interpolate(m, size=target, mode="bilinear", align_corners=False)[0]
+                sums[key] = sums[key] + r if key in sums else r
+    idx = torch.as_tensor([k - 1 for k in keys], dtype=torch.long, device=device)
+    out: dict[str, np.ndarray] = {}
+    for spec in method.maps:
+        for key in (spec.name, spec.name + "_s4") if spec.strided else (spec.name,):
+            m = sums[key]
+            if spec.kind == "class":
+                m = m.index_select(0, idx)
+                if spec.normalize and m.shape[0]:
+                    m = F.relu(m)
+                    m = m / (m.flatten(1).max(dim=1).values[:, None, None] + 1e-5)
+            else:
+                m = m[0]
+            out[key] = m.cpu().numpy()
+    return out
+
+
+def export_cams(index: str | Path, model: str | Path, params: dict, out: str | Path,
+                split: str = "train_aug", threads: int | None = None,
+                ids: list[str] | None = None) -> dict:
+    common.set_threads(threads)
+    idx = DatasetIndex.load(index)
+    device = common.get_device()
+    method = load_trained(model, device)
+    scales = list(params["scales"])
+    image_ids = ids if ids is not None else idx.ids(split)
+    dataset = MultiScaleDataset(idx, image_ids, scales)
+    loader = DataLoader(dataset, batch_size=1, collate_fn=collate_single, num_workers=0)
+    attrs = {"method": method.name, "scales": json.dumps(scales), "flip": 1,
+             "params": json.dumps(method.params, sort_keys=True), "split": split,
+             "propagate_map": method.propagate_map + "_s4",
+             "dataset": idx.name, "num_classes": idx.num_classes}
+    dtypes = {s.name: "float32" for s in method.maps if s.kind == "agnostic"}
+    t0 = time.perf_counter()
+    with MapWriter(out, attrs) as writer:
+        for item in tqdm(loader, desc="export cams", unit="img", mininterval=2.0):
+            maps = image_maps(method, item["scaled"], tuple(item["size"]), item["keys"], device)
+            writer.add(item["id"], item["keys"], tuple(item["size"]), maps, dtypes=dtypes)
+    seconds = time.perf_counter() - t0
+    log.info("exported %d images in %.1f s (%.2f img/s)", len(dataset), seconds,
+             len(dataset) / max(seconds, 1e-9))
+    return {"images": len(dataset), "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("export-cams", __doc__)
+    p.add_argument("--index", required=True)
+    p.add_argument("--model", required=True, help="classifier model.pt")
+    p.add_argument("--params", required=True, type=common.json_arg)
+    p.add_argument("--out", required=True, help="cams.h5")
+    p.add_argument("--split", default="train_aug")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    return common.run_stage(a, export_cams, index=a.index, model=a.model, params=a.params,
+                            out=a.out, split=a.split, threads=a.threads)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""Stage `fuse_seeds`: fuse the exported maps into one seed map per image (seeds.h5)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import ConfigError
+from ..map_store import MapReader, MapWriter
+from ..seeds import RECIPES, fuse
+from . import common
+
+log = logging.getLogger("wsss")
+
+
+def fuse_seeds(cams: str | Path, params: dict, out: str | Path) -> None:
+    recipe = params["recipe"]
+    needs = RECIPES[recipe][0]
+    with MapReader(cams) as reader:
+        missing = [n for n in needs if n not in reader.map_names]
+        if missing:
+            raise ConfigError(f"config key fuse_seeds.recipe: {recipe!r} needs map(s) {missing}, but "
+                              f"{cams} holds {reader.map_names}; choose a recipe this method exports")
+        attrs = {"recipe": recipe, "source": str(cams), "method": reader.attrs.get("method", ""),
+                 "params": json.dumps(params, sort_keys=True)}
+        with MapWriter(out, attrs) as writer:
+            for image_id in tqdm(reader.ids(), desc=f"fuse {recipe}", unit="img", mininterval=2.0):
+                maps = {n: reader.get(image_id, n) for n in needs}
+                writer.add(image_id, reader.keys(image_id), reader.size(image_id),
+                           {"seed": fuse(recipe, maps)})
+    log.info("fused seeds with recipe %s", recipe)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("fuse-seeds", __doc__)
+    p.add_argument("--cams", required=True)
+    p.add_argument("--params", required=True, type=common.json_arg)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    return common.run_stage(a, fuse_seeds, cams=a.cams, params=a.params, out=a.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Stage `ir_labels`: IRN training labels from the fused seeds (cobra.md §8, irn.md §11).
+
+Per image a strict and a lenient pass (constant background score, argmax, dense CRF) are
+combined: class where the strict pass says so, background where both agree, 255 (ignore)
+where only the lenient pass sees foreground. The two background scores are either fixed (IRN:
+0.30 / 0.05) or read per image from CoBra's attention map (93rd percentile on a 0.05 grid,
+fg = bg + 0.5).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.index import DatasetIndex
+from ..errors import ConfigError
+from ..io import atomic_dir, save_label_png, write_json
+from ..map_store import MapReader
+from ..ops.crf import CRFParams, map_pool
+from ..ops.refine import attention_thresholds, ir_label
+from . import common
+
+log = logging.getLogger("wsss")
+
+
+@dataclass(frozen=True)
+class _Job:
+    index: str
+    seeds: str
+    cams: str
+    params: dict
+    image_id: str
+    out_dir: str
+
+
+def thresholds_for(params: dict, cams: MapReader | None, image_id: str) -> tuple[float, float]:
+    """(fg, bg) background scores of the strict and lenient passes for one image."""
+    if params["thresholds"] == "fixed":
+        return params["fg"], params["bg"]
+    att = cams.get(image_id, "attention")
+    bg, fg = attention_thresholds(att, params["percentile"], params["grid"], params["gap"])
+    return fg, bg
+
+
+def _one(job: _Job) -> tuple[str, float, float]:
+    idx = DatasetIndex.load(job.index)
+    with MapReader(job.seeds) as seeds:
+        seed, keys = seeds.get(job.image_id, "seed"), seeds.keys(job.image_id)
+    if job.params["thresholds"] == "attention":
+        with MapReader(job.cams) as cams:
+            fg, bg = thresholds_for(job.params, cams, job.image_id)
+    else:
+        fg, bg = thresholds_for(job.params, None, job.image_id)
+    label = ir_label(idx.image(job.image_id), seed, keys, fg, bg, CRFParams(**job.params["crf"]))
+    save_label_png(Path(job.out_dir) / f"{job.image_id}.png", label)
+    return job.image_id, float(fg), float(bg)
+
+
+def ir_labels(index: str | Path, seeds: str | Path, cams: str | Path, params: dict,
+              out: str | Path, threads: int = 1) -> None:
+    if params["thresholds"] not in ("fixed", "attention"):
+        raise ConfigError(f"config key ir_labels.thresholds: {params['thresholds']!r} is not fixed or attention")
+    with MapReader(seeds) as reader:
+        ids = reader.ids()
+    if params["thresholds"] == "attention":
+        with MapReader(cams) as reader:
+            if "attention" not in reader.map_names:
+                raise ConfigError(f"config key ir_labels.thresholds: 'attention' needs an attention map, "
+                                  f"but {cams} holds {reader.map_names}; use thresholds: fixed")
+    with atomic_dir(out) as tmp:
+        jobs = [_Job(str(index), str(seeds), str(cams), params, i, str(tmp)) for i in ids]
+        done = map_pool(_one, jobs, threads)
+        # the per-image background scores, for auditing the attention-derived thresholds
+        write_json(Path(tmp) / "thresholds.json", {i: {"fg": fg, "bg": bg} for i, fg, bg in done})
+    fgs = np.array([fg for _, fg, _ in done])
+    log.info("%d IR labels (%s thresholds; mean fg %.3f)", len(done), params["thresholds"], fgs.mean() if len(fgs) else 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("ir-labels", __doc__)
+    p.add_argument("--index", required=True)
+    p.add_argument("--seeds", required=True)
+    p.add_argument("--cams", required=True)
+    p.add_argument("--params", required=True, type=common.json_arg)
+    p.add_argument("--out", required=True, help="ir_labels/ folder of PNGs")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    return common.run_stage(a, ir_labels, index=a.index, seeds=a.seeds, cams=a.cams, params=a.params,
+                            out=a.out, threads=a.threads)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Stage `train_classifier`: train a method's classifier on train_aug with image labels."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..data.datasets import ClassificationDataset
+from ..data.index import DatasetIndex
+from ..engine import FitConfig, fit, save_checkpoint
+from ..methods import create_method
+from . import common
+
+log = logging.getLogger("wsss")
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def train_classifier(index: str | Path, method: dict, params: dict, out: str | Path,
+                     resume: bool = False, threads: int | None = None) -> Path:
+    """Train and write `out` (model.pt) with `train_log.csv` and `checkpoint.pt` beside it."""
+    out = Path(out)
+    common.set_threads(threads)
+    common.seed_everything(params["seed"])
+    idx = DatasetIndex.load(index)
+    device = common.get_device()
+    model = create_method(method, idx.num_classes, train_params=params).to(device)
+    optimizers = model.optimizers(params["lr"], params["weight_decay"], params["momentum"],
+                                  params["optimizer"])
+    dataset = ClassificationDataset(idx, "train_aug", params["crop"], params["scale_range"],
+                                    seed=params["seed"])
+    log.info("%s on %s: %d images, %d epochs, batch %d, device %s", method["plugin"], idx.name,
+             len(dataset), params["epochs"], params["batch_size"], device)
+    cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
+                    poly_power=params["poly_power"], num_workers=params["num_workers"],
+                    desc=f"train {method['plugin']}")
+    fit(dataset, cfg, model.training_step, optimizers, model.state_dict, model.load_state_dict,
+        checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
+        device=device, resume=resume, after_step=model.after_step, train_mode=model.train,
+        fingerprint=fingerprint(method, params, idx.ids("train_aug")))
+    save_checkpoint(out, {"method": method, "num_classes": idx.num_classes, "state": model.state_dict()})
+    return out
+
+
+def load_trained(path: str | Path, device: torch.device):
+    """The trained method (eval mode) from a model.pt written by this stage."""
+    from ..engine import load_checkpoint
+    ck = load_checkpoint(Path(path), map_location=device)
+    method = dict(ck["method"])
+    # weights come from the checkpoint: never fetch ImageNet weights again
+    for block in _model_blocks(method.get("model", {})):
+        block["pretrained"] = False
+    m = create_method(method, int(ck["num_classes"]))
+    m.load_state_dict(ck["state"])
+    m.to(device).eval()
+    return m
+
+
+def _model_blocks(model: dict):
+    if "pretrained" in model:
+        yield model
+    for v in model.values():
+        if isinstance(v, dict):
+            yield from _model_blocks(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("train-classifier", __doc__)
+    p.add_argument("--index", required=True)
+    p.add_argument("--method", required=True, type=common.json_arg, help="resolved method block (JSON)")
+    p.add_argument("--params", required=True, type=common.json_arg, help="stage parameters (JSON)")
+    p.add_argument("--out", required=True, help="model.pt")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete epoch")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    return common.run_stage(a, train_classifier, index=a.index, method=a.method, params=a.params,
+                            out=a.out, resume=a.resume, threads=a.threads)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

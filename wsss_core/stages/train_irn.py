@@ -1,0 +1,104 @@
+"""Stage `train_irn`: train IRN's boundary and displacement branches on the IR labels.
+
+The backbone is frozen (irn.md §2.1): ImageNet weights in the paper presets, or — for presets
+trained from scratch, where no ImageNet weights exist — the trained classifier's CNN backbone
+(`backbone_from: classifier`), so that the boundary branch reads features that mean something.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..data.datasets import IRNDataset
+from ..data.index import DatasetIndex
+from ..engine import FitConfig, fit, load_checkpoint, save_checkpoint
+from ..errors import ConfigError
+from ..methods.base import StepContext, make_optimizer
+from ..models.irn import IRN, affinity_displacement_loss
+from ..ops.path_index import PathIndex, affinity_labels
+from . import common
+from .train_classifier import fingerprint
+
+log = logging.getLogger("wsss")
+
+
+def build_irn(params: dict, classifier: str | Path | None = None) -> IRN:
+    source = params["backbone_from"]
+    model = IRN(params["backbone"], strides=tuple(params["strides"]),
+                pretrained=source == "imagenet", pretrained_file=params.get("pretrained_file"))
+    if source == "classifier":
+        if classifier is None:
+            raise ConfigError("config key train_irn.backbone_from: 'classifier' needs the classifier model")
+        state = load_checkpoint(Path(classifier))["state"]["cnn"]
+        sub = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        try:
+            model.backbone.load_state_dict(sub)
+        except RuntimeError as e:
+            raise ConfigError(f"config key train_irn.backbone: {params['backbone']!r} does not match "
+                              f"the classifier's CNN backbone ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def train_irn(index: str | Path, labels: str | Path, params: dict, out: str | Path,
+              classifier: str | Path | None = None, resume: bool = False,
+              threads: int | None = None) -> Path:
+    out = Path(out)
+    common.set_threads(threads)
+    common.seed_everything(params["seed"])
+    idx = DatasetIndex.load(index)
+    device = common.get_device()
+    model = build_irn(params, classifier).to(device)
+    edge, disp = model.param_groups()
+    opt = make_optimizer([{"params": edge, "lr_mult": 1.0}, {"params": disp, "lr_mult": 10.0}],
+                         params["lr"], params["weight_decay"], params["momentum"], params["optimizer"])
+    dataset = IRNDataset(idx, "train_aug", str(labels), params["crop"], params["scale_range"],
+                         seed=params["seed"])
+    grid = (params["crop"] - 1) // 4 + 1
+    path_index = PathIndex(params["radius"], (grid, grid))
+    log.info("IRN (%s) on %d images, crop %d, radius %d: %d directions x %d sources",
+             params["backbone"], len(dataset), params["crop"], params["radius"],
+             path_index.n_dirs, path_index.n_src)
+
+    def step(batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        x = batch["image"].to(ctx.device, non_blocking=True)
+        label = batch["label"].to(ctx.device, non_blocking=True)
+        bg_pos, fg_pos, neg = affinity_labels(label, path_index, num_valid=idx.num_classes)
+        edge_logits, displacement = model(x)
+        return affinity_displacement_loss(edge_logits, displacement, bg_pos, fg_pos, neg, path_index)
+
+    cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
+                    poly_power=params["poly_power"], num_workers=params["num_workers"], desc="train irn")
+    fit(dataset, cfg, step, [opt], model.state_dict, model.load_state_dict,
+        checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
+        device=device, resume=resume, train_mode=model.train,
+        fingerprint=fingerprint(params, idx.ids("train_aug"), str(classifier)))
+    save_checkpoint(out, {"params": params, "state": model.state_dict()})
+    return out
+
+
+def load_irn(path: str | Path, device: torch.device) -> tuple[IRN, dict]:
+    ck = load_checkpoint(Path(path), map_location=device)
+    params = dict(ck["params"])
+    model = IRN(params["backbone"], strides=tuple(params["strides"]))
+    model.load_state_dict(ck["state"])
+    return model.to(device).eval(), params
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("train-irn", __doc__)
+    p.add_argument("--index", required=True)
+    p.add_argument("--labels", required=True, help="ir_labels/ folder")
+    p.add_argument("--classifier", help="classifier model.pt (backbone_from: classifier)")
+    p.add_argument("--params", required=True, type=common.json_arg)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    return common.run_stage(a, train_irn, index=a.index, labels=a.labels, params=a.params, out=a.out,
+                            classifier=a.classifier, resume=a.resume, threads=a.threads)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""Stage `train_seg`: train a fully supervised segmentation network (smp DeepLabV3+ or
+SegFormer) on the train_aug images with the pseudo masks as labels (255 ignored).
+
+Training: random rescale + flip + padded crop (SegTrainAugment), cross-entropy over labelled
+pixels, SGD (or AdamW) with the decoder/head at `decoder_lr_mult` x lr and a poly schedule over
+all iterations, AMP on CUDA, a checkpoint after every epoch (`checkpoint.pt` beside the model)
+and exact resume through the shared `engine.fit` loop.
+
+Parameters: the config block (`train_seg` in a preset) names a default architecture `model`,
+an encoder per architecture (`encoders`) and per-architecture overrides (`per_model`);
+`resolve_seg_params(block, model)` flattens it into the parameters of one architecture
+(`model`, `encoder` and the training keys), which is what the workflow passes to this stage.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.index import DatasetIndex
+from ..data.seg_dataset import SegmentationDataset
+from ..engine import FitConfig, fit, load_checkpoint, save_checkpoint
+from ..errors import ConfigError, DataError, WeightsError
+from ..methods.base import StepContext
+from ..models.segmentation import SEG_MODELS, create_seg_model, param_groups
+from ..seg_engine import SegTrainAugment, segmentation_loss
+from . import common
+from .train_classifier import fingerprint
+
+log = logging.getLogger("wsss")
+
+#: written into model.pt so a reader can tell the format
+SEG_MODEL_FORMAT = "wsss-seg-1"
+#: config-block keys that select per architecture and are absent from resolved parameters
+_SELECTION_KEYS = ("encoders", "per_model")
+#: the keys of a resolved (flat) parameter block
+TRAIN_KEYS = ("model", "encoder", "pretrained", "pretrained_file", "output_stride", "crop",
+              "batch_size", "epochs", "optimizer", "lr", "decoder_lr_mult", "momentum",
+              "weight_decay", "poly_power", "scale_range", "flip", "seed", "num_workers")
+
+
+def resolve_seg_params(block: dict, model: str | None = None) -> dict:
+    """The flat training parameters of architecture `model` (default: the block's `model`):
+    shared keys, overlaid by `per_model[model]`, with `encoder = encoders[model]`.
+    A block that is already flat (no `encoders`) is returned as a copy."""
+    if "encoders" not in block:
+        if model is not None and model != block.get("model"):
+            raise ConfigError(f"train_seg parameters are resolved for {block.get('model')!r}, "
+                              f"not {model!r}")
+        return dict(block)
+    name = model or block["model"]
+    if name not in SEG_MODELS:
+        raise ConfigError(f"segmentation model {name!r} unknown; choose one of {sorted(SEG_MODELS)}")
+    if name not in block["encoders"]:
+        raise ConfigError(f"config key train_seg.encoders.{name}: missing")
+    flat = {k: v for k, v in block.items() if k not in _SELECTION_KEYS}
+    flat.update((block.get("per_model") or {}).get(name, {}))
+    flat["model"] = name
+    flat["encoder"] = block["encoders"][name]
+    return flat
+
+
+def _check_params(params: dict) -> None:
+    missing = [k for k in TRAIN_KEYS if k not in params]
+    if missing:
+        raise ConfigError(f"train_seg parameter {missing[0]!r} missing (have {sorted(params)})")
+
+
+def build_optimizer(model: nn.Module, params: dict) -> torch.optim.Optimizer:
+    """Encoder at lr, decoder + head at lr x decoder_lr_mult; `base_lr` is what engine.fit's
+    poly schedule scales."""
+    groups = param_groups(model, params["lr"], params["decoder_lr_mult"])
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    if params["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=params["lr"], momentum=params["momentum"],
+                               weight_decay=params["weight_decay"])
+    if params["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=params["lr"], weight_decay=params["weight_decay"])
+    raise ConfigError(f"train_seg optimizer {params['optimizer']!r} unknown; choose sgd or adamw")
+
+
+def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str | Path,
+              resume: bool = False, threads: int | None = None) -> Path:
+    """Train on train_aug with `masks_dir/<id>.png` as labels; write `out` (model.pt) with
+    `train_log.csv` and `checkpoint.pt` beside it."""
+    out = Path(out)
+    params = resolve_seg_params(params)
+    _check_params(params)
+    common.set_threads(threads)
+    common.seed_everything(params["seed"])
+    idx = DatasetIndex.load(index)
+    augment = SegTrainAugment(params["crop"], tuple(params["scale_range"]), flip=params["flip"])
+    dataset = SegmentationDataset(idx, "train_aug", masks_dir, augment, seed=params["seed"])
+    if len(dataset) < 2:
+        raise DataError(f"{index}: train_aug has {len(dataset)} image(s); batch norm needs 2")
+    device = common.get_device()
+    model = create_seg_model(params["model"], params["encoder"], idx.num_classes,
+                             params["pretrained"], params["pretrained_file"],
+                             params["output_stride"]).to(device)
+    optimizer = build_optimizer(model, params)
+    log.info("%s/%s on %s: %d images, %d epochs, batch %d, crop %d, device %s", params["model"],
+             params["encoder"], idx.name, len(dataset), params["epochs"], params["batch_size"],
+             params["crop"], device)
+
+    def step(batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        # dropout (DeepLabV3+ ASPP) and stochastic depth (MiT) draw from the global generator;
+        # seeding it per step makes a resumed run draw what an uninterrupted one would
+        torch.manual_seed(params["seed"] * 1_000_003 + ctx.step)
+        images = batch["image"].to(ctx.device, non_blocking=True)
+        masks = batch["mask"].to(ctx.device, dtype=torch.long, non_blocking=True)
+        return {"total": segmentation_loss(model(images), masks)}
+
+    cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
+                    poly_power=params["poly_power"], num_workers=params["num_workers"],
+                    desc=f"train {params['model']}")
+    fit(dataset, cfg, step, [optimizer], model.state_dict, model.load_state_dict,
+        checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
+        device=device, resume=resume, train_mode=model.train,
+        fingerprint=fingerprint(params, idx.num_classes, dataset.ids, dataset.masks_digest()))
+    save_checkpoint(out, {
+        "format": SEG_MODEL_FORMAT, "model": params["model"], "encoder": params["encoder"],
+        "output_stride": params["output_stride"], "num_classes": idx.num_classes,
+        "class_names": idx.class_names, "params": params,
+        "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    })
+    return out
+
+
+def load_seg_model(path: str | Path, device: torch.device | str) -> tuple[nn.Module, dict]:
+    """The trained network (eval mode, on `device`) and the model.pt record without weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: segmentation model not found; run the train_seg stage first")
+    try:
+        record = load_checkpoint(path, map_location="cpu")
+    except Exception as e:
+        raise WeightsError(f"{path}: cannot read the segmentation model ({type(e).__name__})") from None
+    if not isinstance(record, dict) or record.get("format") != SEG_MODEL_FORMAT:
+        raise WeightsError(f"{path}: not a {SEG_MODEL_FORMAT} model written by train_seg")
+    # the weights come from the file: never look for ImageNet weights again
+    model = create_seg_model(record["model"], record["encoder"], int(record["num_classes"]),
+                             pretrained=False, output_stride=int(record["output_stride"]))
+    model.load_state_dict(record["state"])
+    meta = {k: v for k, v in record.items() if k != "state"}
+    return model.to(device).eval(), meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("train-seg", __doc__)
+    p.add_argument("--index", required=True)
+    p.add_argument("--masks", required=True, help="folder of pseudo-mask PNGs <id>.png")
+    p.add_argument("--params", required=True, type=common.json_arg,
+                   help="train_seg parameters (JSON; a config block or resolved for one model)")
+    p.add_argument("--model", default=None,
+                   help="architecture to resolve a config block for (default: its `model`)")
+    p.add_argument("--out", required=True, help="model.pt")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete epoch")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+
+    def run(**kw) -> Path:
+        return train_seg(params=resolve_seg_params(a.params, a.model), **kw)
+
+    return common.run_stage(a, run, index=a.index, masks_dir=a.masks, out=a.out,
+                            resume=a.resume, threads=a.threads)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
