@@ -25,6 +25,7 @@ include: "rules/data.smk"
 include: "rules/cams.smk"
 include: "rules/refine.smk"
 include: "rules/seg.smk"
+include: "rules/audit.smk"
 
 
 rule all:

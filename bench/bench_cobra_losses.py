@@ -1,6 +1,6 @@
 """Forward+backward CPU time of CoBra's SAP + CAP losses: vectorised vs a per-patch loop.
 
-    python bench/bench_cobra_losses.py [--batch 8] [--grid 14] [--dim 256] [--threads 1]
+    python bench/bench_cobra_losses.py [--batch 8] [--grid 14] [--dim 256] [--threads 1] [--no-export]
 
 Both forms run with the same torch thread count (default 1: on a shared 2-core machine
 multi-threaded timings are dominated by contention). Reported: medians of interleaved runs.
@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--repeats", type=int, default=5, help="loop-form runs (vectorised: 10 per loop run)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-export", dest="export", action="store_false",
+                    help="skip the CAM export throughput measurement")
+    ap.add_argument("--export-images", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -123,6 +126,39 @@ def main() -> None:
     print(f"{'vectorised':>12}: {t_vec * 1e3:10.2f} ms")
     print(f"{'per-patch loop':>12}: {t_loop * 1e3:10.2f} ms")
     print(f"{'speed-up':>12}: {t_loop / t_vec:10.1f}x")
+    if args.export:
+        export_throughput(args.export_images)
+
+
+def export_throughput(n_images: int) -> None:
+    """CAM export (every map, all configured scales, each batched with its flip) in images per
+    second, for the tiny and paper CoBra presets with random weights on a 375x500 image."""
+    import copy
+    from pathlib import Path
+
+    from wsss_core.config import load_config, method_params, stage_params
+    from wsss_core.methods import create_method
+    from wsss_core.stages.export_cams import image_maps
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "config.yaml")
+    for dataset, size in (("toy", (84, 112)), ("voc", (375, 500))):
+        params = copy.deepcopy(method_params(cfg, dataset, "cobra"))
+        for block in (params["model"]["cnn"], params["model"]["vit"]):
+            block["pretrained"] = False
+        train = stage_params(cfg, dataset, "cobra", "train_classifier")
+        scales = stage_params(cfg, dataset, "cobra", "export_cams")["scales"]
+        method = create_method(params, 21, train_params=train)
+        method.eval()
+        img = torch.randn(3, *size)
+        scaled = [F.interpolate(img[None], scale_factor=s, mode="bicubic")[0] for s in scales]
+        image_maps(method, scaled, size, [3, 12], torch.device("cpu"))  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(n_images):
+            image_maps(method, scaled, size, [3, 12], torch.device("cpu"))
+        dt = time.perf_counter() - t0
+        print(f"export {params['preset']:>5} cobra ({params['model']['cnn']['backbone']} + "
+              f"{params['model']['vit']['backbone']}, {len(scales)} scales x flip, {size[0]}x{size[1]}): "
+              f"{n_images / dt:.2f} images/s")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ rule train_classifier:
         method=method_json,
         stage=stage_json("train_classifier"),
     threads: THREADS
+    benchmark:
+        out("benchmarks/train_classifier.tsv"),
     log:
         logs("train_classifier"),
     shell:
@@ -27,6 +29,8 @@ rule export_cams:
     params:
         stage=stage_json("export_cams"),
     threads: THREADS
+    benchmark:
+        out("benchmarks/export_cams.tsv"),
     log:
         logs("export_cams"),
     shell:
@@ -41,6 +45,8 @@ rule fuse_seeds:
         out("seeds.h5"),
     params:
         stage=stage_json("fuse_seeds"),
+    benchmark:
+        out("benchmarks/fuse_seeds.tsv"),
     log:
         logs("fuse_seeds"),
     shell:
@@ -56,6 +62,8 @@ rule eval_seeds:
         metrics=out("seed_metrics.json"),
     params:
         stage=stage_json("eval_seeds"),
+    benchmark:
+        out("benchmarks/eval_seeds.tsv"),
     log:
         logs("eval_seeds"),
     shell:

@@ -63,4 +63,5 @@ def logs(name):
 def default_target():
     d = DEFAULT.get("dataset", "toy")
     m = DEFAULT.get("method", "cobra")
-    return [f"{RESULTS}/{d}/{m}/seg_miou.txt"]
+    return [f"{RESULTS}/{d}/{m}/{f}" for f in ("seed_miou.txt", "mask_miou.txt", "mask_sweep.json",
+                                                 "seg_miou.txt")]

@@ -8,6 +8,8 @@ rule make_toy:
         ds=lambda w: dataset_config(config, w.dataset),
     wildcard_constraints:
         dataset="|".join(toy_datasets()) or "^$",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/make_toy.tsv",
     log:
         f"{RESULTS}/{{dataset}}/logs/make_toy.log",
     shell:
@@ -27,6 +29,8 @@ rule dataset_index:
         lists=dataset_lists,
         num_classes=lambda w: (f"--num-classes {dataset_config(config, w.dataset)['num_classes']}"
                                if "num_classes" in dataset_config(config, w.dataset) else ""),
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/dataset_index.tsv",
     log:
         f"{RESULTS}/{{dataset}}/logs/dataset_index.log",
     shell:

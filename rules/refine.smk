@@ -11,6 +11,8 @@ rule ir_labels:
     params:
         stage=stage_json("ir_labels"),
     threads: THREADS
+    benchmark:
+        out("benchmarks/ir_labels.tsv"),
     log:
         logs("ir_labels"),
     shell:
@@ -29,6 +31,8 @@ rule train_irn:
     params:
         stage=stage_json("train_irn"),
     threads: THREADS
+    benchmark:
+        out("benchmarks/train_irn.tsv"),
     log:
         logs("train_irn"),
     shell:
@@ -47,6 +51,8 @@ rule propagate:
     params:
         stage=stage_json("propagate"),
     threads: THREADS
+    benchmark:
+        out("benchmarks/propagate.tsv"),
     log:
         logs("propagate"),
     shell:
@@ -63,6 +69,8 @@ rule make_masks:
     params:
         stage=stage_json("make_masks"),
     threads: THREADS
+    benchmark:
+        out("benchmarks/make_masks.tsv"),
     log:
         logs("make_masks"),
     shell:
@@ -78,6 +86,8 @@ rule sweep_masks:
         out("mask_sweep.json"),
     params:
         stage=stage_json("make_masks"),
+    benchmark:
+        out("benchmarks/sweep_masks.tsv"),
     log:
         logs("sweep_masks"),
     shell:
@@ -94,6 +104,8 @@ rule eval_masks:
         miou=out("mask_miou.txt"),
         metrics=out("mask_metrics.json"),
         ir=out("ir_label_metrics.json"),
+    benchmark:
+        out("benchmarks/eval_masks.tsv"),
     log:
         logs("eval_masks"),
     shell:

@@ -48,6 +48,8 @@ rule train_seg:
     params:
         stage=seg_train_json,
     threads: THREADS
+    benchmark:
+        out("benchmarks/train_seg.tsv"),
     log:
         logs("train_seg"),
     shell:
@@ -66,6 +68,8 @@ rule train_seg_model:
     params:
         stage=seg_train_json,
     threads: THREADS
+    benchmark:
+        out("benchmarks/train_seg_model-{seg_model}.tsv"),
     log:
         logs("train_seg-{seg_model}"),
     shell:
@@ -83,6 +87,8 @@ rule eval_seg:
     params:
         stage=stage_json("eval_seg"),
     threads: THREADS
+    benchmark:
+        out("benchmarks/eval_seg.tsv"),
     log:
         logs("eval_seg"),
     shell:
@@ -102,6 +108,8 @@ rule eval_seg_model:
     params:
         stage=stage_json("eval_seg"),
     threads: THREADS
+    benchmark:
+        out("benchmarks/eval_seg_model-{seg_model}.tsv"),
     log:
         logs("eval_seg-{seg_model}"),
     shell:

@@ -117,3 +117,19 @@ def test_every_listed_module_has_a_main():
         spec = importlib.util.find_spec(module)
         source = Path(spec.origin).read_text()
         assert re.search(r"^def main\(", source, re.M), f"{module} ({cmd}) has no main()"
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", quick, flags=re.S)]
+
+
+def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
+    commands = readme_commands()
+    assert len(commands) == 2 and all("\n" not in c for c in commands)
+    main_job, tests = commands
+    assert main_job.endswith("snakemake --cores 2") and "pip install" in main_job
+    assert tests.endswith("pytest -q")
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert tests in ci, "the README's test command must appear verbatim in .ci/run"

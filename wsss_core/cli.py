@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-toy": ("wsss_core.stages.make_toy", "generate the embedded toy dataset in VOC layout"),
     "dataset-index": ("wsss_core.stages.dataset_index", "validate a dataset and write index.json"),
+    "convert-coco": ("wsss_core.stages.convert_coco", "convert COCO 2014 instances JSON + images to the VOC layout"),
     "train-classifier": ("wsss_core.stages.train_classifier", "train a method's classifier"),
     "export-cams": ("wsss_core.stages.export_cams", "multi-scale + flip CAMs to HDF5"),
     "fuse-seeds": ("wsss_core.stages.fuse_seeds", "fuse exported maps into seeds (HDF5)"),
@@ -26,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-seg": ("wsss_core.stages.train_seg", "train the segmentation network on pseudo masks"),
     "eval-seg": ("wsss_core.stages.eval_seg", "multi-scale segmentation evaluation on val"),
     "results-table": ("wsss_core.stages.results_table", "collect metric files into a table"),
+    "audit": ("wsss_core.stages.audit", "audit page of a results folder, or one image's panel"),
+    "summary": ("wsss_core.stages.summary", "print the metric table of a results folder"),
+    "compare": ("wsss_core.stages.compare", "compare the methods of a dataset (Markdown + HTML)"),
 }
 
 

@@ -22,7 +22,7 @@ SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
 #: stages whose parameter blocks are defined by a schema in schemas/stages/
 STAGES = (
     "train_classifier", "export_cams", "fuse_seeds", "eval_seeds", "ir_labels", "train_irn",
-    "propagate", "make_masks", "train_seg", "eval_seg",
+    "propagate", "make_masks", "train_seg", "eval_seg", "audit",
 )
 #: free-form blocks checked by the method plug-in rather than by a stage schema
 PLUGIN_BLOCKS = ("model", "cobra")

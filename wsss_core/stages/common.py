@@ -52,6 +52,9 @@ def run_stage(args: argparse.Namespace, fn: Callable[..., Any], **kwargs) -> int
             raise
         log.error("wsss: error: %s", e)
         return 2
+    except Exception:
+        log.exception("wsss: unexpected error (a bug; please report it with this log)")
+        raise
     log.info("done in %.1f s", time.perf_counter() - start)
     return 0
 

@@ -43,7 +43,8 @@ def train_classifier(index: str | Path, method: dict, params: dict, out: str | P
         checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
         device=device, resume=resume, after_step=model.after_step, train_mode=model.train,
         fingerprint=fingerprint(method, params, idx.ids("train_aug")))
-    save_checkpoint(out, {"method": method, "num_classes": idx.num_classes, "state": model.state_dict()})
+    save_checkpoint(out, {"method": method, "num_classes": idx.num_classes, "train_params": params,
+                          "state": model.state_dict()})
     return out
 
 
@@ -55,7 +56,7 @@ def load_trained(path: str | Path, device: torch.device):
     # weights come from the checkpoint: never fetch ImageNet weights again
     for block in _model_blocks(method.get("model", {})):
         block["pretrained"] = False
-    m = create_method(method, int(ck["num_classes"]))
+    m = create_method(method, int(ck["num_classes"]), train_params=ck.get("train_params"))
     m.load_state_dict(ck["state"])
     m.to(device).eval()
     return m

@@ -1,0 +1,109 @@
+"""The paper presets build and run on CPU with random weights (no download): one classifier
+training step and one multi-scale CAM export at 224 for cam and cobra; one IRN step and one
+pseudo mask on a real-size 375x500 image."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from wsss_core.config import load_config, method_params, stage_params
+from wsss_core.masks import pseudo_mask
+from wsss_core.methods import StepContext, create_method
+from wsss_core.models.irn import IRN, affinity_displacement_loss
+from wsss_core.ops.path_index import PathIndex, affinity_labels
+from wsss_core.ops.random_walk import random_walk, upsample_rw
+from wsss_core.stages.export_cams import image_maps, strided_size
+
+VOC_CLASSES = 21
+
+
+def _random_weights(block):
+    """Switch every `pretrained` flag off: tests never fetch ImageNet weights."""
+    if isinstance(block, dict):
+        if "pretrained" in block:
+            block["pretrained"] = False
+        for v in block.values():
+            _random_weights(v)
+    return block
+
+
+@pytest.fixture(scope="module")
+def cfg(repo_root):
+    c = load_config(repo_root / "config.yaml")
+    c["datasets"]["voc"]["root"] = "/nonexistent"  # only the preset matters here
+    return c
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["cam", "cobra"])
+def test_paper_classifier_step_and_cam_export(cfg, method):
+    params = _random_weights(copy.deepcopy(method_params(cfg, "voc", method)))
+    train = stage_params(cfg, "voc", method, "train_classifier")
+    torch.manual_seed(0)
+    m = create_method(params, VOC_CLASSES, train_params=train)
+    opts = m.optimizers(train["lr"], train["weight_decay"], train["momentum"], train["optimizer"])
+    crop = 224
+    batch = {"image": torch.randn(2, 3, crop, crop), "label": torch.zeros(2, VOC_CLASSES - 1)}
+    batch["label"][0, 3] = batch["label"][1, 14] = 1
+    m.train()
+    ctx = StepContext(epoch=train["epochs"] - 1, step=0, max_step=10, epochs=train["epochs"],
+                      device=torch.device("cpu"))
+    before = {k: v.clone() for k, v in m.models["cnn"].state_dict().items() if "classifier" in k}
+    losses = m.training_step(batch, ctx)
+    losses["total"].backward()
+    for o in opts:
+        o.step()
+    assert torch.isfinite(losses["total"])
+    if method == "cobra":  # the last epoch has every CoBra term switched on
+        assert {"cls", "l1", "sap", "cap"} <= set(losses)
+    after = m.models["cnn"].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    m.eval()
+    size = (224, 224)
+    scales = stage_params(cfg, "voc", method, "export_cams")["scales"][:2]
+    img = torch.randn(3, *size)
+    scaled = [torch.nn.functional.interpolate(img[None], scale_factor=s, mode="bilinear")[0] for s in scales]
+    maps = image_maps(m, scaled, size, [4, 15], torch.device("cpu"))
+    for spec in m.maps:
+        arr = maps[spec.name]
+        if spec.kind == "class":
+            assert arr.shape == (2,) + size and np.isfinite(arr).all()
+            assert arr.max() <= 1.0 + 1e-6
+        else:
+            assert arr.shape == size
+        if spec.strided:
+            assert maps[spec.name + "_s4"].shape == (2,) + strided_size(size)
+
+
+@pytest.mark.slow
+def test_paper_irn_step_and_one_real_size_mask(cfg):
+    p = stage_params(cfg, "voc", "cobra", "train_irn")
+    torch.manual_seed(0)
+    irn = IRN(p["backbone"], strides=tuple(p["strides"]))
+    crop = 128  # a smaller crop keeps the CPU step short; the path index follows the crop
+    grid = crop // 4
+    pi = PathIndex(p["radius"], (grid, grid))
+    label = torch.zeros(1, grid, grid, dtype=torch.long)
+    label[:, 8:20, 8:20] = 5
+    label[:, 7, :] = 255
+    edge, disp = irn(torch.randn(1, 3, crop, crop))
+    loss = affinity_displacement_loss(edge, disp, *affinity_labels(label, pi, num_valid=21), pi)["total"]
+    loss.backward()
+    assert torch.isfinite(loss) and irn.edge6.weight.grad is not None
+
+    irn.eval()
+    h, w = 375, 500
+    image = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+    x = torch.randn(3, h, w)
+    boundary = irn.boundary_map(torch.stack([x, x.flip(-1)]), crop=p["crop"])
+    assert boundary.shape == (1, 94, 125)
+    cam = torch.rand(2, 94, 125)
+    prop = stage_params(cfg, "voc", "cobra", "propagate")
+    rw = random_walk(cam, boundary, radius=prop["radius"], beta=prop["beta"], exp_times=prop["exp_times"])
+    rw_up = upsample_rw(rw, (h, w), mode=prop["upsample"]).numpy()
+    mask = pseudo_mask(image, rw_up, np.array([3, 12]), stage_params(cfg, "voc", "cobra", "make_masks"))
+    assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 3, 12}

@@ -1,0 +1,113 @@
+"""`wsss results-table`: collect the metric and benchmark files of a results folder into a
+Markdown table (seed / IR-label / mask / seg mIoU and each stage's wall time), optionally
+written between the markers of a README so the published numbers are never typed by hand."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+from ..errors import DataError
+from ..io import write_text
+from . import common
+
+STAGES = ("train_classifier", "export_cams", "fuse_seeds", "eval_seeds", "ir_labels", "train_irn",
+          "propagate", "make_masks", "eval_masks", "train_seg", "eval_seg")
+
+#: published VOC 2012 numbers, for reference only (cobra.md §10: CoBra Tab. 1/2; the IRN row
+#: is the baseline quoted in CoBra's Tab. 1; segmentation: DeepLabV3+ ResNet-101, val)
+PAPER_VOC = {
+    "cam": {"seed": 48.8, "mask": 66.3, "seg": None, "source": "IRN, as quoted in CoBra Tab. 1"},
+    "cobra": {"seed": 62.3, "mask": 73.5, "seg": 74.0, "source": "CoBra Tab. 1 / Tab. 2"},
+}
+
+
+def _miou(path: Path) -> float | None:
+    return float(path.read_text().strip()) if path.is_file() else None
+
+
+def _ir_miou(path: Path) -> float | None:
+    return json.loads(path.read_text())["miou"] if path.is_file() else None
+
+
+def _seconds(bench: Path) -> float | None:
+    if not bench.is_file():
+        return None
+    rows = list(csv.DictReader(bench.read_text().splitlines(), delimiter="\t"))
+    return float(rows[-1]["s"]) if rows else None
+
+
+def collect(results: Path, dataset: str, methods: list[str]) -> list[dict]:
+    rows = []
+    for m in methods:
+        base = results / dataset / m
+        if not base.is_dir():
+            raise DataError(f"{base}: no results for method {m}; run snakemake {base}/seg_miou.txt")
+        row = {"method": m, "seed": _miou(base / "seed_miou.txt"),
+               "ir_label": _ir_miou(base / "ir_label_metrics.json"),
+               "mask": _miou(base / "mask_miou.txt"), "seg": _miou(base / "seg_miou.txt"),
+               "seconds": {s: _seconds(base / "benchmarks" / f"{s}.tsv") for s in STAGES}}
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(rows: list[dict], dataset: str, shared: dict[str, float | None]) -> str:
+    lines = [f"| method | seed mIoU | IR-label mIoU | mask mIoU | seg mIoU |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {_fmt(r['seed'])} | {_fmt(r['ir_label'])} | {_fmt(r['mask'])} "
+                     f"| {_fmt(r['seg'])} |")
+    lines += ["", "Wall time of each stage in seconds (Snakemake benchmark files):", "",
+              "| method | " + " | ".join(STAGES) + " | total |", "|---" * (len(STAGES) + 2) + "|"]
+    for r in rows:
+        secs = [r["seconds"][s] for s in STAGES]
+        total = sum(s for s in secs if s is not None)
+        lines.append(f"| {r['method']} | " + " | ".join(_fmt(s, 0) for s in secs) + f" | {total:.0f} |")
+    data = ", ".join(f"{k} {_fmt(v, 0)} s" for k, v in shared.items())
+    lines += ["", f"Shared by all methods: {data}.", "",
+              "For reference only, the papers' PASCAL VOC 2012 numbers (seeds and masks on `train`, "
+              "segmentation DeepLabV3+ ResNet-101 on `val`) — not produced by this repository:", "",
+              "| method | seed mIoU | mask mIoU | seg mIoU | source |", "|---|---|---|---|---|"]
+    for m, p in PAPER_VOC.items():
+        lines.append(f"| {m} (paper) | {_fmt(p['seed'], 1)} | {_fmt(p['mask'], 1)} | {_fmt(p['seg'], 1)} | {p['source']} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_table(results: str | Path, dataset: str, methods: list[str], out: str | Path | None = None,
+                  readme: str | Path | None = None) -> str:
+    results = Path(results)
+    rows = collect(results, dataset, methods)
+    shared = {s: _seconds(results / dataset / "benchmarks" / f"{s}.tsv") for s in ("make_toy", "dataset_index")}
+    table = markdown(rows, dataset, shared)
+    if out:
+        write_text(out, table)
+    if readme:
+        start, end = f"<!-- results:{dataset}:start -->", f"<!-- results:{dataset}:end -->"
+        text = Path(readme).read_text()
+        if start not in text or end not in text:
+            raise DataError(f"{readme}: markers {start} / {end} not found; add them where the table goes")
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: f"{start}\n{table}{end}", text,
+                      flags=re.S)
+        write_text(readme, text)
+    print(table, end="")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("results-table", __doc__)
+    p.add_argument("--results", default="results")
+    p.add_argument("--dataset", default="toy")
+    p.add_argument("--methods", nargs="+", default=["cam", "cobra"])
+    p.add_argument("--out", help="write the Markdown table to this file")
+    p.add_argument("--readme", help="replace the table between <!-- results:DATASET:start/end --> markers")
+    a = p.parse_args(argv)
+    return common.run_stage(a, results_table, results=a.results, dataset=a.dataset, methods=a.methods,
+                            out=a.out, readme=a.readme)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

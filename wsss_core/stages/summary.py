@@ -1,0 +1,46 @@
+"""`wsss summary DIR`: the metric table of a results folder (results/<dataset>/<method>) in the
+terminal: mIoU, split, image count and FP/TP of seeds, IR labels, masks and segmentation,
+per-class IoU, and each rule's wall time and peak memory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..audit.compare import MethodRecord, summary_table, timing_table
+from ..errors import DataError
+from ..io import read_json
+from . import common
+
+
+def summary(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: no such results folder; give results/<dataset>/<method>")
+    record = MethodRecord.read(run_dir)
+    index = run_dir.parent / "index.json"
+    names = list(read_json(index)["class_names"]) if index.is_file() else None
+    text = f"{run_dir}\n\n" + summary_table(record, names).text()
+    if record.sweep:
+        s = record.sweep
+        text += (f"\nmask sweep ({s['rule']} rule, no CRF): best {s['parameter']}={s['best']:g} "
+                 f"mIoU {s['best_miou']:.2f}, configured {s['configured']:g}\n")
+    timing = timing_table(record)
+    if timing.rows:
+        text += "\n" + timing.text("rule")
+    print(text, end="")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("summary", __doc__)
+    p.add_argument("run_dir", metavar="DIR", help="a results folder, results/<dataset>/<method>")
+    a = p.parse_args(argv)
+    try:
+        summary(a.run_dir)
+    except DataError as e:
+        print(f"wsss: error: {e}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
