@@ -2,8 +2,10 @@
 
     python bench/bench_cobra_losses.py [--batch 8] [--grid 14] [--dim 256] [--threads 1] [--no-export]
 
-Both forms run with the same torch thread count (default 1: on a shared 2-core machine
-multi-threaded timings are dominated by contention). Reported: medians of interleaved runs.
+Both forms run with the same torch thread count (default: torch's, i.e. every core; pass
+--threads 1 for single-core numbers — the loop's many tiny ops pay OpenMP overhead with more
+threads, so the ratio depends on it and both should be quoted). Reported: medians of
+interleaved runs. It also prints CAM export throughput in images per second.
 
 The loop form is the reference code's structure (loss_modules.py `cll_v1` / `cll_v2`): per
 image and per query patch it gathers the embedding vectors of its positives and negatives and
@@ -86,12 +88,16 @@ def main() -> None:
     ap.add_argument("--top-bot-k", type=int, nargs=4, default=[20, 5, 5, 20])
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--repeats", type=int, default=5, help="loop-form runs (vectorised: 10 per loop run)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for both forms (default: torch's default, all cores)")
     ap.add_argument("--no-export", dest="export", action="store_false",
                     help="skip the CAM export throughput measurement")
-    ap.add_argument("--export-images", type=int, default=3)
+    ap.add_argument("--export-images", type=int, default=5)
+    ap.add_argument("--paper-export", action="store_true",
+                    help="also time the paper preset's export on CPU (about 100 s per image)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     g = torch.Generator().manual_seed(0)
     B, h, D, C = args.batch, args.grid, args.dim, args.classes
@@ -127,10 +133,10 @@ def main() -> None:
     print(f"{'per-patch loop':>12}: {t_loop * 1e3:10.2f} ms")
     print(f"{'speed-up':>12}: {t_loop / t_vec:10.1f}x")
     if args.export:
-        export_throughput(args.export_images)
+        export_throughput(args.export_images, args.paper_export)
 
 
-def export_throughput(n_images: int) -> None:
+def export_throughput(n_images: int, paper: bool) -> None:
     """CAM export (every map, all configured scales, each batched with its flip) in images per
     second, for the tiny and paper CoBra presets with random weights on a 375x500 image."""
     import copy
@@ -141,7 +147,7 @@ def export_throughput(n_images: int) -> None:
     from wsss_core.stages.export_cams import image_maps
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "config.yaml")
-    for dataset, size in (("toy", (84, 112)), ("voc", (375, 500))):
+    for dataset, size in (("toy", (84, 112)),) + ((("voc", (375, 500)),) if paper else ()):
         params = copy.deepcopy(method_params(cfg, dataset, "cobra"))
         for block in (params["model"]["cnn"], params["model"]["vit"]):
             block["pretrained"] = False

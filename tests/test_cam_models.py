@@ -181,7 +181,8 @@ def test_frozen_bn_and_detach_after_train_step() -> None:
 def test_no_detach_lets_gradient_reach_stem() -> None:
     model = _tiny_cnn(detach_early=False)
     model(torch.randn(1, 3, 64, 64))["logits"].sum().backward()
-    assert model.backbone.stem[0].weight.grad is not None
+    first_conv = next(m for m in model.backbone.stem.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.grad is not None
     assert model.backbone.layer1[0].conv1.weight.grad is not None
 
 
