@@ -1,12 +1,15 @@
 """torch Datasets over a DatasetIndex: classification training and multi-scale inference."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError
+from ..io import read_label_png
 from . import transforms as T
 from .index import DatasetIndex
 
@@ -16,15 +19,12 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-class ClassificationDataset(Dataset):
-    """Random long-side resize → normalise → flip → crop (IRN/CoBra order); multi-hot labels."""
+class EpochDataset(Dataset):
+    """Training samples of one split whose augmentation is drawn from (seed, epoch, index)."""
 
-    def __init__(self, index: DatasetIndex, split: str, crop: int, scale_range: Sequence[int],
-                 seed: int = 0) -> None:
+    def __init__(self, index: DatasetIndex, split: str, seed: int = 0) -> None:
         self.index = index
         self.ids = index.ids(split)
-        self.crop = crop
-        self.scale_range = tuple(scale_range)
         self.seed = seed
         self.epoch = 0
 
@@ -34,9 +34,22 @@ class ClassificationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def rng(self, i: int) -> np.random.Generator:
+        return sample_rng(self.seed, self.epoch, i)
+
+
+class ClassificationDataset(EpochDataset):
+    """Random long-side resize → normalise → flip → crop (IRN/CoBra order); multi-hot labels."""
+
+    def __init__(self, index: DatasetIndex, split: str, crop: int, scale_range: Sequence[int],
+                 seed: int = 0) -> None:
+        super().__init__(index, split, seed)
+        self.crop = crop
+        self.scale_range = tuple(scale_range)
+
     def __getitem__(self, i: int) -> dict:
         image_id = self.ids[i]
-        rng = sample_rng(self.seed, self.epoch, i)
+        rng = self.rng(i)
         img = self.index.image(image_id)
         img, _ = T.random_resize_long(img, None, *self.scale_range, rng)
         img = T.normalize(img)
@@ -77,36 +90,24 @@ def collate_single(batch: list[dict]) -> dict:
     return batch[0]
 
 
-class IRNDataset(Dataset):
+class IRNDataset(EpochDataset):
     """IRN training pairs (irn.md §6): rescale 0.5-1.5 (image bicubic, label nearest) →
     normalise → joint flip → joint crop (image pad 0, label pad 255) → label ↓4 nearest."""
 
     def __init__(self, index: DatasetIndex, split: str, label_dir: str, crop: int,
                  scale_range: Sequence[float] = (0.5, 1.5), seed: int = 0) -> None:
-        from pathlib import Path
-        self.index = index
-        self.ids = index.ids(split)
+        super().__init__(index, split, seed)
         self.label_dir = Path(label_dir)
         self.crop = crop
         self.scale_range = tuple(scale_range)
-        self.seed = seed
-        self.epoch = 0
-        from ..errors import DataError
         missing = [i for i in self.ids if not (self.label_dir / f"{i}.png").is_file()]
         if missing:
             raise DataError(f"{self.label_dir / (missing[0] + '.png')}: IR label missing "
                             f"({len(missing)} in all); re-run the ir_labels stage")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def __getitem__(self, i: int) -> dict:
-        from ..io import read_label_png
         image_id = self.ids[i]
-        rng = sample_rng(self.seed, self.epoch, i)
+        rng = self.rng(i)
         img = self.index.image(image_id)
         label = read_label_png(self.label_dir / f"{image_id}.png")
         img, label = T.random_rescale(img, label, *self.scale_range, rng)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+
 
 from ..errors import DataError
 from ..io import read_label_png
 from ..seg_engine import SegTrainAugment
-from .datasets import sample_rng
+from .datasets import EpochDataset
 from .index import DatasetIndex
 from .palette import IGNORE
 
@@ -43,18 +43,15 @@ def read_seg_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.nda
     return mask
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(EpochDataset):
     """Images of `split` with `masks_dir/<id>.png` as labels, augmented by `augment`; a sample's
     randomness depends only on (seed, epoch, index), as in the classifier dataset."""
 
     def __init__(self, index: DatasetIndex, split: str, masks_dir: str | os.PathLike,
                  augment: SegTrainAugment, seed: int = 0) -> None:
-        self.index = index
-        self.ids = index.ids(split)
+        super().__init__(index, split, seed)
         self.masks_dir = Path(masks_dir)
         self.augment = augment
-        self.seed = seed
-        self.epoch = 0
         if not self.masks_dir.is_dir():
             raise DataError(f"{self.masks_dir}: masks folder not found; run the masks stage first")
         missing = [i for i in self.ids if not mask_path(self.masks_dir, i).is_file()]
@@ -65,18 +62,12 @@ class SegmentationDataset(Dataset):
         if not self.ids:
             raise DataError(f"{index.source}: split {split!r} is empty")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def __getitem__(self, i: int) -> dict:
         image_id = self.ids[i]
         image = self.index.image(image_id)
         mask = read_seg_mask(mask_path(self.masks_dir, image_id), image.shape[:2],
                              self.index.num_classes)
-        image_chw, mask_hw = self.augment(image, mask, sample_rng(self.seed, self.epoch, i))
+        image_chw, mask_hw = self.augment(image, mask, self.rng(i))
         return {"image": torch.from_numpy(image_chw), "mask": torch.from_numpy(mask_hw), "index": i}
 
     def masks_digest(self) -> str:
