@@ -42,6 +42,8 @@ rule audit:
         run_dir=lambda w: f"{RESULTS}/{w.dataset}/{w.method}",
     benchmark:
         out("benchmarks/audit.tsv"),
+    resources:
+        **res("audit"),
     log:
         logs("audit"),
     shell:
@@ -69,6 +71,8 @@ rule compare:
         methods=" ".join(config["methods"]),
     benchmark:
         f"{RESULTS}/{{dataset}}/benchmarks/compare.tsv",
+    resources:
+        **res("compare"),
     log:
         f"{RESULTS}/{{dataset}}/logs/compare.log",
     shell:

@@ -13,6 +13,8 @@ rule train_classifier:
     threads: THREADS
     benchmark:
         out("benchmarks/train_classifier.tsv"),
+    resources:
+        **res("train_classifier"),
     log:
         logs("train_classifier"),
     shell:
@@ -31,6 +33,8 @@ rule export_cams:
     threads: THREADS
     benchmark:
         out("benchmarks/export_cams.tsv"),
+    resources:
+        **res("export_cams"),
     log:
         logs("export_cams"),
     shell:
@@ -47,6 +51,8 @@ rule fuse_seeds:
         stage=stage_json("fuse_seeds"),
     benchmark:
         out("benchmarks/fuse_seeds.tsv"),
+    resources:
+        **res("fuse_seeds"),
     log:
         logs("fuse_seeds"),
     shell:
@@ -64,6 +70,8 @@ rule eval_seeds:
         stage=stage_json("eval_seeds"),
     benchmark:
         out("benchmarks/eval_seeds.tsv"),
+    resources:
+        **res("eval_seeds"),
     log:
         logs("eval_seeds"),
     shell:

@@ -13,6 +13,20 @@ wildcard_constraints:
     method="|".join(config["methods"]),
 
 
+def res(rule):
+    """Cluster resources of `rule` from config `resources` (SLURM executor names)."""
+    cfg = config.get("resources", {})
+    spec = dict(cfg.get("default", {}), **cfg.get("rules", {}).get(rule, {}))
+    out = {k: spec[k] for k in ("mem_mb", "runtime") if k in spec}
+    gpu = spec.get("gpu", False) and cfg.get("gpus", 0) > 0
+    if gpu:
+        out["gpu"] = cfg["gpus"]
+    partition = cfg.get("gpu_partition") if gpu else cfg.get("partition")
+    if partition:
+        out["slurm_partition"] = partition
+    return out
+
+
 def toy_datasets():
     return [d for d, c in config["datasets"].items() if c["kind"] == "toy"]
 

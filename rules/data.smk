@@ -10,6 +10,8 @@ rule make_toy:
         dataset="|".join(toy_datasets()) or "^$",
     benchmark:
         f"{RESULTS}/{{dataset}}/benchmarks/make_toy.tsv",
+    resources:
+        **res("make_toy"),
     log:
         f"{RESULTS}/{{dataset}}/logs/make_toy.log",
     shell:
@@ -31,6 +33,8 @@ rule dataset_index:
                                if "num_classes" in dataset_config(config, w.dataset) else ""),
     benchmark:
         f"{RESULTS}/{{dataset}}/benchmarks/dataset_index.tsv",
+    resources:
+        **res("dataset_index"),
     log:
         f"{RESULTS}/{{dataset}}/logs/dataset_index.log",
     shell:

@@ -13,6 +13,8 @@ rule ir_labels:
     threads: THREADS
     benchmark:
         out("benchmarks/ir_labels.tsv"),
+    resources:
+        **res("ir_labels"),
     log:
         logs("ir_labels"),
     shell:
@@ -33,6 +35,8 @@ rule train_irn:
     threads: THREADS
     benchmark:
         out("benchmarks/train_irn.tsv"),
+    resources:
+        **res("train_irn"),
     log:
         logs("train_irn"),
     shell:
@@ -53,6 +57,8 @@ rule propagate:
     threads: THREADS
     benchmark:
         out("benchmarks/propagate.tsv"),
+    resources:
+        **res("propagate"),
     log:
         logs("propagate"),
     shell:
@@ -71,6 +77,8 @@ rule make_masks:
     threads: THREADS
     benchmark:
         out("benchmarks/make_masks.tsv"),
+    resources:
+        **res("make_masks"),
     log:
         logs("make_masks"),
     shell:
@@ -88,6 +96,8 @@ rule sweep_masks:
         stage=stage_json("make_masks"),
     benchmark:
         out("benchmarks/sweep_masks.tsv"),
+    resources:
+        **res("sweep_masks"),
     log:
         logs("sweep_masks"),
     shell:
@@ -106,6 +116,8 @@ rule eval_masks:
         ir=out("ir_label_metrics.json"),
     benchmark:
         out("benchmarks/eval_masks.tsv"),
+    resources:
+        **res("eval_masks"),
     log:
         logs("eval_masks"),
     shell:

@@ -50,6 +50,8 @@ rule train_seg:
     threads: THREADS
     benchmark:
         out("benchmarks/train_seg.tsv"),
+    resources:
+        **res("train_seg"),
     log:
         logs("train_seg"),
     shell:
@@ -70,6 +72,8 @@ rule train_seg_model:
     threads: THREADS
     benchmark:
         out("benchmarks/train_seg_model-{seg_model}.tsv"),
+    resources:
+        **res("train_seg"),
     log:
         logs("train_seg-{seg_model}"),
     shell:
@@ -89,6 +93,8 @@ rule eval_seg:
     threads: THREADS
     benchmark:
         out("benchmarks/eval_seg.tsv"),
+    resources:
+        **res("eval_seg"),
     log:
         logs("eval_seg"),
     shell:
@@ -110,6 +116,8 @@ rule eval_seg_model:
     threads: THREADS
     benchmark:
         out("benchmarks/eval_seg_model-{seg_model}.tsv"),
+    resources:
+        **res("eval_seg"),
     log:
         logs("eval_seg-{seg_model}"),
     shell:
