@@ -1,7 +1,6 @@
 """The VOC-layout reader, the dataset index, its one-line errors, and the training transforms."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path

@@ -10,7 +10,7 @@ import torch
 
 from wsss_core.config import load_config, method_params, stage_params
 from wsss_core.data.datasets import ClassificationDataset
-from wsss_core.data.index import DatasetIndex, build_index
+from wsss_core.data.index import build_index
 from wsss_core.errors import ConfigError
 from wsss_core.stages.train_classifier import train_classifier
 

@@ -1,7 +1,6 @@
 """Method plug-ins, registered by name (timm-style registry)."""
 from __future__ import annotations
 
-from typing import Callable
 
 from .base import MapSpec, Method, StepContext
 
