@@ -38,6 +38,7 @@ rule audit:
                        subcategory="{dataset} / {method}",
                        labels={"dataset": "{dataset}", "method": "{method}", "file": "{name}.json"}),
     params:
+        code=code("audit"),
         stage=stage_json("audit"),
         run_dir=lambda w: f"{RESULTS}/{w.dataset}/{w.method}",
     benchmark:
@@ -67,6 +68,7 @@ rule compare:
         html=report(f"{RESULTS}/{{dataset}}/comparison.html", caption="../report/comparison.rst",
                     category="Method comparison", labels={"dataset": "{dataset}", "format": "HTML"}),
     params:
+        code=code("compare"),
         results=RESULTS,
         methods=" ".join(config["methods"]),
     benchmark:

@@ -8,6 +8,7 @@ rule train_classifier:
         model=out("classifier/model.pt"),
         log_csv=out("classifier/train_log.csv"),
     params:
+        code=code("train_classifier"),
         method=method_json,
         stage=stage_json("train_classifier"),
     threads: THREADS
@@ -29,6 +30,7 @@ rule export_cams:
     output:
         out("cams.h5"),
     params:
+        code=code("export_cams"),
         stage=stage_json("export_cams"),
     threads: THREADS
     benchmark:
@@ -48,6 +50,7 @@ rule fuse_seeds:
     output:
         out("seeds.h5"),
     params:
+        code=code("fuse_seeds"),
         stage=stage_json("fuse_seeds"),
     benchmark:
         out("benchmarks/fuse_seeds.tsv"),
@@ -67,6 +70,7 @@ rule eval_seeds:
         miou=out("seed_miou.txt"),
         metrics=out("seed_metrics.json"),
     params:
+        code=code("eval_seeds"),
         stage=stage_json("eval_seeds"),
     benchmark:
         out("benchmarks/eval_seeds.tsv"),

@@ -1,6 +1,9 @@
 # Input functions and helpers shared by all rules (the only place with logic).
 import json
 
+from pathlib import Path
+
+from wsss_core.codehash import source_hash
 from wsss_core.config import dataset_config, stage_params, method_params
 
 RESULTS = config["results"]
@@ -11,6 +14,12 @@ DEFAULT = config.get("default_target", {})
 wildcard_constraints:
     dataset="|".join(config["datasets"]),
     method="|".join(config["methods"]),
+
+
+def code(stage):
+    """Fingerprint of the stage module and the wsss_core code it imports (a rule param), so a
+    code change re-runs exactly the stages that use the changed code."""
+    return source_hash(str(Path(workflow.basedir)), f"wsss_core.stages.{stage}")
 
 
 def res(rule):

@@ -5,6 +5,7 @@ rule make_toy:
     output:
         directory(f"{RESULTS}/{{dataset}}/data"),
     params:
+        code=code("make_toy"),
         ds=lambda w: dataset_config(config, w.dataset),
     wildcard_constraints:
         dataset="|".join(toy_datasets()) or "^$",
@@ -26,6 +27,7 @@ rule dataset_index:
     output:
         f"{RESULTS}/{{dataset}}/index.json",
     params:
+        code=code("dataset_index"),
         root=dataset_root,
         kind=lambda w: dataset_config(config, w.dataset)["kind"],
         lists=dataset_lists,

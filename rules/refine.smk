@@ -9,6 +9,7 @@ rule ir_labels:
     output:
         directory(out("ir_labels")),
     params:
+        code=code("ir_labels"),
         stage=stage_json("ir_labels"),
     threads: THREADS
     benchmark:
@@ -31,6 +32,7 @@ rule train_irn:
         model=out("irn/model.pt"),
         log_csv=out("irn/train_log.csv"),
     params:
+        code=code("train_irn"),
         stage=stage_json("train_irn"),
     threads: THREADS
     benchmark:
@@ -53,6 +55,7 @@ rule propagate:
     output:
         out("rw.h5"),
     params:
+        code=code("propagate"),
         stage=stage_json("propagate"),
     threads: THREADS
     benchmark:
@@ -73,6 +76,7 @@ rule make_masks:
     output:
         directory(out("masks")),
     params:
+        code=code("make_masks"),
         stage=stage_json("make_masks"),
     threads: THREADS
     benchmark:
@@ -93,6 +97,7 @@ rule sweep_masks:
     output:
         out("mask_sweep.json"),
     params:
+        code=code("sweep_masks"),
         stage=stage_json("make_masks"),
     benchmark:
         out("benchmarks/sweep_masks.tsv"),
@@ -114,6 +119,8 @@ rule eval_masks:
         miou=out("mask_miou.txt"),
         metrics=out("mask_metrics.json"),
         ir=out("ir_label_metrics.json"),
+    params:
+        code=code("eval_masks"),
     benchmark:
         out("benchmarks/eval_masks.tsv"),
     resources:

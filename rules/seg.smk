@@ -46,6 +46,7 @@ rule train_seg:
         model=out("seg/model.pt"),
         log_csv=out("seg/train_log.csv"),
     params:
+        code=code("train_seg"),
         stage=seg_train_json,
     threads: THREADS
     benchmark:
@@ -68,6 +69,7 @@ rule train_seg_model:
     wildcard_constraints:
         seg_model=SEG_MODEL_NAMES,
     params:
+        code=code("train_seg"),
         stage=seg_train_json,
     threads: THREADS
     benchmark:
@@ -89,6 +91,7 @@ rule eval_seg:
         metrics=out("seg_metrics.json"),
         pred=directory(out("seg/pred")),
     params:
+        code=code("eval_seg"),
         stage=stage_json("eval_seg"),
     threads: THREADS
     benchmark:
@@ -112,6 +115,7 @@ rule eval_seg_model:
     wildcard_constraints:
         seg_model=SEG_MODEL_NAMES,
     params:
+        code=code("eval_seg"),
         stage=stage_json("eval_seg"),
     threads: THREADS
     benchmark:

@@ -44,13 +44,18 @@ def smoke_config(repo_root: Path) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, repo_root, cli_env):
     wd = tmp_path_factory.mktemp("e2e")
-    shutil.copy(repo_root / "config.yaml", wd / "config.yaml")
+    # a copy of the workflow, so tests may edit its sources (the stages' code fingerprints are
+    # read beside the Snakefile; the commands themselves run the installed package)
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(repo_root / name, wd / name)
+    for folder in ("rules", "wsss_core"):
+        shutil.copytree(repo_root / folder, wd / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (wd / "smoke.yaml").write_text(yaml.safe_dump(smoke_config(repo_root)))
     targets = [f"results/smoke/{m}/{f}" for m in METHODS
                for f in ("seg_miou.txt", "mask_miou.txt", "seed_miou.txt", "mask_sweep.json")]
 
     def snakemake(*flags: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "snakemake", "-s", str(repo_root / "Snakefile"), "-d", str(wd),
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(wd / "Snakefile"), "-d", str(wd),
                "--cores", "2", "--configfile", str(wd / "smoke.yaml"), *flags, "--", *targets]
         return subprocess.run(cmd, cwd=wd, env=cli_env, capture_output=True, text=True, timeout=900)
 
@@ -184,3 +189,37 @@ def _miou_of(conf: np.ndarray) -> float:
         if union:
             ious.append(conf[c, c] / union)
     return float(np.mean(ious) * 100)
+
+
+def _dry_run_after_editing(run, module: str) -> set[str]:
+    """Jobs a dry run schedules after appending a comment to `module` of the workflow copy."""
+    root, snakemake = run
+    path = root.parent.parent / "wsss_core" / module
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n# an edit\n")
+        result = snakemake("-n")
+    finally:
+        path.write_bytes(original)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _jobs(result)
+
+
+@pytest.mark.slow
+def test_editing_a_stage_module_reruns_it_and_what_follows(run):
+    jobs = _dry_run_after_editing(run, "stages/make_masks.py")
+    assert {"make_masks", "eval_masks", "train_seg", "eval_seg"} <= jobs
+    assert not jobs & {"make_toy", "dataset_index", "train_classifier", "export_cams", "fuse_seeds",
+                       "eval_seeds", "ir_labels", "train_irn", "propagate", "sweep_masks"}
+
+
+@pytest.mark.slow
+def test_editing_shared_mask_code_reruns_its_users_only(run):
+    jobs = _dry_run_after_editing(run, "masks.py")  # used by make_masks and sweep_masks
+    assert {"make_masks", "sweep_masks"} <= jobs
+    assert not jobs & {"train_classifier", "export_cams", "ir_labels", "train_irn", "propagate"}
+
+
+@pytest.mark.slow
+def test_editing_an_unrelated_module_reruns_nothing(run):
+    assert _dry_run_after_editing(run, "stages/convert_coco.py") == set()

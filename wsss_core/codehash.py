@@ -1,0 +1,83 @@
+"""Source fingerprints: a stage's module and every wsss_core module it imports, transitively.
+
+Each rule passes its stage's fingerprint as a param, so editing a stage's code (or code it
+uses) re-runs that stage and what follows, while editing an unrelated module re-runs nothing.
+Comments and formatting count as changes: the hash is over the source bytes.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+PACKAGE = "wsss_core"
+
+
+def _module_file(root: Path, dotted: str) -> Path | None:
+    base = root.joinpath(*dotted.split("."))
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _dotted_name(root: Path, path: Path) -> str:
+    rel = path.relative_to(root).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(root: Path, path: Path) -> set[Path]:
+    """Files of the wsss_core modules `path` imports (absolute or relative)."""
+    name = _dotted_name(root, path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for target in targets:
+            if target.split(".")[0] != PACKAGE:
+                continue
+            # a package import also runs the package's __init__
+            parts = target.split(".")
+            for i in range(1, len(parts) + 1):
+                f = _module_file(root, ".".join(parts[:i]))
+                if f is not None:
+                    found.add(f)
+    return found
+
+
+@lru_cache(maxsize=None)
+def source_hash(root: str, module: str) -> str:
+    """SHA-256 over the sources of `module` (e.g. 'wsss_core.stages.fuse_seeds') and its
+    transitive wsss_core imports; `root` is the folder that holds the wsss_core package."""
+    base = Path(root)
+    start = _module_file(base, module)
+    if start is None:
+        raise FileNotFoundError(f"{module}: no such module under {base}")
+    seen: set[Path] = set()
+    todo = [start]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        todo.extend(_imports(base, f) - seen)
+    digest = hashlib.sha256()
+    for f in sorted(seen):
+        digest.update(str(f.relative_to(base)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
