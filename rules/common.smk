@@ -54,9 +54,14 @@ def dataset_root(wildcards):
 
 
 def dataset_inputs(wildcards):
-    """The generated toy data is an input of the index; real datasets are read in place."""
+    """The generated toy data is an input of the index; for real datasets the list files are,
+    so adding or removing ids re-runs the index and everything that reads it."""
     ds = dataset_config(config, wildcards.dataset)
-    return [f"{RESULTS}/{wildcards.dataset}/data"] if ds["kind"] == "toy" else []
+    if ds["kind"] == "toy":
+        return [f"{RESULTS}/{wildcards.dataset}/data"]
+    from wsss_core.data.voc import list_file
+    root = dataset_root(wildcards)
+    return [str(list_file(root, ds["lists"].get(s, s))) for s in ("train_aug", "train", "val")]
 
 
 def dataset_lists(wildcards):

@@ -98,6 +98,26 @@ def test_real_voc_sample(workdir, repo_root, cli_env, voc_sample_root):
     assert not (workdir / "results" / "vocsample" / "data").exists()  # read in place
 
 
+def test_adding_ids_to_a_list_reruns_the_index(workdir, repo_root, cli_env, voc_sample_root, tmp_path):
+    root = tmp_path / "voc"
+    shutil.copytree(voc_sample_root, root)
+    lists = root / "ImageSets" / "Segmentation"
+    train = (lists / "train.txt").read_text().split()
+    (lists / "train_aug.txt").write_text("\n".join(train[:20]) + "\n")
+    (workdir / "vocgrow.yaml").write_text(yaml.safe_dump(
+        {"datasets": {"vocgrow": {"kind": "voc", "root": str(root)}}}))
+    target = "results/vocgrow/index.json"
+    first = snakemake(workdir, repo_root, cli_env, target, configfiles=("extra.yaml", "vocgrow.yaml"))
+    assert first.returncode == 0, output_of(first)
+    assert len(DatasetIndex.load(workdir / target).ids("train_aug")) == 20
+    unchanged = snakemake(workdir, repo_root, cli_env, target, "-n", configfiles=("extra.yaml", "vocgrow.yaml"))
+    assert "Nothing to be done" in output_of(unchanged)
+    (lists / "train_aug.txt").write_text("\n".join(train) + "\n")  # six more images
+    grown = snakemake(workdir, repo_root, cli_env, target, configfiles=("extra.yaml", "vocgrow.yaml"))
+    assert grown.returncode == 0 and "dataset_index" in output_of(grown)
+    assert len(DatasetIndex.load(workdir / target).ids("train_aug")) == 26
+
+
 def test_voc_without_root_fails_at_once_with_advice(workdir, repo_root, cli_env):
     (workdir / "noroot.yaml").write_text(yaml.safe_dump(
         {"datasets": {"noroot": {"kind": "voc", "root": None}}}))

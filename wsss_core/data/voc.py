@@ -93,11 +93,7 @@ class VocLayout:
         self.num_classes = len(self.class_names)
 
     def list_path(self, name: str) -> Path:
-        """A list given by name (ImageSets/Segmentation/<name>.txt) or by path."""
-        p = Path(name).expanduser()
-        if p.suffix == ".txt" and (p.is_absolute() or p.exists()):
-            return p
-        return self.root / "ImageSets" / "Segmentation" / f"{name}.txt"
+        return list_file(self.root, name)
 
     def image_path(self, image_id: str) -> Path:
         return self.root / "JPEGImages" / f"{image_id}.jpg"
@@ -120,6 +116,14 @@ class VocLayout:
             raise DataError(f"{path}: mask value {v} outside 0..{self.num_classes - 1} and {IGNORE}; "
                             f"fix the mask or the dataset's class list")
         return mask
+
+
+def list_file(root: str | os.PathLike, name: str) -> Path:
+    """A list given by name (<root>/ImageSets/Segmentation/<name>.txt) or by path."""
+    p = Path(name).expanduser()
+    if p.suffix == ".txt" and (p.is_absolute() or p.exists()):
+        return p
+    return Path(root).expanduser() / "ImageSets" / "Segmentation" / f"{name}.txt"
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
