@@ -23,8 +23,13 @@ def fuse(recipe: str, maps: Mapping[str, np.ndarray]) -> np.ndarray:
 
 def seed_labels(seed: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
     """Prepend a constant background score, argmax (background wins ties), map through keys."""
+    return seed_labels_sweep(seed, keys, [threshold])[0]
+
+
+def seed_labels_sweep(seed: np.ndarray, keys: np.ndarray, thresholds) -> list[np.ndarray]:
+    """`seed_labels` at every threshold, with the per-pixel argmax and max computed once."""
     if seed.shape[0] == 0:
-        return np.zeros(seed.shape[1:], dtype=np.uint8)
-    best = seed.argmax(axis=0)
-    fg = seed.max(axis=0) > threshold
-    return np.where(fg, np.asarray(keys)[best], 0).astype(np.uint8)
+        return [np.zeros(seed.shape[1:], dtype=np.uint8) for _ in thresholds]
+    best = np.asarray(keys)[seed.argmax(axis=0)].astype(np.uint8)
+    peak = seed.max(axis=0)
+    return [np.where(peak > t, best, 0).astype(np.uint8) for t in thresholds]

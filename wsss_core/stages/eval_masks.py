@@ -11,9 +11,8 @@ from tqdm import tqdm
 
 from ..data.index import DatasetIndex
 from ..errors import DataError
-from ..io import read_label_png
+from ..io import read_label_png, write_json
 from ..metrics import ConfusionMatrix, write_metrics
-from ..io import write_json
 from . import common
 
 log = logging.getLogger("wsss")

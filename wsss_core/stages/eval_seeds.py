@@ -15,7 +15,7 @@ from ..data.index import DatasetIndex
 from ..errors import DataError
 from ..map_store import MapReader
 from ..metrics import ConfusionMatrix, write_metrics
-from ..seeds import seed_labels
+from ..seeds import seed_labels_sweep
 from . import common
 
 log = logging.getLogger("wsss")
@@ -38,10 +38,10 @@ def eval_seeds(index: str | Path, seeds: str | Path, params: dict, out: str | Pa
             if image_id not in reader:
                 raise DataError(f"{seeds}: no seed for {image_id} of split {split}; re-run "
                                 f"export_cams/fuse_seeds over a train_aug that contains {split}")
-            seed, keys = reader.get(image_id, "seed"), np.concatenate([[0], reader.keys(image_id)])
+            seed, keys = reader.get(image_id, "seed"), reader.keys(image_id)
             gt = idx.mask(image_id)
-            for t, cm in zip(thresholds, cms):
-                cm.update(seed_labels(seed, keys[1:], t), gt)
+            for pred, cm in zip(seed_labels_sweep(seed, keys, thresholds), cms):
+                cm.update(pred, gt)
             background.update(np.zeros_like(gt), gt)
     curve = {f"{t:g}": cm.miou() * 100 for t, cm in zip(thresholds, cms)}
     best_i = int(np.nanargmax([cm.miou() for cm in cms]))

@@ -3,11 +3,11 @@ Markdown table (seed / IR-label / mask / seg mIoU and each stage's wall time), o
 written between the markers of a README so the published numbers are never typed by hand."""
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
 
+from ..audit.artifacts import read_benchmark
 from ..errors import DataError
 from ..io import write_text
 from . import common
@@ -32,10 +32,8 @@ def _ir_miou(path: Path) -> float | None:
 
 
 def _seconds(bench: Path) -> float | None:
-    if not bench.is_file():
-        return None
-    rows = list(csv.DictReader(bench.read_text().splitlines(), delimiter="\t"))
-    return float(rows[-1]["s"]) if rows else None
+    record = read_benchmark(bench)
+    return None if record is None else record.seconds
 
 
 def collect(results: Path, dataset: str, methods: list[str]) -> list[dict]:
