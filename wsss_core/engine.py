@@ -143,6 +143,8 @@ def fit(
                                      "epoch": epoch + 1, "step": step, "log": rows,
                                      "fingerprint": fingerprint})
         write_csv(log_csv, rows)
+    # also when resuming a finished run: Snakemake deletes a job's outputs before re-running it
+    write_csv(log_csv, rows)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
