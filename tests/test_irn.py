@@ -57,10 +57,10 @@ def test_boundary_map_is_mirror_symmetric(tiny):
 def test_backbone_frozen_and_param_groups(tiny):
     tiny.train()
     assert tiny.training and not tiny.backbone.training
-    edge_params, dp_params = tiny.param_groups()
+    edge_params, dp_params, backbone_params = tiny.param_groups()
     backbone_ids = {id(p) for p in tiny.backbone.parameters()}
     group_ids = {id(p) for p in edge_params + dp_params}
-    assert not backbone_ids & group_ids
+    assert not backbone_ids & group_ids and backbone_params == []
     trainable = {id(p) for p in tiny.parameters() if p.requires_grad}
     assert trainable == group_ids
     assert len(edge_params) == 17 and len(dp_params) == 22
@@ -176,7 +176,7 @@ def test_tiny_training_step_updates_heads_only():
     lab = torch.zeros(2, 32, 32, dtype=torch.uint8)
     lab[:, 8:24, 6:20] = 12
     lab[:, :, 28:] = 255
-    edge_params, dp_params = model.param_groups()
+    edge_params, dp_params, backbone_params = model.param_groups()
     opt = torch.optim.SGD([dict(params=edge_params, lr=0.1), dict(params=dp_params, lr=1.0)],
                           momentum=0.0, weight_decay=1e-4)
     before_bb = [p.clone() for p in model.backbone.parameters()]
@@ -192,6 +192,24 @@ def test_tiny_training_step_updates_heads_only():
     assert any(not torch.equal(a, b) for a, b in zip(before_edge, edge_params))
 
 
+def test_train_backbone_gets_gradients_but_keeps_bn_statistics():
+    torch.manual_seed(3)
+    model = IRN(TINY, train_backbone=True)
+    model.train()
+    pi = PathIndex(5, (16, 16))
+    lab = torch.zeros(2, 16, 16, dtype=torch.uint8)
+    lab[:, 4:12, 3:10] = 7
+    edge_params, dp_params, backbone_params = model.param_groups()
+    assert {id(p) for p in backbone_params} == {id(p) for p in model.backbone.parameters()}
+    stats = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+    edge, disp = model(torch.randn(2, 3, 64, 64))
+    affinity_displacement_loss(edge, disp, *affinity_labels(lab, pi), pi)["total"].backward()
+    assert all(p.grad is not None for p in backbone_params)
+    assert any(p.grad.abs().sum() > 0 for p in backbone_params)
+    after = model.backbone.state_dict()
+    assert stats and all(torch.equal(v, after[k]) for k, v in stats.items())
+
+
 @pytest.mark.slow
 def test_paper_backbone_training_step():
     torch.manual_seed(2)
@@ -202,7 +220,7 @@ def test_paper_backbone_training_step():
     lab[0, 30:90, 20:70] = 7
     lab[0, 60:120, 80:125] = 15
     lab[0, :, 70:75] = 255
-    edge_params, dp_params = model.param_groups()
+    edge_params, dp_params, backbone_params = model.param_groups()
     opt = torch.optim.SGD([dict(params=edge_params, lr=0.1), dict(params=dp_params, lr=1.0)],
                           weight_decay=1e-4)
     edge, disp = model(torch.randn(1, 3, 512, 512))

@@ -1,8 +1,12 @@
 """IRNet inter-pixel relation network (class-boundary + displacement branches), irn.md §2, §5, §7.
 
-The backbone (`ResNetStages`, strides (2, 2, 2, 1) → stage strides 4, 4, 8, 16, 16) is frozen:
-every stage output is detached, it stays in eval mode and its parameters are excluded from
-`param_groups()`. Only the two 1×1-conv heads are trained. Layer widths follow the reference
+The backbone (`ResNetStages`, strides (2, 2, 2, 1) → stage strides 4, 4, 8, 16, 16) is frozen
+as in the reference: every stage output is detached, it stays in eval mode and only the two
+1×1-conv heads are trained. `train_backbone=True` fine-tunes it as well (BN statistics stay
+frozen): a backbone trained from scratch on a small dataset has no edge features for the
+heads to read, and the boundary branch then learns object*ness* instead of object boundaries
+(on toy with ground-truth labels: boundary 0.44 on edges, 0.24 inside objects, 0.30 on the
+background when frozen; 0.42 / 0.11 / 0.11 fine-tuned). Layer widths follow the reference
 (ResNet-50/152 input widths 64/256/512/1024/2048); the head *input* widths are read from
 `ResNetStages.out_channels`, so narrow test backbones work unchanged.
 """
@@ -48,12 +52,13 @@ class IRN(nn.Module):
     """
 
     def __init__(self, backbone: str, strides: Sequence[int] = (2, 2, 2, 1), pretrained: bool = False,
-                 pretrained_file: str | None = None) -> None:
+                 pretrained_file: str | None = None, train_backbone: bool = False) -> None:
         super().__init__()
+        self.train_backbone = train_backbone
         self.backbone = ResNetStages(backbone, strides=strides, pretrained=pretrained,
                                      pretrained_file=pretrained_file, frozen_bn=True)
         for p in self.backbone.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(train_backbone)
         c1, c2, c3, c4, c5 = self.backbone.out_channels
 
         self.edge1 = _block(c1, 32, 4)
@@ -85,7 +90,9 @@ class IRN(nn.Module):
         return [self.dp1, self.dp2, self.dp3, self.dp4, self.dp5, self.dp6, self.dp7]
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        # the backbone is frozen and its outputs detached: no graph needs to be recorded
+        if self.train_backbone:
+            return self.backbone(x)
+        # a frozen backbone's outputs are detached: no graph needs to be recorded
         with torch.no_grad():
             return self.backbone(x)
 
@@ -119,14 +126,16 @@ class IRN(nn.Module):
         self.backbone.eval()
         return self
 
-    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(boundary-branch parameters E1..E6, displacement-branch parameters D1..D7).
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+        """(boundary-branch parameters E1..E6, displacement-branch parameters D1..D7, trainable
+        backbone parameters — empty when the backbone is frozen).
 
         The reference optimiser uses lr 1×base for the first group and 10×base for the second,
-        weight decay 1e-4 on both; the backbone is not included.
+        weight decay 1e-4 on both.
         """
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         return ([p for m in self.edge_layers() for p in m.parameters()],
-                [p for m in self.dp_layers() for p in m.parameters()])
+                [p for m in self.dp_layers() for p in m.parameters()], backbone)
 
     @torch.no_grad()
     def boundary_map(self, image_pair: torch.Tensor, crop: int = 512) -> torch.Tensor:

@@ -27,7 +27,8 @@ log = logging.getLogger("wsss")
 def build_irn(params: dict, classifier: str | Path | None = None) -> IRN:
     source = params["backbone_from"]
     model = IRN(params["backbone"], strides=tuple(params["strides"]),
-                pretrained=source == "imagenet", pretrained_file=params.get("pretrained_file"))
+                pretrained=source == "imagenet", pretrained_file=params.get("pretrained_file"),
+                train_backbone=params["train_backbone"])
     if source == "classifier":
         if classifier is None:
             raise ConfigError("config key train_irn.backbone_from: 'classifier' needs the classifier model")
@@ -50,8 +51,11 @@ def train_irn(index: str | Path, labels: str | Path, params: dict, out: str | Pa
     idx = DatasetIndex.load(index)
     device = common.get_device()
     model = build_irn(params, classifier).to(device)
-    edge, disp = model.param_groups()
-    opt = make_optimizer([{"params": edge, "lr_mult": 1.0}, {"params": disp, "lr_mult": 10.0}],
+    edge, disp, backbone = model.param_groups()
+    groups = [{"params": edge, "lr_mult": 1.0}, {"params": disp, "lr_mult": 10.0}]
+    if backbone:
+        groups.append({"params": backbone, "lr_mult": params["backbone_lr_mult"]})
+    opt = make_optimizer(groups,
                          params["lr"], params["weight_decay"], params["momentum"], params["optimizer"])
     dataset = IRNDataset(idx, "train_aug", str(labels), params["crop"], params["scale_range"],
                          seed=params["seed"])
