@@ -51,6 +51,7 @@ rule propagate:
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         cams=out("cams.h5"),
+        seeds=out("seeds.h5"),
         irn=out("irn/model.pt"),
     output:
         out("rw.h5"),
@@ -65,7 +66,7 @@ rule propagate:
     log:
         logs("propagate"),
     shell:
-        "wsss propagate --index {input.index} --cams {input.cams} --irn {input.irn} "
+        "wsss propagate --index {input.index} --cams {input.cams} --seeds {input.seeds} --irn {input.irn} "
         "--params {params.stage:q} --out {output} --threads {threads} --log {log}"
 
 

@@ -23,13 +23,16 @@ def fuse_seeds(cams: str | Path, params: dict, out: str | Path) -> None:
         if missing:
             raise ConfigError(f"config key fuse_seeds.recipe: {recipe!r} needs map(s) {missing}, but "
                               f"{cams} holds {reader.map_names}; choose a recipe this method exports")
+        # the stride-4 maps fused the same way, for `propagate.source: fused` (cobra.md §6 [FIX])
+        strided = all(n + "_s4" in reader.map_names for n in needs)
         attrs = {"recipe": recipe, "source": str(cams), "method": reader.attrs.get("method", ""),
-                 "params": json.dumps(params, sort_keys=True)}
+                 "params": json.dumps(params, sort_keys=True), "strided": int(strided)}
         with MapWriter(out, attrs) as writer:
             for image_id in tqdm(reader.ids(), desc=f"fuse {recipe}", unit="img", mininterval=2.0):
-                maps = {n: reader.get(image_id, n) for n in needs}
-                writer.add(image_id, reader.keys(image_id), reader.size(image_id),
-                           {"seed": fuse(recipe, maps)})
+                seeds = {"seed": fuse(recipe, {n: reader.get(image_id, n) for n in needs})}
+                if strided:
+                    seeds["seed_s4"] = fuse(recipe, {n: reader.get(image_id, n + "_s4") for n in needs})
+                writer.add(image_id, reader.keys(image_id), reader.size(image_id), seeds)
     log.info("fused seeds with recipe %s", recipe)
 
 

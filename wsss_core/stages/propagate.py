@@ -3,6 +3,10 @@ CAM (irn.md §7-8), upsampled to image size and stored in rw.h5.
 
 This is the expensive half of mask making; it is its own artifact so that changing the mask
 rule's threshold (alpha / bg) re-runs only mask writing and evaluation.
+
+`source: method` walks the stride-4 map the method designates (IRN: the CAM; CoBra: the ViT
+CAM, cobra.md §9); `source: fused` walks the fused seed at stride 4 from seeds.h5 (the [FIX]
+of cobra.md §6, so the walk sees what the IR labels were made from).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from tqdm import tqdm
 
 from ..data import transforms as T
 from ..data.index import DatasetIndex
+from ..errors import ConfigError, DataError
 from ..map_store import MapReader, MapWriter
 from ..ops.random_walk import random_walk, upsample_rw
 from . import common
@@ -23,19 +28,36 @@ from .train_irn import load_irn
 log = logging.getLogger("wsss")
 
 
+def _walk_source(params: dict, cams: str | Path, seeds: str | Path | None) -> tuple[Path, str]:
+    """(map store, map name) of the stride-4 maps to propagate."""
+    if params["source"] == "fused":
+        if seeds is None:
+            raise ConfigError("config key propagate.source: 'fused' needs the seeds (--seeds seeds.h5)")
+        with MapReader(seeds) as reader:
+            if "seed_s4" not in reader.map_names:
+                raise ConfigError(f"config key propagate.source: 'fused', but {seeds} has no stride-4 "
+                                  f"seed (its recipe {reader.attrs.get('recipe')!r} uses a map the "
+                                  f"method does not export at stride 4); use source: method")
+        return Path(seeds), "seed_s4"
+    if params["source"] != "method":
+        raise ConfigError(f"config key propagate.source: {params['source']!r} is not method or fused")
+    with MapReader(cams) as reader:
+        name = reader.attrs.get("propagate_map", "")
+        if name not in reader.map_names:
+            raise DataError(f"{cams}: no stride-4 map {name!r} to propagate; re-run export_cams")
+    return Path(cams), name
+
+
 def propagate(index: str | Path, cams: str | Path, irn: str | Path, params: dict, out: str | Path,
-              threads: int | None = None) -> None:
+              seeds: str | Path | None = None, threads: int | None = None) -> None:
     common.set_threads(threads)
     idx = DatasetIndex.load(index)
     device = common.get_device()
     model, irn_params = load_irn(irn, device)
     crop = int(irn_params["crop"])
-    with MapReader(cams) as reader:
-        source = reader.attrs.get("propagate_map", "")
-        if source not in reader.map_names:
-            from ..errors import DataError
-            raise DataError(f"{cams}: no stride-4 map {source!r} to propagate; re-run export_cams")
-        attrs = {"source": source, "params": json.dumps(params, sort_keys=True), "cams": str(cams)}
+    store, source = _walk_source(params, cams, seeds)
+    with MapReader(store) as reader:
+        attrs = {"source": source, "params": json.dumps(params, sort_keys=True), "maps": str(store)}
         with MapWriter(out, attrs, dtype="float16") as writer:
             for image_id in tqdm(reader.ids(), desc="random walk", unit="img", mininterval=2.0):
                 keys, size = reader.keys(image_id), reader.size(image_id)
@@ -57,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", required=True)
     p.add_argument("--cams", required=True)
     p.add_argument("--irn", required=True, help="IRN model.pt")
+    p.add_argument("--seeds", help="seeds.h5 (for source: fused)")
     p.add_argument("--params", required=True, type=common.json_arg)
     p.add_argument("--out", required=True, help="rw.h5")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     return common.run_stage(a, propagate, index=a.index, cams=a.cams, irn=a.irn, params=a.params,
-                            out=a.out, threads=a.threads)
+                            out=a.out, seeds=a.seeds, threads=a.threads)
 
 
 if __name__ == "__main__":
