@@ -31,8 +31,8 @@ def seg_out(path):
 
 
 TRAIN_SEG_SHELL = (
-    "wsss train-seg --index {input.index} --masks {input.masks} --params {params.stage:q} "
-    "--out {output.model} --resume --threads {threads} --log {log}")
+    "wsss train-seg --index {input.index} --masks {input.masks} --classifier {input.classifier} "
+    "--params {params.stage:q} --out {output.model} --resume --threads {threads} --log {log}")
 EVAL_SEG_SHELL = (
     "wsss eval-seg --index {input.index} --model {input.model} --params {params.stage:q} "
     "--out {output.miou} --pred {output.pred} --threads {threads} --log {log}")
@@ -42,6 +42,7 @@ rule train_seg:
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         masks=out("masks"),
+        classifier=out("classifier/model.pt"),
     output:
         model=out("seg/model.pt"),
         log_csv=out("seg/train_log.csv"),
@@ -63,6 +64,7 @@ rule train_seg_model:
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         masks=out("masks"),
+        classifier=out("classifier/model.pt"),
     output:
         model=seg_out("model.pt"),
         log_csv=seg_out("train_log.csv"),

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from wsss_core import engine
-from wsss_core.config import load_config, stage_params, validate_config
+from wsss_core.config import load_config, method_params, stage_params, validate_config
 from wsss_core.data.index import DatasetIndex, build_index
 from wsss_core.data.palette import IGNORE
 from wsss_core.data.toy import generate_toy
-from wsss_core.errors import ConfigError, DataError
+from wsss_core.errors import ConfigError, DataError, WeightsError
 from wsss_core.io import read_label_png, write_json
 from wsss_core.ops.crf import crf_from_probs
 from wsss_core.seg_engine import predict_multiscale
@@ -28,7 +28,7 @@ from wsss_core.stages.train_seg import load_seg_model, resolve_seg_params, train
 
 REPO = Path(__file__).resolve().parents[1]
 
-TRAIN_PARAMS = dict(model="deeplabv3plus", encoder="resnet18", pretrained=False,
+TRAIN_PARAMS = dict(model="deeplabv3plus", encoder="resnet18", encoder_from="weights", pretrained=False,
                     pretrained_file=None, output_stride=16, crop=64, batch_size=8, epochs=1,
                     optimizer="sgd", lr=0.01, decoder_lr_mult=10.0, momentum=0.9,
                     weight_decay=1e-4, poly_power=0.9, scale_range=[0.5, 2.0], flip=True, seed=0,
@@ -209,3 +209,44 @@ def test_snakemake_dry_run_schedules_default_and_other_architecture(tmp_path):
     assert '"encoder": "mit_b0"' in log and '"model": "segformer"' in log
     assert f"--pred {results}/toy/cobra/seg/pred" in log
     assert f"--pred {results}/toy/cobra/seg-segformer/pred" in log
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A model.pt as train_classifier writes it, with a random resnet_tiny CAM network."""
+    from wsss_core.engine import save_checkpoint
+    from wsss_core.methods import create_method
+    cfg = load_config(REPO / "config.yaml")
+    torch.manual_seed(4)
+    method = create_method(method_params(cfg, "toy", "cam"), 9,
+                           train_params=stage_params(cfg, "toy", "cam", "train_classifier"))
+    path = tmp_path_factory.mktemp("cls") / "model.pt"
+    save_checkpoint(path, {"state": method.state_dict()})
+    return path
+
+
+def test_encoder_from_classifier_copies_every_backbone_tensor(tiny_classifier):
+    params = dict(TRAIN_PARAMS, encoder="tu-resnet_tiny", encoder_from="classifier")
+    model = train_seg_module.build_seg_model(params, 9, tiny_classifier)
+    backbone = torch.load(tiny_classifier, weights_only=True)["state"]["cnn"]
+    encoder = model.encoder.state_dict()
+    copied = 0
+    for key, value in backbone.items():
+        if not key.startswith("backbone."):
+            continue
+        # ResNetStages: stem.0 is timm's conv1, stem.1 its bn1; the layers keep their names
+        name = key[len("backbone."):].replace("stem.0.", "conv1.", 1).replace("stem.1.", "bn1.", 1)
+        assert torch.equal(encoder["model." + name], value), key
+        copied += 1
+    assert copied == len(encoder) and copied > 50
+
+
+def test_encoder_from_classifier_needs_a_matching_timm_encoder(tiny_classifier):
+    with pytest.raises(ConfigError, match="encoder_from: 'classifier' needs the encoder tu-"):
+        train_seg_module.build_seg_model(dict(TRAIN_PARAMS, encoder_from="classifier"), 9, tiny_classifier)
+    with pytest.raises(WeightsError, match="not an encoder state dict for tu-resnet18"):
+        train_seg_module.build_seg_model(dict(TRAIN_PARAMS, encoder="tu-resnet18", encoder_from="classifier"),
+                                         9, tiny_classifier)
+    with pytest.raises(ConfigError, match="needs the classifier model"):
+        train_seg_module.build_seg_model(dict(TRAIN_PARAMS, encoder="tu-resnet_tiny", encoder_from="classifier"),
+                                         9, None)

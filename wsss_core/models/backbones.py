@@ -9,10 +9,13 @@ trainable where gradients reach them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import timm
 import torch
+from timm.models import build_model_with_cfg, register_model
+from timm.models._registry import generate_default_cfgs
+from timm.models.resnet import BasicBlock, ResNet
 import torch.nn.functional as F
 from torch import nn
 
@@ -39,28 +42,28 @@ def freeze_batchnorm_stats(module: nn.Module) -> nn.Module:
     return module
 
 
-def _tiny_resnet(**kw) -> nn.Module:
+#: read by timm's `register_model` from this module: the configs of the models defined here
+default_cfgs = generate_default_cfgs({"resnet_tiny.untrained": {"num_classes": 0, "input_size": (3, 96, 96)}})
+
+
+@register_model
+def resnet_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
     """A ResNet-10 with a 3-conv stem 16 wide and stages 16/32/64/96: ~10x cheaper than
-    resnet18 at 96 px, so a CPU can take the hundreds of steps training from scratch needs."""
-    from timm.models.resnet import BasicBlock, ResNet
-    return ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 64, 96),
-                  stem_type="deep", stem_width=16, num_classes=0, **kw)
-
-
-#: backbones defined here (small CPU models); any other name is looked up in timm
-_LOCAL_RESNETS: dict[str, Callable[..., nn.Module]] = {
-    "resnet_tiny": _tiny_resnet,
-}
+    resnet18 at 96 px, so a CPU can take the hundreds of steps training from scratch needs.
+    Registered with timm, so smp builds it as the segmentation encoder `tu-resnet_tiny`."""
+    if pretrained:
+        raise WeightsError("backbone resnet_tiny: no pretrained weights exist; set pretrained: false")
+    args = dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 64, 96),
+                stem_type="deep", stem_width=16, num_classes=0)
+    return build_model_with_cfg(ResNet, "resnet_tiny", False, **dict(args, **kwargs))
 
 
 def create_timm(name: str, pretrained: bool = False, pretrained_file: str | None = None,
                 **kwargs) -> nn.Module:
     """timm.create_model with the project's weight policy: a local file, the timm cache/hub,
     or a one-line WeightsError naming what was looked for."""
-    if name in _LOCAL_RESNETS:
-        if pretrained:
-            raise WeightsError(f"backbone {name}: no pretrained weights exist; set pretrained: false")
-        return _LOCAL_RESNETS[name](**kwargs)
+    if name == "resnet_tiny":
+        return resnet_tiny(pretrained=pretrained, **kwargs)
     if pretrained and pretrained_file:
         path = Path(pretrained_file).expanduser()
         if not path.is_file():

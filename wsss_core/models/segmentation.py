@@ -18,10 +18,12 @@ from typing import Callable
 from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
+import timm
 import torch
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
+from . import backbones  # noqa: F401  (registers resnet_tiny with timm: encoder tu-resnet_tiny)
 
 #: segmentation architectures by config name
 SEG_MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -31,7 +33,7 @@ SEG_MODELS: dict[str, Callable[..., nn.Module]] = {
 
 #: encoder per architecture for the two presets
 PAPER_ENCODERS: dict[str, str] = {"deeplabv3plus": "resnet101", "segformer": "mit_b2"}
-TINY_ENCODERS: dict[str, str] = {"deeplabv3plus": "resnet18", "segformer": "mit_b0"}
+TINY_ENCODERS: dict[str, str] = {"deeplabv3plus": "tu-resnet_tiny", "segformer": "mit_b0"}
 
 #: smp's name for its ImageNet weights of a native encoder
 _SMP_IMAGENET = "imagenet"
@@ -47,9 +49,11 @@ def create_seg_model(name: str, encoder: str, num_classes: int, pretrained: bool
     """
     if name not in SEG_MODELS:
         raise ConfigError(f"segmentation model {name!r} unknown; choose one of {sorted(SEG_MODELS)}")
-    if encoder not in smp.encoders.encoders:
-        raise ConfigError(f"segmentation encoder {encoder!r} is not an smp encoder name "
-                          f"(e.g. {', '.join(sorted(set(PAPER_ENCODERS.values()) | set(TINY_ENCODERS.values())))})")
+    timm_encoder = encoder.startswith("tu-") and timm.is_model(encoder[3:])
+    if encoder not in smp.encoders.encoders and not timm_encoder:
+        known = ", ".join(sorted(set(PAPER_ENCODERS.values()) | set(TINY_ENCODERS.values())))
+        raise ConfigError(f"segmentation encoder {encoder!r} is not an smp encoder name nor "
+                          f"tu-<timm model> (e.g. {known})")
     if name == "deeplabv3plus":
         if output_stride not in (8, 16):
             raise ConfigError(f"deeplabv3plus output_stride must be 8 or 16, got {output_stride}")
@@ -90,6 +94,32 @@ def load_encoder_file(encoder_module: nn.Module, path: str | os.PathLike, encode
         raise WeightsError(f"{file}: cannot read encoder weights ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]})") from None
     _load_encoder_state(encoder_module, state, encoder_name, source=str(file))
+
+
+def load_classifier_backbone(encoder_module: nn.Module, classifier_state: dict[str, torch.Tensor],
+                             encoder_name: str, source: str) -> None:
+    """Initialise a `tu-<resnet>` encoder with the trained classifier's CNN backbone.
+
+    The classifier stores `ResNetStages` keys (`backbone.stem.0` = conv1, `backbone.stem.1` =
+    bn1, `backbone.layerN`); smp's timm encoder holds the same modules under `model.`.
+    Only weights learnt from the image-level labels are used, so this stays weakly supervised.
+    """
+    renamed = {"backbone.stem.0.": "model.conv1.", "backbone.stem.1.": "model.bn1."}
+    weights = {}
+    for key, value in classifier_state.items():
+        if not key.startswith("backbone."):
+            continue
+        for old, new in renamed.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        else:
+            key = "model." + key[len("backbone."):]
+        weights[key] = value
+    if not encoder_name.startswith("tu-"):
+        raise ConfigError(f"config key train_seg.encoder_from: 'classifier' needs the encoder "
+                          f"tu-<the classifier's backbone>, not {encoder_name!r}")
+    _load_encoder_state(encoder_module, {"state_dict": weights}, encoder_name, source)
 
 
 def _unwrap_state(state: object) -> dict[str, torch.Tensor]:

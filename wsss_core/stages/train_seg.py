@@ -13,6 +13,7 @@ an encoder per architecture (`encoders`) and per-architecture overrides (`per_mo
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from ..data.seg_dataset import SegmentationDataset
 from ..engine import FitConfig, fit, load_checkpoint, save_checkpoint
 from ..errors import ConfigError, DataError, WeightsError
 from ..methods.base import StepContext
-from ..models.segmentation import SEG_MODELS, create_seg_model, param_groups
+from ..models.segmentation import SEG_MODELS, create_seg_model, load_classifier_backbone, param_groups
 from ..seg_engine import SegTrainAugment, segmentation_loss
 from . import common
 from .train_classifier import fingerprint
@@ -36,7 +37,7 @@ SEG_MODEL_FORMAT = "wsss-seg-1"
 #: config-block keys that select per architecture and are absent from resolved parameters
 _SELECTION_KEYS = ("encoders", "per_model")
 #: the keys of a resolved (flat) parameter block
-TRAIN_KEYS = ("model", "encoder", "pretrained", "pretrained_file", "output_stride", "crop",
+TRAIN_KEYS = ("model", "encoder", "encoder_from", "pretrained", "pretrained_file", "output_stride", "crop",
               "batch_size", "epochs", "optimizer", "lr", "decoder_lr_mult", "momentum",
               "weight_decay", "poly_power", "scale_range", "flip", "seed", "num_workers")
 
@@ -82,8 +83,33 @@ def build_optimizer(model: nn.Module, params: dict) -> torch.optim.Optimizer:
     raise ConfigError(f"train_seg optimizer {params['optimizer']!r} unknown; choose sgd or adamw")
 
 
+def file_digest(path: str | Path | None) -> str:
+    """SHA-256 of a file's bytes (the initial weights are part of what a resume must match)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+
+
+def build_seg_model(params: dict, num_classes: int, classifier: str | Path | None) -> nn.Module:
+    """The architecture of `params`, its encoder initialised as `encoder_from` says: `weights`
+    (the `pretrained` / `pretrained_file` policy) or `classifier` (the trained classifier's CNN
+    backbone, for presets without ImageNet weights)."""
+    source = params["encoder_from"]
+    if source not in ("weights", "classifier"):
+        raise ConfigError(f"config key train_seg.encoder_from: {source!r} is not weights or classifier")
+    model = create_seg_model(params["model"], params["encoder"], num_classes,
+                             params["pretrained"] and source == "weights", params["pretrained_file"]
+                             if source == "weights" else None, params["output_stride"])
+    if source == "classifier":
+        if classifier is None:
+            raise ConfigError("config key train_seg.encoder_from: 'classifier' needs the classifier "
+                              "model (--classifier classifier/model.pt)")
+        state = load_checkpoint(Path(classifier))["state"]["cnn"]
+        load_classifier_backbone(model.encoder, state, params["encoder"], source=str(classifier))
+    return model
+
+
 def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str | Path,
-              resume: bool = False, threads: int | None = None) -> Path:
+              resume: bool = False, threads: int | None = None,
+              classifier: str | Path | None = None) -> Path:
     """Train on train_aug with `masks_dir/<id>.png` as labels; write `out` (model.pt) with
     `train_log.csv` and `checkpoint.pt` beside it."""
     out = Path(out)
@@ -97,9 +123,7 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
     if len(dataset) < 2:
         raise DataError(f"{index}: train_aug has {len(dataset)} image(s); batch norm needs 2")
     device = common.get_device()
-    model = create_seg_model(params["model"], params["encoder"], idx.num_classes,
-                             params["pretrained"], params["pretrained_file"],
-                             params["output_stride"]).to(device)
+    model = build_seg_model(params, idx.num_classes, classifier).to(device)
     optimizer = build_optimizer(model, params)
     log.info("%s/%s on %s: %d images, %d epochs, batch %d, crop %d, device %s", params["model"],
              params["encoder"], idx.name, len(dataset), params["epochs"], params["batch_size"],
@@ -119,7 +143,8 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
     fit(dataset, cfg, step, [optimizer], model.state_dict, model.load_state_dict,
         checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
         device=device, resume=resume, train_mode=model.train,
-        fingerprint=fingerprint(params, idx.num_classes, dataset.ids, dataset.masks_digest()))
+        fingerprint=fingerprint(params, idx.num_classes, dataset.ids, dataset.masks_digest(),
+                                file_digest(classifier) if params["encoder_from"] == "classifier" else ""))
     save_checkpoint(out, {
         "format": SEG_MODEL_FORMAT, "model": params["model"], "encoder": params["encoder"],
         "output_stride": params["output_stride"], "num_classes": idx.num_classes,
@@ -158,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="architecture to resolve a config block for (default: its `model`)")
     p.add_argument("--out", required=True, help="model.pt")
     p.add_argument("--resume", action="store_true", help="continue from the last complete epoch")
+    p.add_argument("--classifier", help="classifier model.pt (encoder_from: classifier)")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
 
@@ -165,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return train_seg(params=resolve_seg_params(a.params, a.model), **kw)
 
     return common.run_stage(a, run, index=a.index, masks_dir=a.masks, out=a.out,
-                            resume=a.resume, threads=a.threads)
+                            resume=a.resume, threads=a.threads, classifier=a.classifier)
 
 
 if __name__ == "__main__":
