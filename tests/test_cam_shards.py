@@ -1,14 +1,19 @@
 """Sharded CAM export: three shard exports merged give the file of one unsharded export (every
 map's dtype, shape, values and stored chunks; every attribute), MapReader reads it unchanged,
-and the merge refuses shard sets that are not one complete export."""
+and the merge refuses shard sets that are not one complete export. The workflow with
+`resources.rules.export_cams.shards: 3` schedules three export jobs and one merge."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from wsss_core.config import load_config, method_params, stage_params
 from wsss_core.data.index import build_index
@@ -102,3 +107,24 @@ def test_merge_refuses_an_incomplete_or_mixed_shard_set(exported, tmp_path):
         merge_cams(d / "index.json", [shards[0], shards[1], other], tmp_path / "d.h5")
     assert not list(tmp_path.glob("[abcd].h5")) and not list(tmp_path.glob(".*.tmp"))
 
+
+def test_workflow_runs_three_export_jobs_and_one_merge(repo_root, tmp_path, cli_env):
+    extra = tmp_path / "sharded.yaml"
+    extra.write_text(yaml.safe_dump({"results": str(tmp_path / "results"), "resources": {
+        "rules": {"export_cams": {"shards": 3, "mem_mb": 16000, "runtime": 240, "gpu": True}}}}))
+    target = f"{tmp_path}/results/toy/cam/seed_miou.txt"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo_root / "Snakefile"), "-d", str(repo_root),
+           "-n", "-p", "--configfile", str(extra), "--", target]
+    out = subprocess.run(cmd, cwd=repo_root, env=cli_env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stats = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout.split("Job stats:")[1], re.MULTILINE))
+    assert stats["export_cams"] == "3" and stats["merge_cams"] == "1"
+    shells = [line for line in out.stdout.splitlines() if re.search(r"\bwsss (export|merge)-cams ", line)]
+    exports = sorted(line for line in shells if "wsss export-cams" in line)
+    assert len(shells) == 4 and len(exports) == 3
+    assert [re.search(r"--shard (\S+)", line).group(1) for line in exports] == ["1/3", "2/3", "3/3"]
+    assert all(f"cams_shards/{i}-of-3.h5" in exports[i - 1] for i in (1, 2, 3))
+    merge = next(line for line in shells if "wsss merge-cams" in line)
+    assert all(f"cams_shards/{i}-of-3.h5" in merge for i in (1, 2, 3))
+    assert merge.split("--out ")[1].split()[0].endswith("/toy/cam/cams.h5")
