@@ -1,5 +1,11 @@
 # Classifier, multi-scale CAMs, seed fusion and seed evaluation.
 
+# resources.rules.export_cams.shards = 1: export_cams writes cams.h5 itself (no copy of a
+# store that is gigabytes on VOC). N > 1: N export_cams jobs write cams_shards/<i>-of-<N>.h5
+# (deleted once merged) and merge_cams joins them into cams.h5.
+CAM_SHARDS = shards("export_cams")
+CAM_SHARD_FILE = f"cams_shards/{{shard}}-of-{CAM_SHARDS}.h5"
+
 
 rule train_classifier:
     input:
@@ -19,7 +25,7 @@ rule train_classifier:
     log:
         logs("train_classifier"),
     shell:
-        "wsss train-classifier --index {input.index} --method {params.method:q} "
+        wsss("train_classifier") + " train-classifier --index {input.index} --method {params.method:q} "
         "--params {params.stage:q} --out {output.model} --resume --threads {threads} --log {log}"
 
 
@@ -28,20 +34,43 @@ rule export_cams:
         index=f"{RESULTS}/{{dataset}}/index.json",
         model=out("classifier/model.pt"),
     output:
-        out("cams.h5"),
+        out("cams.h5") if CAM_SHARDS == 1 else temp(out(CAM_SHARD_FILE)),
+    wildcard_constraints:
+        shard=r"\d+",
     params:
         code=code("export_cams"),
         stage=stage_json("export_cams"),
     threads: THREADS
     benchmark:
-        out("benchmarks/export_cams.tsv"),
+        out("benchmarks/export_cams.tsv" if CAM_SHARDS == 1 else "benchmarks/export_cams-{shard}.tsv"),
     resources:
         **res("export_cams"),
     log:
-        logs("export_cams"),
+        logs("export_cams" if CAM_SHARDS == 1 else "export_cams-{shard}"),
     shell:
         "wsss export-cams --index {input.index} --model {input.model} --params {params.stage:q} "
         "--out {output} --threads {threads} --log {log}"
+        + ("" if CAM_SHARDS == 1 else f" --shard {{wildcards.shard}}/{CAM_SHARDS}")
+
+
+if CAM_SHARDS > 1:
+
+    rule merge_cams:
+        input:
+            index=f"{RESULTS}/{{dataset}}/index.json",
+            shards=[out(CAM_SHARD_FILE.format(shard=i)) for i in range(1, CAM_SHARDS + 1)],
+        output:
+            out("cams.h5"),
+        params:
+            code=code("merge_cams"),
+        benchmark:
+            out("benchmarks/merge_cams.tsv"),
+        resources:
+            **res("merge_cams"),
+        log:
+            logs("merge_cams"),
+        shell:
+            "wsss merge-cams --index {input.index} --out {output} --log {log} {input.shards}"
 
 
 rule fuse_seeds:

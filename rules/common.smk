@@ -22,14 +22,40 @@ def code(stage):
     return source_hash(str(Path(workflow.basedir)), f"wsss_core.stages.{stage}")
 
 
+def rule_spec(rule):
+    """config `resources.default` overlaid by `resources.rules.<rule>`."""
+    cfg = config.get("resources", {})
+    return dict(cfg.get("default", {}), **cfg.get("rules", {}).get(rule, {}))
+
+
+def processes(rule):
+    """Training processes of `rule` (resources.rules.<rule>.processes, default 1)."""
+    return int(rule_spec(rule).get("processes", 1))
+
+
+def shards(rule):
+    """Jobs `rule` is split into (resources.rules.<rule>.shards, default 1)."""
+    return int(rule_spec(rule).get("shards", 1))
+
+
+def wsss(rule):
+    """The command a rule's shell starts its stage with: `wsss`, or with more than one process
+    torchrun on this node, which runs `wsss` once per process (DistributedDataParallel).
+    `--` ends torchrun's options: it would read the stage's --log as an abbreviation."""
+    n = processes(rule)
+    if n == 1:
+        return "wsss"
+    return f"torchrun --standalone --nproc_per_node {n} --no-python -- wsss"
+
+
 def res(rule):
     """Cluster resources of `rule` from config `resources` (SLURM executor names)."""
     cfg = config.get("resources", {})
-    spec = dict(cfg.get("default", {}), **cfg.get("rules", {}).get(rule, {}))
+    spec = rule_spec(rule)
     out = {k: spec[k] for k in ("mem_mb", "runtime") if k in spec}
     gpu = spec.get("gpu", False) and cfg.get("gpus", 0) > 0
     if gpu:
-        out["gpu"] = cfg["gpus"]
+        out["gpu"] = cfg["gpus"] * processes(rule)
     partition = cfg.get("gpu_partition") if gpu else cfg.get("partition")
     if partition:
         out["slurm_partition"] = partition

@@ -42,7 +42,7 @@ rule train_irn:
     log:
         logs("train_irn"),
     shell:
-        "wsss train-irn --index {input.index} --labels {input.labels} "
+        wsss("train_irn") + " train-irn --index {input.index} --labels {input.labels} "
         "--classifier {input.classifier} --params {params.stage:q} --out {output.model} "
         "--resume --threads {threads} --log {log}"
 

@@ -31,8 +31,9 @@ def seg_out(path):
 
 
 TRAIN_SEG_SHELL = (
-    "wsss train-seg --index {input.index} --masks {input.masks} --classifier {input.classifier} "
-    "--params {params.stage:q} --out {output.model} --resume --threads {threads} --log {log}")
+    wsss("train_seg") + " train-seg --index {input.index} --masks {input.masks} "
+    "--classifier {input.classifier} --params {params.stage:q} --out {output.model} --resume "
+    "--threads {threads} --log {log}")
 EVAL_SEG_SHELL = (
     "wsss eval-seg --index {input.index} --model {input.model} --params {params.stage:q} "
     "--out {output.miou} --pred {output.pred} --threads {threads} --log {log}")

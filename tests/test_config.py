@@ -166,6 +166,25 @@ def test_out_of_range_values(cfg, mutate, key_path):
     rejected(cfg, key_path)
 
 
+def test_processes_and_shards_belong_to_the_rules_that_use_them(cfg):
+    rules = cfg["resources"]["rules"]
+    assert rules["export_cams"]["shards"] == 1
+    assert all(rules[r]["processes"] == 1 for r in ("train_classifier", "train_irn", "train_seg"))
+    rules["train_seg"]["processes"] = 0
+    rejected(cfg, "resources.rules.train_seg.processes")
+    rules["train_seg"]["processes"] = 4
+    rules["export_cams"]["processes"] = 2  # the export is split by shards, not processes
+    rejected(cfg, "resources.rules.export_cams", "processes")
+    del rules["export_cams"]["processes"]
+    rules["propagate"]["shards"] = 2
+    rejected(cfg, "resources.rules.propagate", "shards")
+    del rules["propagate"]["shards"]
+    rules["export_cams"]["shards"] = 0
+    rejected(cfg, "resources.rules.export_cams.shards")
+    rules["export_cams"]["shards"] = 3
+    check(cfg)
+
+
 def test_num_train_eval_above_num_train_aug_with_defaults(cfg):
     cfg["datasets"]["toy2"] = {"kind": "toy", "num_train_aug": 8}   # default num_train_eval 100
     rejected(cfg, "datasets.toy2.num_train_eval", "num_train_aug")

@@ -13,12 +13,15 @@ import yaml
 GPU_RULES = {"train_classifier", "export_cams", "train_irn", "propagate", "train_seg", "eval_seg"}
 
 
-def _dry_run_resources(repo_root: Path, tmp_path: Path, env: dict) -> dict[str, str]:
+def _dry_run_resources(repo_root: Path, tmp_path: Path, env: dict, rules: dict | None = None,
+                       shell: list[str] | None = None) -> dict[str, str]:
+    """Resources of each rule in a dry run; `shell` collects the printed shell commands."""
     extra = tmp_path / "cluster.yaml"
     extra.write_text(yaml.safe_dump({"results": str(tmp_path / "results"),
-                                     "resources": {"partition": "cpu", "gpu_partition": "a100", "gpus": 2}}))
+                                     "resources": {"partition": "cpu", "gpu_partition": "a100", "gpus": 2,
+                                                   "rules": rules or {}}}))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(repo_root / "Snakefile"), "-d", str(repo_root),
-           "-n", "--configfile", str(extra), "--",
+           "-n", "-p", "--configfile", str(extra), "--",
            f"{tmp_path}/results/toy/cobra/seg_miou.txt", f"{tmp_path}/results/toy/cobra/mask_miou.txt",
            f"{tmp_path}/results/toy/cobra/seed_miou.txt"]
     out = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
@@ -29,6 +32,8 @@ def _dry_run_resources(repo_root: Path, tmp_path: Path, env: dict) -> dict[str, 
         r = re.search(r"resources: (.*)", block)
         if m and r:
             found[m.group(1)] = r.group(1)
+        if m and shell is not None:
+            shell += [line for line in block.splitlines() if " wsss " in f" {line}"]
     return found
 
 
@@ -49,3 +54,16 @@ def test_profiles(repo_root):
     local = yaml.safe_load((repo_root / "profiles" / "local" / "config.yaml").read_text())
     assert slurm["executor"] == "slurm" and slurm["jobs"] > 0
     assert local["cores"] == "all" and local["resources"]["gpu"] >= 1
+
+
+def test_training_processes_run_torchrun_with_a_gpu_per_process(repo_root, tmp_path, cli_env):
+    """processes: 3 on train_irn → torchrun with 3 processes asking for gpus x 3 GPUs; the
+    other training rules keep one process and plain `wsss`."""
+    shell: list[str] = []
+    found = _dry_run_resources(repo_root, tmp_path, cli_env, shell=shell, rules={
+        "train_irn": {"mem_mb": 32000, "runtime": 360, "gpu": True, "processes": 3}})
+    assert "gpu=6" in found["train_irn"] and "gpu=2" in found["train_classifier"]
+    by_stage = {re.search(r"wsss ([\w-]+)", line).group(1): line for line in shell}
+    assert "torchrun --standalone --nproc_per_node 3 --no-python -- wsss train-irn " in by_stage["train-irn"]
+    for stage in ("train-classifier", "train-seg", "export-cams"):
+        assert "torchrun" not in by_stage[stage] and f"wsss {stage} " in by_stage[stage]

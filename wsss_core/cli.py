@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-coco": ("wsss_core.stages.convert_coco", "convert COCO 2014 instances JSON + images to the VOC layout"),
     "train-classifier": ("wsss_core.stages.train_classifier", "train a method's classifier"),
     "export-cams": ("wsss_core.stages.export_cams", "multi-scale + flip CAMs to HDF5"),
+    "merge-cams": ("wsss_core.stages.merge_cams", "join the shards of a sharded CAM export"),
     "fuse-seeds": ("wsss_core.stages.fuse_seeds", "fuse exported maps into seeds (HDF5)"),
     "eval-seeds": ("wsss_core.stages.eval_seeds", "seed mIoU with a background-threshold sweep"),
     "ir-labels": ("wsss_core.stages.ir_labels", "IR labels (strict/lenient passes + dense CRF)"),

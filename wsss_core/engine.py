@@ -4,6 +4,15 @@ resume, a CSV log and a progress bar. Classifier, IRN and segmentation training 
 Determinism: the shuffling of epoch e comes from a generator seeded with (seed, e), and each
 sample's augmentation from (seed, e, index), so an interrupted run resumed from its last
 complete epoch ends with the same weights on CPU as an uninterrupted one.
+
+Several processes (torchrun, WORLD_SIZE > 1): a stage joins the process group with
+`distributed(device)` and routes its training forwards through `data_parallel(module)`
+(DistributedDataParallel: gradients are averaged over the processes). Every process draws the
+same shuffled global batches of `batch_size` images and trains on its contiguous slice of
+`batch_size / world_size`, so the global batch, the schedule and the augmentation of every
+sample are those of a single-process run. Batch norm keeps per-process statistics (the DDP
+default; no SyncBatchNorm), so weights are close to, not equal to, a single-process run's.
+Only rank 0 writes checkpoints, the CSV log and the progress bar.
 """
 from __future__ import annotations
 
@@ -11,15 +20,19 @@ import contextlib
 import csv
 import io
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as tdist
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 from tqdm import tqdm
 
+from .errors import ConfigError
 from .io import atomic_path
 from .methods.base import StepContext
 
@@ -47,6 +60,122 @@ class FitConfig:
     poly_power: float = 0.9
     num_workers: int = 0
     desc: str = "train"
+    stage: str = "train"  # config block named in error messages
+
+
+# --- several processes (torchrun) ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place among the training processes (rank 0 of 1 outside torchrun)."""
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    if tdist.is_available() and tdist.is_initialized():
+        return DistInfo(tdist.get_rank(), tdist.get_world_size())
+    return DistInfo()
+
+
+def launched_processes() -> int:
+    """How many processes torchrun started for this job (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device) -> Iterator[DistInfo]:
+    """Join torchrun's process group for the block (NCCL on CUDA, gloo on CPU) when it started
+    more than one process; a no-op otherwise. On success every process waits for the others
+    at the end, so rank 0 has written the outputs when the job ends."""
+    if launched_processes() <= 1 or (tdist.is_available() and tdist.is_initialized()):
+        yield dist_info()
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        info = dist_info()
+        log.info("process %d of %d (%s)", info.rank, info.world_size, tdist.get_backend())
+        yield info
+        tdist.barrier()
+    finally:
+        tdist.destroy_process_group()
+
+
+def data_parallel(module: nn.Module, device: torch.device,
+                  find_unused_parameters: bool = False) -> nn.Module:
+    """`module` wrapped in DistributedDataParallel inside a process group, `module` itself
+    otherwise. Training forwards must go through the returned module: DDP averages the
+    gradients of what ran through it. `find_unused_parameters` for models whose loss leaves
+    some trainable parameters out in some steps (CoBra's projection heads before its
+    auxiliary losses start)."""
+    if dist_info().world_size == 1 or not any(p.requires_grad for p in module.parameters()):
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)
+
+
+class RankBatches(Sampler[list[int]]):
+    """This process's slice of every global batch: all processes draw the same global batches
+    (same seeded generator) and process r takes the r-th of `world_size` equal contiguous
+    slices. With one process it yields the global batches unchanged."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world_size: int) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            share = len(batch) // self.world_size
+            yield batch[self.rank * share:(self.rank + 1) * share]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def epoch_loader(dataset: Dataset, cfg: FitConfig, epoch: int, drop_last: bool,
+                 collate_fn: Callable | None = None, info: DistInfo = DistInfo()) -> DataLoader:
+    """The batches of `epoch` for this process: the shuffle is seeded by (seed, epoch), in the
+    same generator order as DataLoader(shuffle=True), so one process sees exactly the batches
+    it always did."""
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    batches = BatchSampler(RandomSampler(dataset, generator=gen), cfg.batch_size, drop_last)
+    return DataLoader(dataset, batch_sampler=RankBatches(batches, info.rank, info.world_size),
+                      num_workers=cfg.num_workers, generator=gen, collate_fn=collate_fn,
+                      persistent_workers=False)
+
+
+def _check_global_batch(cfg: FitConfig, n: int, world_size: int) -> None:
+    if world_size == 1:
+        return
+    if cfg.batch_size % world_size:
+        raise ConfigError(
+            f"config key {cfg.stage}.batch_size: {cfg.batch_size} does not split over "
+            f"{world_size} processes; set it to a multiple of {world_size} or change "
+            f"resources.rules.{cfg.stage}.processes")
+    if n < cfg.batch_size:
+        raise ConfigError(
+            f"config key {cfg.stage}.batch_size: {cfg.batch_size} exceeds the {n} training "
+            f"images, and {world_size} processes need full batches; lower it or run one process")
+
+
+def _check_in_sync(optimizers: list[torch.optim.Optimizer], epoch: int) -> None:
+    """Every process must hold the same weights after an epoch (DDP keeps them equal); a step
+    that called a module directly instead of through `data_parallel` would let them drift."""
+    params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    device = params[0].device if params else torch.device("cpu")
+    total = sum((p.detach().double().sum() for p in params), torch.zeros((), dtype=torch.float64,
+                                                                          device=device))
+    spread = torch.stack([total, -total])
+    tdist.all_reduce(spread, op=tdist.ReduceOp.MAX)
+    if float(spread[0] + spread[1]) != 0.0:
+        raise RuntimeError(f"training processes hold different weights after epoch {epoch + 1}: "
+                           f"a training step bypassed engine.data_parallel (a bug)")
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -75,7 +204,9 @@ def fit(
     fingerprint: str = "",
 ) -> None:
     """Train for cfg.epochs; checkpoint after every epoch; write the CSV log."""
+    info = dist_info()
     n = len(dataset)
+    _check_global_batch(cfg, n, info.world_size)
     drop_last = n >= cfg.batch_size
     steps_per_epoch = n // cfg.batch_size if drop_last else 1
     max_step = steps_per_epoch * cfg.epochs
@@ -96,16 +227,14 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last,
-                            num_workers=cfg.num_workers, generator=gen, collate_fn=collate_fn,
-                            persistent_workers=False)
+        loader = epoch_loader(dataset, cfg, epoch, drop_last, collate_fn, info)
         if train_mode is not None:
             train_mode()
         sums: dict[str, float] = {}
         count = 0
         t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2.0)
+        bar = tqdm(loader, desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2.0,
+                   disable=not info.is_main)
         for batch in bar:
             lr = set_poly_lr(optimizers, step, max_step, cfg.poly_power)
             ctx = StepContext(epoch=epoch, step=step, max_step=max_step, epochs=cfg.epochs,
@@ -134,17 +263,29 @@ def fit(
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{float(total.detach()):.4f}")
+        if info.world_size > 1:
+            sums = _mean_over_processes(sums, device)
+            _check_in_sync(optimizers, epoch)
         row = {"epoch": epoch + 1, "step": step, "lr": lr, "seconds": round(time.perf_counter() - t0, 2)}
         row.update({k: v / max(count, 1) for k, v in sums.items()})
         rows.append(row)
         log.info("epoch %d/%d  %s", epoch + 1, cfg.epochs,
                  "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "step")))
-        save_checkpoint(checkpoint, {"state": get_state(), "optimizers": [o.state_dict() for o in optimizers],
-                                     "epoch": epoch + 1, "step": step, "log": rows,
-                                     "fingerprint": fingerprint})
+        if info.is_main:
+            save_checkpoint(checkpoint, {"state": get_state(), "optimizers": [o.state_dict() for o in optimizers],
+                                         "epoch": epoch + 1, "step": step, "log": rows,
+                                         "fingerprint": fingerprint})
+            write_csv(log_csv, rows)
+    if info.is_main:  # also when resuming a finished run: Snakemake deletes outputs before a re-run
         write_csv(log_csv, rows)
-    # also when resuming a finished run: Snakemake deletes a job's outputs before re-running it
-    write_csv(log_csv, rows)
+
+
+def _mean_over_processes(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Per-process loss sums → their mean over processes (the logged loss is the global batch's)."""
+    keys = list(sums)  # the same order on every process: the same step code made them
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    tdist.all_reduce(values)
+    return dict(zip(keys, (values / tdist.get_world_size()).tolist()))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -56,6 +56,14 @@ class MapWriter:
                              shuffle=bool(arr.size))
             self._map_names.add(name)
 
+    def copy_image(self, source: MapReader, image_id: str) -> None:
+        """Copy one image's group (maps, keys, size) from another store as stored: the same
+        chunks, filters and bytes, nothing decoded."""
+        assert self._file is not None, "use MapWriter as a context manager"
+        group = source._file[image_id]
+        source._file.copy(group, self._file, name=image_id)
+        self._map_names.update(group.keys())
+
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self._file is not None and self._tmp is not None
         try:
@@ -106,6 +114,12 @@ class MapReader:
                     pass
             out[k] = v
         return out
+
+    @property
+    def stored_attrs(self) -> dict:
+        """File attributes as written (JSON text left undecoded), numbers as Python numbers:
+        what a MapWriter needs to write the same attributes again."""
+        return {k: v.item() if isinstance(v, np.generic) else v for k, v in self._file.attrs.items()}
 
     @property
     def map_names(self) -> list[str]:

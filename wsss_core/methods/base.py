@@ -13,17 +13,22 @@ A method (cam, cobra, and later seco, bnr, fbr, ssc) supplies:
     mirror already merged;
   * `extra_inputs`: per-image inputs beyond image and label (e.g. superpixels) that the data
     layer must provide.
+Training forwards call the named modules (`self.models[name](x)`): under several processes
+`distribute` replaces them by DistributedDataParallel wrappers, which average the gradients of
+what ran through their forward (a custom method such as `.cam()` would bypass it).
 Everything else (data, schedules, logging, checkpointing, CAM export, fusion, refinement,
 segmentation, evaluation) is shared.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass
@@ -54,6 +59,9 @@ class Method(ABC):
     propagate_map: ClassVar[str] = ""
     #: per-image inputs beyond image and label vector
     extra_inputs: ClassVar[tuple[str, ...]] = ()
+    #: some training steps leave trainable parameters out of the loss (losses that start
+    #: later); DistributedDataParallel must then look for unused parameters every step
+    partial_losses: ClassVar[bool] = False
 
     def __init__(self, params: dict, num_classes: int, train_params: dict | None = None) -> None:
         self.params = params
@@ -95,8 +103,13 @@ class Method(ABC):
         for m in self.models.values():
             m.eval()
 
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace each named module by `wrap(module)` (engine.data_parallel) for training;
+        call after `optimizers`. Checkpoints keep the plain modules' state dicts."""
+        self.models = {name: wrap(m) for name, m in self.models.items()}
+
     def state_dict(self) -> dict[str, Any]:
-        out = {name: m.state_dict() for name, m in self.models.items()}
+        out = {name: _plain(m).state_dict() for name, m in self.models.items()}
         extra = self.extra_state()
         if extra:
             out["_extra"] = extra
@@ -104,7 +117,7 @@ class Method(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, m in self.models.items():
-            m.load_state_dict(state[name])
+            _plain(m).load_state_dict(state[name])
         if "_extra" in state:
             self.load_extra_state(state["_extra"])
 
@@ -114,6 +127,10 @@ class Method(ABC):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+
+def _plain(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def make_optimizer(groups: list[dict], lr: float, weight_decay: float, momentum: float,

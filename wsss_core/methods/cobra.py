@@ -61,6 +61,7 @@ class CobraMethod(Method):
     name = "cobra"
     maps = (MapSpec("cnn", strided=True), MapSpec("vit", strided=True),
             MapSpec("attention", kind="agnostic", normalize=False))
+    partial_losses = True  # the projection heads get no gradient before aux_start_epoch
 
     def build(self) -> dict[str, nn.Module]:
         self.model_settings = from_dict(CobraModelSettings, self.params.get("model"), "model")

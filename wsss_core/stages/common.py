@@ -32,13 +32,23 @@ def json_arg(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun (0 when run directly)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup_logging(log_path: str | None) -> None:
+    """INFO to stderr and the log file; under torchrun only rank 0 logs to the file, the other
+    ranks print warnings and errors to stderr, prefixed with their rank."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_path:
+    rank = process_rank()
+    if log_path and rank == 0:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_path, mode="w"))
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
+                        force=True, datefmt="%H:%M:%S",
+                        format="%(asctime)s %(message)s" if rank == 0 else
+                        f"%(asctime)s [rank {rank}] %(message)s")
 
 
 def run_stage(args: argparse.Namespace, fn: Callable[..., Any], **kwargs) -> int:
@@ -72,15 +82,22 @@ def seed_everything(seed: int) -> None:
 
 
 def get_device(preference: str | None = None):
-    """CUDA when present (or WSSS_DEVICE / preference says so), CPU otherwise."""
+    """CUDA when present (or WSSS_DEVICE / preference says so), CPU otherwise; under torchrun
+    the GPU of this process's LOCAL_RANK."""
     import torch
     pref = preference or os.environ.get("WSSS_DEVICE", "auto")
     if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(pref)
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(pref)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 def set_threads(threads: int | None) -> None:
+    """Use `threads` (the job's cores), shared evenly by the processes torchrun started on
+    this machine."""
     import torch
     if threads:
-        torch.set_num_threads(max(1, int(threads)))
+        per_process = int(threads) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, per_process))

@@ -5,6 +5,11 @@ per-scale map is resized bilinearly straight to the image size (and to stride 4 
 random walk propagates), summed over scales, restricted to the image's classes and divided by
 its spatial maximum (+1e-5). Class-agnostic maps (CoBra's attention) are summed, not
 normalised (their thresholds are read from the raw values).
+
+Sharding (`--shard i/n`): shard i exports the i-th of n contiguous blocks of the split's ids
+and records `shard = "i/n"`; `merge_cams` joins the n files into one cams.h5. Each image is
+computed alone (one image and its mirror per forward, whatever the shard), so the maps are
+byte-identical to an unsharded export's.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from tqdm import tqdm
 
 from ..data.datasets import MultiScaleDataset, collate_single
 from ..data.index import DatasetIndex
+from ..errors import ConfigError
 from ..map_store import MapWriter
 from ..methods.base import Method
 from . import common
@@ -64,21 +70,42 @@ def image_maps(method: Method, scaled: list[torch.Tensor], size: tuple[int, int]
     return out
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' (1 <= i <= n) → (i, n)."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        i = n = 0
+    if not 1 <= i <= n:
+        raise ConfigError(f"--shard {text!r}: expected i/n with 1 <= i <= n, e.g. 2/3")
+    return i, n
+
+
+def shard_ids(ids: list[str], shard: tuple[int, int]) -> list[str]:
+    """The i-th of n contiguous blocks of `ids` (sizes differ by at most one)."""
+    i, n = shard
+    return ids[(i - 1) * len(ids) // n:i * len(ids) // n]
+
+
 def export_cams(index: str | Path, model: str | Path, params: dict, out: str | Path,
                 split: str = "train_aug", threads: int | None = None,
-                ids: list[str] | None = None) -> dict:
+                ids: list[str] | None = None, shard: tuple[int, int] | None = None) -> dict:
     common.set_threads(threads)
     idx = DatasetIndex.load(index)
     device = common.get_device()
     method = load_trained(model, device)
     scales = list(params["scales"])
     image_ids = ids if ids is not None else idx.ids(split)
+    if shard is not None:
+        image_ids = shard_ids(list(image_ids), shard)
     dataset = MultiScaleDataset(idx, image_ids, scales)
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_single, num_workers=0)
     attrs = {"method": method.name, "scales": json.dumps(scales), "flip": 1,
              "params": json.dumps(method.params, sort_keys=True), "split": split,
              "propagate_map": method.propagate_map + "_s4",
              "dataset": idx.name, "num_classes": idx.num_classes}
+    if shard is not None:
+        attrs["shard"] = "{}/{}".format(*shard)  # merge_cams checks and drops it
     dtypes = {s.name: "float32" for s in method.maps if s.kind == "agnostic"}
     t0 = time.perf_counter()
     with MapWriter(out, attrs) as writer:
@@ -99,8 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="cams.h5")
     p.add_argument("--split", default="train_aug")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="export only the I-th of N contiguous blocks of the split (1-based)")
     a = p.parse_args(argv)
-    return common.run_stage(a, export_cams, index=a.index, model=a.model, params=a.params,
+
+    def run(**kw) -> dict:
+        return export_cams(shard=parse_shard(a.shard) if a.shard else None, **kw)
+
+    return common.run_stage(a, run, index=a.index, model=a.model, params=a.params,
                             out=a.out, split=a.split, threads=a.threads)
 
 

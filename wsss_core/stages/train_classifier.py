@@ -10,7 +10,7 @@ import torch
 
 from ..data.datasets import ClassificationDataset
 from ..data.index import DatasetIndex
-from ..engine import FitConfig, fit, save_checkpoint
+from ..engine import FitConfig, data_parallel, distributed, fit, save_checkpoint
 from ..methods import create_method
 from . import common
 
@@ -23,28 +23,33 @@ def fingerprint(*parts) -> str:
 
 def train_classifier(index: str | Path, method: dict, params: dict, out: str | Path,
                      resume: bool = False, threads: int | None = None) -> Path:
-    """Train and write `out` (model.pt) with `train_log.csv` and `checkpoint.pt` beside it."""
+    """Train and write `out` (model.pt) with `train_log.csv` and `checkpoint.pt` beside it.
+    Under torchrun each process trains on its share of every batch; rank 0 writes."""
     out = Path(out)
     common.set_threads(threads)
     common.seed_everything(params["seed"])
     idx = DatasetIndex.load(index)
     device = common.get_device()
-    model = create_method(method, idx.num_classes, train_params=params).to(device)
-    optimizers = model.optimizers(params["lr"], params["weight_decay"], params["momentum"],
-                                  params["optimizer"])
-    dataset = ClassificationDataset(idx, "train_aug", params["crop"], params["scale_range"],
-                                    seed=params["seed"])
-    log.info("%s on %s: %d images, %d epochs, batch %d, device %s", method["plugin"], idx.name,
-             len(dataset), params["epochs"], params["batch_size"], device)
-    cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
-                    poly_power=params["poly_power"], num_workers=params["num_workers"],
-                    desc=f"train {method['plugin']}")
-    fit(dataset, cfg, model.training_step, optimizers, model.state_dict, model.load_state_dict,
-        checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
-        device=device, resume=resume, after_step=model.after_step, train_mode=model.train,
-        fingerprint=fingerprint(method, params, idx.ids("train_aug")))
-    save_checkpoint(out, {"method": method, "num_classes": idx.num_classes, "train_params": params,
-                          "state": model.state_dict()})
+    with distributed(device) as dist:
+        model = create_method(method, idx.num_classes, train_params=params).to(device)
+        optimizers = model.optimizers(params["lr"], params["weight_decay"], params["momentum"],
+                                      params["optimizer"])
+        model.distribute(lambda m: data_parallel(m, device, model.partial_losses))
+        dataset = ClassificationDataset(idx, "train_aug", params["crop"], params["scale_range"],
+                                        seed=params["seed"])
+        log.info("%s on %s: %d images, %d epochs, batch %d, device %s, %d process(es)",
+                 method["plugin"], idx.name, len(dataset), params["epochs"], params["batch_size"],
+                 device, dist.world_size)
+        cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
+                        poly_power=params["poly_power"], num_workers=params["num_workers"],
+                        desc=f"train {method['plugin']}", stage="train_classifier")
+        fit(dataset, cfg, model.training_step, optimizers, model.state_dict, model.load_state_dict,
+            checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
+            device=device, resume=resume, after_step=model.after_step, train_mode=model.train,
+            fingerprint=fingerprint(method, params, idx.ids("train_aug")))
+        if dist.is_main:
+            save_checkpoint(out, {"method": method, "num_classes": idx.num_classes,
+                                  "train_params": params, "state": model.state_dict()})
     return out
 
 

@@ -13,7 +13,14 @@ import torch
 
 from ..data.datasets import IRNDataset
 from ..data.index import DatasetIndex
-from ..engine import FitConfig, fit, load_checkpoint, save_checkpoint
+from ..engine import (
+    FitConfig,
+    data_parallel,
+    distributed,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ..errors import ConfigError
 from ..methods.base import StepContext, make_optimizer
 from ..models.irn import IRN, affinity_displacement_loss
@@ -50,35 +57,40 @@ def train_irn(index: str | Path, labels: str | Path, params: dict, out: str | Pa
     common.seed_everything(params["seed"])
     idx = DatasetIndex.load(index)
     device = common.get_device()
-    model = build_irn(params, classifier).to(device)
-    edge, disp, backbone = model.param_groups()
-    groups = [{"params": edge, "lr_mult": 1.0}, {"params": disp, "lr_mult": 10.0}]
-    if backbone:
-        groups.append({"params": backbone, "lr_mult": params["backbone_lr_mult"]})
-    opt = make_optimizer(groups,
-                         params["lr"], params["weight_decay"], params["momentum"], params["optimizer"])
-    dataset = IRNDataset(idx, "train_aug", str(labels), params["crop"], params["scale_range"],
-                         seed=params["seed"])
-    grid = (params["crop"] - 1) // 4 + 1
-    path_index = PathIndex(params["radius"], (grid, grid))
-    log.info("IRN (%s) on %d images, crop %d, radius %d: %d directions x %d sources",
-             params["backbone"], len(dataset), params["crop"], params["radius"],
-             path_index.n_dirs, path_index.n_src)
+    with distributed(device) as dist:
+        model = build_irn(params, classifier).to(device)
+        edge, disp, backbone = model.param_groups()
+        groups = [{"params": edge, "lr_mult": 1.0}, {"params": disp, "lr_mult": 10.0}]
+        if backbone:
+            groups.append({"params": backbone, "lr_mult": params["backbone_lr_mult"]})
+        opt = make_optimizer(groups, params["lr"], params["weight_decay"], params["momentum"],
+                             params["optimizer"])
+        net = data_parallel(model, device)  # training forwards go through it
+        dataset = IRNDataset(idx, "train_aug", str(labels), params["crop"], params["scale_range"],
+                             seed=params["seed"])
+        grid = (params["crop"] - 1) // 4 + 1
+        path_index = PathIndex(params["radius"], (grid, grid))
+        log.info("IRN (%s) on %d images, crop %d, radius %d: %d directions x %d sources, "
+                 "%d process(es)", params["backbone"], len(dataset), params["crop"],
+                 params["radius"], path_index.n_dirs, path_index.n_src, dist.world_size)
 
-    def step(batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
-        x = batch["image"].to(ctx.device, non_blocking=True)
-        label = batch["label"].to(ctx.device, non_blocking=True)
-        bg_pos, fg_pos, neg = affinity_labels(label, path_index, num_valid=idx.num_classes)
-        edge_logits, displacement = model(x)
-        return affinity_displacement_loss(edge_logits, displacement, bg_pos, fg_pos, neg, path_index)
+        def step(batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+            x = batch["image"].to(ctx.device, non_blocking=True)
+            label = batch["label"].to(ctx.device, non_blocking=True)
+            bg_pos, fg_pos, neg = affinity_labels(label, path_index, num_valid=idx.num_classes)
+            edge_logits, displacement = net(x)
+            return affinity_displacement_loss(edge_logits, displacement, bg_pos, fg_pos, neg,
+                                              path_index)
 
-    cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
-                    poly_power=params["poly_power"], num_workers=params["num_workers"], desc="train irn")
-    fit(dataset, cfg, step, [opt], model.state_dict, model.load_state_dict,
-        checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
-        device=device, resume=resume, train_mode=model.train,
-        fingerprint=fingerprint(params, idx.ids("train_aug"), str(classifier)))
-    save_checkpoint(out, {"params": params, "state": model.state_dict()})
+        cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
+                        poly_power=params["poly_power"], num_workers=params["num_workers"],
+                        desc="train irn", stage="train_irn")
+        fit(dataset, cfg, step, [opt], model.state_dict, model.load_state_dict,
+            checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
+            device=device, resume=resume, train_mode=model.train,
+            fingerprint=fingerprint(params, idx.ids("train_aug"), str(classifier)))
+        if dist.is_main:
+            save_checkpoint(out, {"params": params, "state": model.state_dict()})
     return out
 
 

@@ -22,7 +22,14 @@ from torch import nn
 
 from ..data.index import DatasetIndex
 from ..data.seg_dataset import SegmentationDataset
-from ..engine import FitConfig, fit, load_checkpoint, save_checkpoint
+from ..engine import (
+    FitConfig,
+    data_parallel,
+    distributed,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ..errors import ConfigError, DataError, WeightsError
 from ..methods.base import StepContext
 from ..models.segmentation import SEG_MODELS, create_seg_model, load_classifier_backbone, param_groups
@@ -123,34 +130,39 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
     if len(dataset) < 2:
         raise DataError(f"{index}: train_aug has {len(dataset)} image(s); batch norm needs 2")
     device = common.get_device()
-    model = build_seg_model(params, idx.num_classes, classifier).to(device)
-    optimizer = build_optimizer(model, params)
-    log.info("%s/%s on %s: %d images, %d epochs, batch %d, crop %d, device %s", params["model"],
-             params["encoder"], idx.name, len(dataset), params["epochs"], params["batch_size"],
-             params["crop"], device)
+    with distributed(device) as dist:
+        model = build_seg_model(params, idx.num_classes, classifier).to(device)
+        optimizer = build_optimizer(model, params)
+        net = data_parallel(model, device)  # training forwards go through it
+        log.info("%s/%s on %s: %d images, %d epochs, batch %d, crop %d, device %s, "
+                 "%d process(es)", params["model"], params["encoder"], idx.name, len(dataset),
+                 params["epochs"], params["batch_size"], params["crop"], device, dist.world_size)
 
-    def step(batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
-        # dropout (DeepLabV3+ ASPP) and stochastic depth (MiT) draw from the global generator;
-        # seeding it per step makes a resumed run draw what an uninterrupted one would
-        torch.manual_seed(params["seed"] * 1_000_003 + ctx.step)
-        images = batch["image"].to(ctx.device, non_blocking=True)
-        masks = batch["mask"].to(ctx.device, dtype=torch.long, non_blocking=True)
-        return {"total": segmentation_loss(model(images), masks)}
+        def step(batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+            # dropout (DeepLabV3+ ASPP) and stochastic depth (MiT) draw from the global
+            # generator; seeding it per step (and rank) makes a resumed run draw what an
+            # uninterrupted one would
+            torch.manual_seed(params["seed"] * 1_000_003 + ctx.step + 7919 * dist.rank)
+            images = batch["image"].to(ctx.device, non_blocking=True)
+            masks = batch["mask"].to(ctx.device, dtype=torch.long, non_blocking=True)
+            return {"total": segmentation_loss(net(images), masks)}
 
-    cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
-                    poly_power=params["poly_power"], num_workers=params["num_workers"],
-                    desc=f"train {params['model']}")
-    fit(dataset, cfg, step, [optimizer], model.state_dict, model.load_state_dict,
-        checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
-        device=device, resume=resume, train_mode=model.train,
-        fingerprint=fingerprint(params, idx.num_classes, dataset.ids, dataset.masks_digest(),
-                                file_digest(classifier) if params["encoder_from"] == "classifier" else ""))
-    save_checkpoint(out, {
-        "format": SEG_MODEL_FORMAT, "model": params["model"], "encoder": params["encoder"],
-        "output_stride": params["output_stride"], "num_classes": idx.num_classes,
-        "class_names": idx.class_names, "params": params,
-        "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    })
+        cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
+                        poly_power=params["poly_power"], num_workers=params["num_workers"],
+                        desc=f"train {params['model']}", stage="train_seg")
+        fit(dataset, cfg, step, [optimizer], model.state_dict, model.load_state_dict,
+            checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
+            device=device, resume=resume, train_mode=model.train,
+            fingerprint=fingerprint(params, idx.num_classes, dataset.ids, dataset.masks_digest(),
+                                    file_digest(classifier) if params["encoder_from"] == "classifier"
+                                    else ""))
+        if dist.is_main:
+            save_checkpoint(out, {
+                "format": SEG_MODEL_FORMAT, "model": params["model"], "encoder": params["encoder"],
+                "output_stride": params["output_stride"], "num_classes": idx.num_classes,
+                "class_names": idx.class_names, "params": params,
+                "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            })
     return out
 
 
