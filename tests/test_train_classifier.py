@@ -49,7 +49,9 @@ def test_resume_matches_uninterrupted_run(setup, tmp_path, monkeypatch):
     out = tmp_path / "resumed" / "model.pt"
     with pytest.raises(KeyboardInterrupt):
         train_classifier(index_path, method, params, out, threads=1)
+    # killed midway: the checkpoint is there, but no declared output (model, epoch log)
     assert not out.exists() and (out.parent / "checkpoint.pt").is_file()
+    assert not (out.parent / "train_log.csv").exists()
     monkeypatch.setattr(ClassificationDataset, "set_epoch", real_set_epoch)
     train_classifier(index_path, method, params, out, resume=True, threads=1)
 

@@ -275,8 +275,10 @@ def fit(
             save_checkpoint(checkpoint, {"state": get_state(), "optimizers": [o.state_dict() for o in optimizers],
                                          "epoch": epoch + 1, "step": step, "log": rows,
                                          "fingerprint": fingerprint})
-            write_csv(log_csv, rows)
-    if info.is_main:  # also when resuming a finished run: Snakemake deletes outputs before a re-run
+    # once, at the end (also when resuming a finished run, whose outputs Snakemake deleted):
+    # a job killed midway must leave no declared output behind; the per-epoch rows live in
+    # the checkpoint and the stage log
+    if info.is_main:
         write_csv(log_csv, rows)
 
 
