@@ -120,17 +120,17 @@ def test_resume_after_interruption_gives_the_same_weights(toy, tmp_path, monkeyp
     train_seg(toy["index"], toy["masks"], params, whole, threads=1)
 
     resumed = tmp_path / "resumed" / "model.pt"
-    real_write_csv = engine.write_csv
+    real_save = engine.save_checkpoint
 
-    def interrupt(path, rows):  # called right after the epoch-1 checkpoint is written
-        real_write_csv(path, rows)
+    def interrupt(path, payload):  # killed right after the epoch-1 checkpoint is written
+        real_save(path, payload)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "write_csv", interrupt)
+    monkeypatch.setattr(engine, "save_checkpoint", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train_seg(toy["index"], toy["masks"], params, resumed, threads=1)
-    monkeypatch.setattr(engine, "write_csv", real_write_csv)
-    assert not resumed.exists()
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    assert not resumed.exists() and not resumed.with_name("train_log.csv").exists()
     assert torch.load(resumed.with_name("checkpoint.pt"), weights_only=True)["epoch"] == 1
     train_seg(toy["index"], toy["masks"], params, resumed, resume=True, threads=1)
 

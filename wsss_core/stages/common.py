@@ -37,7 +37,7 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def setup_logging(log_path: str | None) -> None:
+def setup_logging(log_path: str | None) -> list[logging.Handler]:
     """INFO to stderr and the log file; under torchrun only rank 0 logs to the file, the other
     ranks print warnings and errors to stderr, prefixed with their rank."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -49,14 +49,17 @@ def setup_logging(log_path: str | None) -> None:
                         force=True, datefmt="%H:%M:%S",
                         format="%(asctime)s %(message)s" if rank == 0 else
                         f"%(asctime)s [rank {rank}] %(message)s")
+    return handlers
 
 
 def run_stage(args: argparse.Namespace, fn: Callable[..., Any], **kwargs) -> int:
     """Run a stage function with logging; a WSSSError becomes one line and exit code 2."""
-    setup_logging(getattr(args, "log", None))
+    handlers = setup_logging(getattr(args, "log", None))
     start = time.perf_counter()
     try:
         fn(**kwargs)
+        log.info("done in %.1f s", time.perf_counter() - start)
+        return 0
     except WSSSError as e:
         if os.environ.get("WSSS_DEBUG") == "1":
             raise
@@ -65,8 +68,12 @@ def run_stage(args: argparse.Namespace, fn: Callable[..., Any], **kwargs) -> int
     except Exception:
         log.exception("wsss: unexpected error (a bug; please report it with this log)")
         raise
-    log.info("done in %.1f s", time.perf_counter() - start)
-    return 0
+    finally:
+        # a stage run in-process (tests, notebooks) must not leave handlers on streams that
+        # close after it: the log file, or a captured stderr
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
 
 def exit_with(code: int) -> None:

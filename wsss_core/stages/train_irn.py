@@ -13,14 +13,7 @@ import torch
 
 from ..data.datasets import IRNDataset
 from ..data.index import DatasetIndex
-from ..engine import (
-    FitConfig,
-    data_parallel,
-    distributed,
-    fit,
-    load_checkpoint,
-    save_checkpoint,
-)
+from ..engine import FitConfig, data_parallel, distributed, fit, load_checkpoint, save_checkpoint
 from ..errors import ConfigError
 from ..methods.base import StepContext, make_optimizer
 from ..models.irn import IRN, affinity_displacement_loss

@@ -22,14 +22,7 @@ from torch import nn
 
 from ..data.index import DatasetIndex
 from ..data.seg_dataset import SegmentationDataset
-from ..engine import (
-    FitConfig,
-    data_parallel,
-    distributed,
-    fit,
-    load_checkpoint,
-    save_checkpoint,
-)
+from ..engine import FitConfig, data_parallel, distributed, fit, load_checkpoint, save_checkpoint
 from ..errors import ConfigError, DataError, WeightsError
 from ..methods.base import StepContext
 from ..models.segmentation import SEG_MODELS, create_seg_model, load_classifier_backbone, param_groups
