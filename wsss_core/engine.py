@@ -262,7 +262,7 @@ def fit(
             count += 1
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{float(total.detach()):.4f}")
+            bar.set_postfix(loss=f"{float(total.detach()):.4f}", refresh=False)  # redrawn at mininterval
         if info.world_size > 1:
             sums = _mean_over_processes(sums, device)
             _check_in_sync(optimizers, epoch)
