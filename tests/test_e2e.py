@@ -130,18 +130,23 @@ def _dry_run_with(run, tmp_path, override: dict) -> set[str]:
     return _jobs(result)
 
 
-@pytest.mark.slow
-def test_changing_the_fusion_recipe_reruns_from_fuse_seeds(run, tmp_path):
-    jobs = _dry_run_with(run, tmp_path, {"methods": {"cobra": {"presets": {"smoke": {"fuse_seeds": {"recipe": "max"}}}}}})
-    assert {"fuse_seeds", "eval_seeds"} <= jobs
-    assert not jobs & {"make_toy", "dataset_index", "train_classifier", "export_cams"}
+#: what follows each stage in the DAG of one method (the e2e targets)
+AFTER_MASKS = {"make_masks", "sweep_masks", "eval_masks", "train_seg", "eval_seg"}
+AFTER_IRN = {"propagate"} | AFTER_MASKS
+AFTER_SEEDS = {"fuse_seeds", "eval_seeds", "ir_labels", "train_irn"} | AFTER_IRN
 
 
 @pytest.mark.slow
-def test_changing_alpha_reruns_only_mask_writing_and_after(run, tmp_path):
-    jobs = _dry_run_with(run, tmp_path, {"methods": {"cobra": {"presets": {"smoke": {"make_masks": {"alpha": 0.4}}}}}})
-    assert {"make_masks", "eval_masks", "sweep_masks"} <= jobs
-    assert not jobs & {"train_classifier", "export_cams", "fuse_seeds", "ir_labels", "train_irn", "propagate"}
+@pytest.mark.parametrize("stage, change, expected", [
+    ("fuse_seeds", {"recipe": "max"}, AFTER_SEEDS),
+    ("propagate", {"beta": 8}, AFTER_IRN),
+    ("make_masks", {"alpha": 0.4}, AFTER_MASKS),
+    ("train_seg", {"lr": 0.002}, {"train_seg", "eval_seg"}),
+], ids=["fusion-recipe", "irn-beta", "alpha", "seg-lr"])
+def test_changing_one_stage_parameter_reruns_exactly_it_and_what_follows(run, tmp_path, stage, change,
+                                                                         expected):
+    jobs = _dry_run_with(run, tmp_path, {"methods": {"cobra": {"presets": {"smoke": {stage: change}}}}})
+    assert jobs == expected
 
 
 @pytest.mark.slow
