@@ -108,6 +108,13 @@ def _init_worker() -> None:
         torch.set_num_threads(1)
 
 
+def pool_chunks(items: list[T], threads: int) -> list[tuple[T, ...]]:
+    """`items` dealt round-robin into about 4 chunks per worker: a job per chunk opens the
+    dataset index and the map stores once, not once per image."""
+    n = max(1, int(threads)) * 4
+    return [c for c in (tuple(items[i::n]) for i in range(n)) if c]
+
+
 def map_pool(fn: Callable[[T], R], items: Iterable[T], threads: int = 1) -> list[R]:
     """`[fn(x) for x in items]`, spread over `threads` worker processes, results in input order.
 

@@ -9,6 +9,7 @@ fg = bg + 0.5).
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ..data.index import DatasetIndex
 from ..errors import ConfigError
 from ..io import atomic_dir, save_label_png, write_json
 from ..map_store import MapReader
-from ..ops.crf import CRFParams, map_pool
+from ..ops.crf import CRFParams, map_pool, pool_chunks
 from ..ops.refine import attention_thresholds, ir_label
 from . import common
 
@@ -31,7 +32,7 @@ class _Job:
     seeds: str
     cams: str
     params: dict
-    image_id: str
+    ids: tuple[str, ...]
     out_dir: str
 
 
@@ -44,18 +45,19 @@ def thresholds_for(params: dict, cams: MapReader | None, image_id: str) -> tuple
     return fg, bg
 
 
-def _one(job: _Job) -> tuple[str, float, float]:
+def _chunk(job: _Job) -> list[tuple[str, float, float]]:
     idx = DatasetIndex.load(job.index)
-    with MapReader(job.seeds) as seeds:
-        seed, keys = seeds.get(job.image_id, "seed"), seeds.keys(job.image_id)
-    if job.params["thresholds"] == "attention":
-        with MapReader(job.cams) as cams:
-            fg, bg = thresholds_for(job.params, cams, job.image_id)
-    else:
-        fg, bg = thresholds_for(job.params, None, job.image_id)
-    label = ir_label(idx.image(job.image_id), seed, keys, fg, bg, CRFParams(**job.params["crf"]))
-    save_label_png(Path(job.out_dir) / f"{job.image_id}.png", label)
-    return job.image_id, float(fg), float(bg)
+    crf = CRFParams(**job.params["crf"])
+    attention = job.params["thresholds"] == "attention"
+    done = []
+    with MapReader(job.seeds) as seeds, (MapReader(job.cams) if attention else nullcontext()) as cams:
+        for image_id in job.ids:
+            fg, bg = thresholds_for(job.params, cams, image_id)
+            label = ir_label(idx.image(image_id), seeds.get(image_id, "seed"), seeds.keys(image_id),
+                             fg, bg, crf)
+            save_label_png(Path(job.out_dir) / f"{image_id}.png", label)
+            done.append((image_id, float(fg), float(bg)))
+    return done
 
 
 def ir_labels(index: str | Path, seeds: str | Path, cams: str | Path, params: dict,
@@ -70,12 +72,15 @@ def ir_labels(index: str | Path, seeds: str | Path, cams: str | Path, params: di
                 raise ConfigError(f"config key ir_labels.thresholds: 'attention' needs an attention map, "
                                   f"but {cams} holds {reader.map_names}; use thresholds: fixed")
     with atomic_dir(out) as tmp:
-        jobs = [_Job(str(index), str(seeds), str(cams), params, i, str(tmp)) for i in ids]
-        done = map_pool(_one, jobs, threads)
+        jobs = [_Job(str(index), str(seeds), str(cams), params, c, str(tmp))
+                for c in pool_chunks(ids, threads)]
+        scores = {i: (fg, bg) for chunk in map_pool(_chunk, jobs, threads) for i, fg, bg in chunk}
+        done = [(i, *scores[i]) for i in ids]
         # the per-image background scores, for auditing the attention-derived thresholds
         write_json(Path(tmp) / "thresholds.json", {i: {"fg": fg, "bg": bg} for i, fg, bg in done})
     fgs = np.array([fg for _, fg, _ in done])
-    log.info("%d IR labels (%s thresholds; mean fg %.3f)", len(done), params["thresholds"], fgs.mean() if len(fgs) else 0)
+    log.info("%d IR labels (%s thresholds; mean fg %.3f)", len(done), params["thresholds"],
+             fgs.mean() if len(fgs) else 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from ..data.index import DatasetIndex
 from ..io import atomic_dir, save_label_png
 from ..map_store import MapReader
 from ..masks import pseudo_mask, rule_threshold
-from ..ops.crf import map_pool
+from ..ops.crf import map_pool, pool_chunks
 from . import common
 
 log = logging.getLogger("wsss")
@@ -39,11 +39,9 @@ def _chunk(job: _Job) -> int:
 def make_masks(index: str | Path, rw: str | Path, params: dict, out: str | Path, threads: int = 1) -> None:
     with MapReader(rw) as reader:
         ids = reader.ids()
-    n = max(1, int(threads))
     with atomic_dir(out) as tmp:
-        chunks = [tuple(ids[i::n * 4]) for i in range(n * 4)]
-        jobs = [_Job(str(index), str(rw), params, c, str(tmp)) for c in chunks if c]
-        done = sum(map_pool(_chunk, jobs, n))
+        jobs = [_Job(str(index), str(rw), params, c, str(tmp)) for c in pool_chunks(ids, threads)]
+        done = sum(map_pool(_chunk, jobs, threads))
     log.info("%d masks, rule %s, threshold %g, crf %s", done, params["rule"], rule_threshold(params),
              params["crf"])
 
