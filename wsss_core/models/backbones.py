@@ -62,8 +62,6 @@ def create_timm(name: str, pretrained: bool = False, pretrained_file: str | None
                 **kwargs) -> nn.Module:
     """timm.create_model with the project's weight policy: a local file, the timm cache/hub,
     or a one-line WeightsError naming what was looked for."""
-    if name == "resnet_tiny":
-        return resnet_tiny(pretrained=pretrained, **kwargs)
     if pretrained and pretrained_file:
         path = Path(pretrained_file).expanduser()
         if not path.is_file():
@@ -73,6 +71,8 @@ def create_timm(name: str, pretrained: bool = False, pretrained_file: str | None
                                  pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except WeightsError:  # a model defined here that has no weights says so itself
+        raise
     except RuntimeError as e:  # unknown model name
         raise WeightsError(f"backbone {name}: {e}") from None
     except Exception as e:  # hub unreachable and nothing cached

@@ -119,7 +119,7 @@ def load_classifier_backbone(encoder_module: nn.Module, classifier_state: dict[s
     if not encoder_name.startswith("tu-"):
         raise ConfigError(f"config key train_seg.encoder_from: 'classifier' needs the encoder "
                           f"tu-<the classifier's backbone>, not {encoder_name!r}")
-    _load_encoder_state(encoder_module, {"state_dict": weights}, encoder_name, source)
+    _load_encoder_state(encoder_module, weights, encoder_name, source)
 
 
 def _unwrap_state(state: object) -> dict[str, torch.Tensor]:
