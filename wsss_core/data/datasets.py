@@ -47,16 +47,20 @@ class ClassificationDataset(EpochDataset):
         self.crop = crop
         self.scale_range = tuple(scale_range)
 
+    def augment(self, img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+        """uint8 [H, W, 3] image (+ an optional [H, W] map resized nearest, flipped and cropped
+        with it, padding 255) → float32 [3, crop, crop] normalised image (+ [crop, crop] map)."""
+        img, mask = T.random_resize_long(img, mask, *self.scale_range, rng)
+        img = T.normalize(img)
+        img, mask = T.random_hflip(img, mask, rng)
+        img, mask = T.random_crop(img, mask, self.crop, rng)
+        return T.to_chw(img), mask
+
     def __getitem__(self, i: int) -> dict:
         image_id = self.ids[i]
-        rng = self.rng(i)
-        img = self.index.image(image_id)
-        img, _ = T.random_resize_long(img, None, *self.scale_range, rng)
-        img = T.normalize(img)
-        img, _ = T.random_hflip(img, None, rng)
-        img, _ = T.random_crop(img, None, self.crop, rng)
+        img, _ = self.augment(self.index.image(image_id), None, self.rng(i))
         return {
-            "image": torch.from_numpy(T.to_chw(img)),
+            "image": torch.from_numpy(img),
             "label": torch.from_numpy(self.index.label_vector(image_id)),
             "index": i,
         }

@@ -50,15 +50,18 @@ class ResNetCAM(nn.Module):
     def output_stride(self) -> int:
         return self.backbone.output_stride
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def early_features(self, x: torch.Tensor) -> torch.Tensor:
+        """stem → layer1 → layer2, cut from the graph with `detach_early`."""
         b = self.backbone
         if self.detach_early:
             with torch.no_grad():  # same as detaching layer2's output, without storing its graph
                 x = b.layer2(b.layer1(b.stem(x)))
-            x = x.detach()
-        else:
-            x = b.layer2(b.layer1(b.stem(x)))
-        return b.layer4(b.layer3(x))
+            return x.detach()
+        return b.layer2(b.layer1(b.stem(x)))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        return b.layer4(b.layer3(self.early_features(x)))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """`logits` Z [B, ch, h, w] (raw, no ReLU), `proj` E [B, proj_dim, h, w] when a

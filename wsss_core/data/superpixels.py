@@ -1,0 +1,179 @@
+"""Superpixels for SSC's activation self-modulation (docs/methods/ssc.md "Superpixels").
+
+The official code used ICD's pre-computed VOC superpixels (Felzenszwalb-Huttenlocher segments
+hierarchically merged by selective-search grouping, at most 64 per image; paper §IV-B). These
+generators rebuild that with scikit-image, once per image:
+  * `fh_ss64`: felzenszwalb over-segmentation, split into 4-connected parts, then greedy
+    selective-search merging of 4-adjacent regions (colour + size + fill similarity) down to
+    `max_segments`;
+  * `slic64`: SLIC with `max_segments` seeds, split into 4-connected parts, then the same merging.
+Label maps are uint8 [H, W] with ids 0..S-1 consecutive, S ≤ max_segments ≤ 254, every segment
+4-connected. `SuperpixelStore` reads them from the HDF5 file of stage `superpixels`, and
+`SuperpixelClassificationDataset` augments each map jointly with its image (nearest resize,
+same flip, same crop; the crop's padding gets id `PAD_ID`, used by no segment).
+"""
+from __future__ import annotations
+
+import heapq
+import os
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+import torch
+from skimage import color, measure, segmentation
+
+from ..errors import DataError
+from .datasets import ClassificationDataset
+from .index import DatasetIndex
+from .palette import IGNORE
+
+#: id of the crop's padding in an augmented superpixel map (random_crop's mask fill)
+PAD_ID = IGNORE
+HSV_BINS = 25
+GENERATORS = ("fh_ss64", "slic64")
+
+
+def _adjacent_pairs(labels: np.ndarray) -> np.ndarray:
+    """Unique (i, j), i < j, of 4-adjacent pixels with different labels: [E, 2] int64."""
+    pairs = [np.stack([labels[:, :-1].ravel(), labels[:, 1:].ravel()], 1),
+             np.stack([labels[:-1].ravel(), labels[1:].ravel()], 1)]
+    p = np.concatenate(pairs)
+    p = p[p[:, 0] != p[:, 1]]
+    return np.unique(np.sort(p, axis=1), axis=0)
+
+
+def merge_regions(labels: np.ndarray, image: np.ndarray, max_segments: int) -> np.ndarray:
+    """Selective-search grouping of 4-adjacent regions until at most `max_segments` remain.
+
+    `labels` [H, W] int ids 0..n-1 (each region 4-connected), `image` [H, W, 3] uint8 RGB.
+    Similarity of neighbours i, j: s_col + s_size + s_fill with s_col = Σ min(h_i, h_j) over
+    L1-normalised HSV histograms (25 bins per channel), s_size = 1 - (n_i + n_j)/N,
+    s_fill = 1 - (|BB_ij| - n_i - n_j)/N (BB_ij the union bounding box). The most similar pair
+    merges first (histogram size-weighted, sizes added, boxes and adjacency united). Returns
+    [H, W] int64 ids 0..S-1. Loops run over regions, not pixels.
+    """
+    n = int(labels.max()) + 1
+    if n <= max_segments:
+        return labels.astype(np.int64)
+    total = labels.size
+    flat = labels.ravel()
+    size = np.bincount(flat, minlength=n).astype(np.float64)
+    hsv = color.rgb2hsv(image).reshape(-1, 3)
+    bins = np.minimum((hsv * HSV_BINS).astype(np.int64), HSV_BINS - 1)
+    hist = np.concatenate([np.bincount(flat * HSV_BINS + bins[:, c], minlength=n * HSV_BINS)
+                           .reshape(n, HSV_BINS) for c in range(3)], 1).astype(np.float64)
+    hist /= hist.sum(1, keepdims=True)
+    ys, xs = np.divmod(np.arange(total), labels.shape[1])
+    box = np.stack([np.full(n, labels.shape[0]), np.full(n, labels.shape[1]), np.zeros(n), np.zeros(n)], 1)
+    np.minimum.at(box[:, 0], flat, ys)
+    np.minimum.at(box[:, 1], flat, xs)
+    np.maximum.at(box[:, 2], flat, ys)
+    np.maximum.at(box[:, 3], flat, xs)
+    neighbours: list[set[int]] = [set() for _ in range(n)]
+    for i, j in _adjacent_pairs(labels):
+        neighbours[i].add(int(j))
+        neighbours[j].add(int(i))
+
+    def similarity(i: int, j: int) -> float:
+        b = np.concatenate([np.minimum(box[i, :2], box[j, :2]), np.maximum(box[i, 2:], box[j, 2:])])
+        bb = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+        return (np.minimum(hist[i], hist[j]).sum() + 1 - (size[i] + size[j]) / total
+                + 1 - (bb - size[i] - size[j]) / total)
+
+    heap = [(-similarity(i, j), i, j) for i in range(n) for j in neighbours[i] if i < j]
+    heapq.heapify(heap)
+    parent = np.arange(n)
+    alive = np.ones(n, dtype=bool)
+    remaining = n
+    while remaining > max_segments and heap:
+        _, i, j = heapq.heappop(heap)
+        if not (alive[i] and alive[j]) or j not in neighbours[i]:
+            continue  # a stale entry: one side was merged away
+        # j joins i
+        hist[i] = (hist[i] * size[i] + hist[j] * size[j]) / (size[i] + size[j])
+        size[i] += size[j]
+        box[i, :2] = np.minimum(box[i, :2], box[j, :2])
+        box[i, 2:] = np.maximum(box[i, 2:], box[j, 2:])
+        for k in neighbours[j]:
+            neighbours[k].discard(j)
+            if k != i:
+                neighbours[k].add(i)
+        neighbours[i] |= neighbours[j] - {i}
+        neighbours[j] = set()
+        alive[j] = False
+        parent[j] = i
+        remaining -= 1
+        for k in neighbours[i]:
+            heapq.heappush(heap, (-similarity(i, k), min(i, k), max(i, k)))
+    root = parent.copy()
+    while True:  # path compression: every region → the region it finally merged into
+        nxt = root[root]
+        if np.array_equal(nxt, root):
+            break
+        root = nxt
+    return segmentation.relabel_sequential(root[labels] + 1)[0].astype(np.int64) - 1
+
+
+def superpixels(image: np.ndarray, generator: str = "fh_ss64", max_segments: int = 64) -> np.ndarray:
+    """Superpixel label map of `image` [H, W, 3] uint8 RGB → [H, W] uint8, ids 0..S-1, S ≤
+    `max_segments`, every segment 4-connected. Generators: see the module docstring
+    (felzenszwalb scale 100, sigma 0.8, min_size 50; SLIC compactness 10, sigma 1).
+    Raises ValueError for an unknown generator or `max_segments` outside 1..254."""
+    if not 1 <= max_segments <= 254:
+        raise ValueError(f"max_segments {max_segments}: must lie in 1..254 (uint8 ids, {PAD_ID} = padding)")
+    if generator == "fh_ss64":
+        raw = segmentation.felzenszwalb(image, scale=100, sigma=0.8, min_size=50)
+    elif generator == "slic64":
+        raw = segmentation.slic(image, n_segments=max_segments, compactness=10, sigma=1, start_label=0,
+                                enforce_connectivity=True, channel_axis=-1)
+    else:
+        raise ValueError(f"superpixel generator {generator!r}: one of {', '.join(GENERATORS)}")
+    # 4-connected parts (felzenszwalb's graph is 8-connected); measure.label numbers from 1
+    parts = measure.label(raw, background=-1, connectivity=1) - 1
+    return merge_regions(parts, image, max_segments).astype(np.uint8)
+
+
+class SuperpixelStore:
+    """Read-only access to a superpixels.h5 (one uint8 [H, W] dataset per image id). The file
+    is opened lazily in each process (h5py handles do not survive a fork)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: superpixel file missing; run the superpixels stage")
+        self._file: h5py.File | None = None
+        self._pid = -1
+
+    def __getitem__(self, image_id: str) -> np.ndarray:
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        if image_id not in self._file:
+            raise DataError(f"{self.path}: no superpixels for image {image_id!r}; re-run the "
+                            f"superpixels stage for this dataset")
+        return self._file[image_id][()]
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _file=None, _pid=-1)
+
+
+class SuperpixelClassificationDataset(ClassificationDataset):
+    """ClassificationDataset whose samples also carry `superpixels` [crop, crop] int64: the
+    image's superpixel map under exactly the image's augmentation (PAD_ID on the padding)."""
+
+    def __init__(self, index: DatasetIndex, split: str, crop: int, scale_range: Sequence[int],
+                 store: SuperpixelStore, seed: int = 0) -> None:
+        super().__init__(index, split, crop, scale_range, seed)
+        self.store = store
+
+    def __getitem__(self, i: int) -> dict:
+        image_id = self.ids[i]
+        img = self.index.image(image_id)
+        seg = self.store[image_id]
+        if seg.shape != img.shape[:2]:
+            raise DataError(f"{self.store.path}: superpixels of {image_id!r} are {seg.shape}, the "
+                            f"image is {img.shape[:2]}; re-run the superpixels stage")
+        img, seg = self.augment(img, seg, self.rng(i))
+        return {"image": torch.from_numpy(img), "label": torch.from_numpy(self.index.label_vector(image_id)),
+                "index": i, "superpixels": torch.from_numpy(seg.astype(np.int64))}
