@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from skimage import measure
 
-from wsss_core.config import load_config, method_params, stage_params
+from wsss_core.config import method_params, stage_params
 from wsss_core.data.datasets import ClassificationDataset
 from wsss_core.data.superpixels import PAD_ID, superpixels
 from wsss_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -23,28 +23,15 @@ from wsss_core.methods.ssc_losses import (asm_loss, asm_target, erode, max_norm,
 from wsss_core.models.ssc_nets import CDRDecoder, DRS, FeatureTaps, LayerNormCDR
 from wsss_core.stages.export_cams import image_maps
 
+# the paper config (VOC root unset) and the switch that turns every `pretrained` flag off
+from test_paper_presets import _random_weights, cfg  # noqa: F401  (cfg is a fixture)
+
 VOC_CLASSES = 21
 CPU = torch.device("cpu")
 
 
 def _ctx(epoch: int, step: int = 0, max_step: int = 10) -> StepContext:
     return StepContext(epoch=epoch, step=step, max_step=max_step, epochs=10, device=CPU)
-
-
-def _random_weights(block):
-    if isinstance(block, dict):
-        if "pretrained" in block:
-            block["pretrained"] = False
-        for v in block.values():
-            _random_weights(v)
-    return block
-
-
-@pytest.fixture(scope="module")
-def cfg(repo_root):
-    c = load_config(repo_root / "config.yaml")
-    c["datasets"]["voc"]["root"] = "/nonexistent"
-    return c
 
 
 def _tiny_method(cfg, **ssc):
