@@ -13,15 +13,19 @@ from skimage import measure
 
 from wsss_core.config import method_params, stage_params
 from wsss_core.data.datasets import ClassificationDataset
-from wsss_core.data.superpixels import PAD_ID, superpixels
+from wsss_core.data.superpixels import (PAD_ID, SuperpixelClassificationDataset, SuperpixelStore,
+                                        superpixels)
 from wsss_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from wsss_core.engine import set_poly_lr
+from wsss_core.errors import ConfigError
+from wsss_core.io import write_json
 from wsss_core.methods import StepContext, create_method
 from wsss_core.methods.ssc import drs
 from wsss_core.methods.ssc_losses import (asm_loss, asm_target, erode, max_norm, perceptual_loss,
                                           superpixel_mean)
 from wsss_core.models.ssc_nets import CDRDecoder, DRS, FeatureTaps, LayerNormCDR
 from wsss_core.stages.export_cams import image_maps
+from wsss_core.stages.superpixels import superpixels as superpixel_stage
 
 # the paper config (VOC root unset) and the switch that turns every `pretrained` flag off
 from test_paper_presets import _random_weights, cfg  # noqa: F401  (cfg is a fixture)
@@ -369,6 +373,27 @@ def test_joint_augmentation_keeps_segments_aligned():
         assert inside.sum() == seg.size and (~inside).any()
         assert np.allclose(red[inside], s[inside], atol=1e-3)
         assert (out[:, ~inside] == 0).all()
+
+
+def test_superpixel_stage_and_dataset(toy_index, tmp_path):
+    index = tmp_path / "index.json"
+    write_json(index, toy_index.data)
+    with pytest.raises(ConfigError, match="superpixels.generator"):
+        superpixel_stage(index, {"generator": "watershed"}, tmp_path / "bad.h5")
+    assert not (tmp_path / "bad.h5").exists()
+    out = tmp_path / "superpixels.h5"
+    summary = superpixel_stage(index, {"generator": "slic64", "max_segments": 16}, out)
+    ids = toy_index.ids("train_aug")
+    assert summary["images"] == len(ids) and summary["max"] <= 16
+    store = SuperpixelStore(out)
+    assert all(store[i].shape == toy_index.image(i).shape[:2] for i in ids)
+    ds = SuperpixelClassificationDataset(toy_index, "train_aug", 96, (48, 64), store, seed=0)
+    item = ds[0]
+    sp = item["superpixels"]
+    assert sp.shape == (96, 96) and sp.dtype == torch.int64
+    assert (sp == PAD_ID).any() and int(sp[sp != PAD_ID].max()) < 16  # 64 px image in a 96 crop
+    plain = ClassificationDataset(toy_index, "train_aug", 96, (48, 64), seed=0)[0]
+    assert torch.equal(item["image"], plain["image"])  # the map does not change the image's draw
 
 
 # --- method: schedules and inference ------------------------------------------------------
