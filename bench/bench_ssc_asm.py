@@ -5,13 +5,15 @@ per-superpixel loop, side by side in one run.
 
 The paper's setting: batch 6, 512 crops → ASM at 256x256, ≤ 64 superpixels (+ the padding id),
 ~1.5 present classes per VOC image. Loop forms, written from the formula:
-  * spec loop: ssc.md §4.2 as written (the official code's work): every superpixel of every
-    image, mean of all C masked class maps at once, then the present rows;
+  * spec loop: the ASM formula as written in docs/methods/ssc.md (the official code's work):
+    every superpixel of every image, mean of all C masked class maps at once, then the
+    present rows;
   * present-row loop: for each present (image, class) row and superpixel, a boolean mask, the
     masked mean and a masked write (the loop over the work the vectorised form does).
-The vectorised form pools only the present rows with one index_add. All share the
+The vectorised form pools only the present rows with one scatter_add. All share the
 normalisation and the erosion (a separable library min-pool), and are checked to agree before
-timing. Lines: the whole target against each loop, and the pooling alone. Reported: medians of interleaved runs and their ratio.
+timing. Lines: the whole target against each loop, and the pooling alone. Reported: medians
+of interleaved runs and their ratio.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def target(pool, rows: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
 
 
 def target_spec_loop(up: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """ssc.md §4.2 as written (and as the official code computes it): superpixel means of all C
+    """The ASM formula as written (and as the official code computes it): superpixel means of all C
     (masked) class maps, one superpixel of one image at a time, then the present rows."""
     masked = up * labels[:, :, None, None]
     pooled = torch.empty_like(masked)
@@ -105,7 +107,8 @@ def main() -> None:
         "pooling alone, rows loop": (lambda: pool_vectorised(rows, segs), lambda: pool_loop(rows, segs)),
     }
     print(f"batch {a.batch}, {a.classes} present classes/image ({rows.shape[0]} rows), "
-          f"{a.size}x{a.size}, {a.segments} superpixels + padding, torch threads {torch.get_num_threads()}")
+          f"{a.size}x{a.size}, {a.segments} superpixels + padding, "
+          f"torch threads {torch.get_num_threads()}")
     print(f"{'':26s} {'vectorised':>12s} {'per-superpixel loop':>20s} {'ratio':>8s}")
     for name, (fast, slow) in cases.items():
         t_fast, t_slow = [], []

@@ -406,7 +406,9 @@ def test_asm_absent_in_warmup_and_poly_lr_for_both_optimisers(cfg):
     factor = (1 - 7 / 20) ** 0.9
     assert opts[1].param_groups[0]["lr"] == pytest.approx(5e-4 * factor)
     assert opts[0].param_groups[1]["lr"] == pytest.approx(1.0 * factor)
-    batch = {"image": torch.randn(2, 3, 32, 32), "label": torch.tensor([[1.0] + [0] * 19, [0, 1.0] + [0] * 18])}
+    labels = torch.zeros(2, 20)
+    labels[0, 0] = labels[1, 1] = 1
+    batch = {"image": torch.randn(2, 3, 32, 32), "label": labels}
     m.train()
     assert set(m.training_step(batch, _ctx(1))) == {"cls", "rec", "total"}
     with pytest.raises(Exception, match="superpixels"):

@@ -66,7 +66,8 @@ def merge_regions(labels: np.ndarray, image: np.ndarray, max_segments: int) -> n
                            .reshape(n, HSV_BINS) for c in range(3)], 1).astype(np.float64)
     hist /= hist.sum(1, keepdims=True)
     ys, xs = np.divmod(np.arange(total), labels.shape[1])
-    box = np.stack([np.full(n, labels.shape[0]), np.full(n, labels.shape[1]), np.zeros(n), np.zeros(n)], 1)
+    box = np.stack([np.full(n, labels.shape[0]), np.full(n, labels.shape[1]),
+                    np.zeros(n), np.zeros(n)], 1)  # y0, x0, y1, x1
     np.minimum.at(box[:, 0], flat, ys)
     np.minimum.at(box[:, 1], flat, xs)
     np.maximum.at(box[:, 2], flat, ys)
@@ -122,7 +123,8 @@ def superpixels(image: np.ndarray, generator: str = "fh_ss64", max_segments: int
     (felzenszwalb scale 100, sigma 0.8, min_size 50; SLIC compactness 10, sigma 1).
     Raises ValueError for an unknown generator or `max_segments` outside 1..254."""
     if not 1 <= max_segments <= 254:
-        raise ValueError(f"max_segments {max_segments}: must lie in 1..254 (uint8 ids, {PAD_ID} = padding)")
+        raise ValueError(f"max_segments {max_segments}: must lie in 1..254 "
+                         f"(uint8 ids, {PAD_ID} = padding)")
     if generator == "fh_ss64":
         raw = segmentation.felzenszwalb(image, scale=100, sigma=0.8, min_size=50)
     elif generator == "slic64":
@@ -175,5 +177,6 @@ class SuperpixelClassificationDataset(ClassificationDataset):
             raise DataError(f"{self.store.path}: superpixels of {image_id!r} are {seg.shape}, the "
                             f"image is {img.shape[:2]}; re-run the superpixels stage")
         img, seg = self.augment(img, seg, self.rng(i))
-        return {"image": torch.from_numpy(img), "label": torch.from_numpy(self.index.label_vector(image_id)),
+        return {"image": torch.from_numpy(img),
+                "label": torch.from_numpy(self.index.label_vector(image_id)),
                 "index": i, "superpixels": torch.from_numpy(seg.astype(np.int64))}

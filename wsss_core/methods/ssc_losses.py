@@ -1,4 +1,4 @@
-"""SSC training losses (docs/methods/ssc.md §3.2, §4), vectorised over batch, classes and
+"""SSC training losses (docs/methods/ssc.md "Losses"), vectorised over batch, classes and
 superpixels (no Python loop over pixels or segments).
 
 Conventions: the class-map tensor A is [B, C, h, w] (raw, pre-ReLU); superpixel maps are
@@ -71,7 +71,7 @@ def erode(mask: torch.Tensor, kernel: int) -> torch.Tensor:
 @torch.no_grad()
 def asm_target(own: torch.Tensor, pooled: torch.Tensor, theta: float = 0.3, kernel: int = 8,
                use_ras: bool = True) -> torch.Tensor:
-    """ASM target T (ssc.md §4.2 steps 8-9) for P positive (image, class) rows.
+    """ASM target T (docs/methods/ssc.md "Losses", ASM steps 4-5) for P present rows.
 
     `own` O⁺ [P, H, W] (the network's normalised maps), `pooled` R⁺ [P, H, W] (normalised
     superpixel means). RAS: RS = O⁺ · erode(1[O⁺ > θ]); T = max(R⁺, RS). Without RAS, T = R⁺.

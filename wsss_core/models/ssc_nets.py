@@ -43,7 +43,7 @@ class DRS(nn.Module):
 
 
 class DRSResNetCAM(ResNetCAM):
-    """IRN ResNet CAM with SSC's two DRS insertion points (ssc.md §2.2).
+    """IRN ResNet CAM with SSC's two DRS insertion points (docs/methods/ssc.md "Network").
 
     * `drs_layer4`: the activation after the residual addition of every layer-4 block is DRS
       (train and inference: it is part of the network);
@@ -129,7 +129,7 @@ def up_block(cin: int, cout: int, norm: str = "official") -> nn.Sequential:
 
 
 class CDRDecoder(nn.Module):
-    """CAM-driven reconstruction decoder (ssc.md §3.1; official `net/decoder.py`).
+    """CAM-driven reconstruction decoder (paper §III-B, Tab. I; official `net/decoder.py`).
 
     A [B, C, h, w] (raw class maps, any sign) → x_rec [B, 3, s·h, s·w] in (-1, 1), s =
     `upscale` (the classifier's output stride, a power of two; 16 in the paper). Channels:
