@@ -185,7 +185,7 @@ def test_resolve_params_per_architecture_and_config_presets():
         assert resolve_seg_params(default) == default  # already resolved: unchanged
     paper = resolve_seg_params(stage_params(cfg, "voc", "cobra", "train_seg"))
     assert (paper["encoder"], paper["lr"], paper["decoder_lr_mult"], paper["crop"],
-            paper["batch_size"], paper["scale_range"]) == ("resnet101", 0.01, 10, 512, 16, [0.5, 2.0])
+            paper["batch_size"], paper["scale_range"]) == ("resnet101.imagenet", 0.01, 10, 512, 16, [0.5, 2.0])
     with pytest.raises(ConfigError, match="unknown"):
         resolve_seg_params(block, "unet")
     bad = copy.deepcopy(cfg)

@@ -1,4 +1,5 @@
-"""The shared training loop: poly schedule, AMP on CUDA, per-epoch checkpoints with exact
+"""The shared training loop: poly schedule, the stage's `precision` (fp32, or bf16 / fp16
+autocast; wsss_core/precision.py), per-epoch checkpoints with exact
 resume, a CSV log and a progress bar. Classifier, IRN and segmentation training all use it.
 
 Determinism: the shuffling of epoch e comes from a generator seeded with (seed, e), and each
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from .errors import ConfigError
 from .io import atomic_path
 from .methods.base import StepContext
+from .precision import autocast_factory, grad_scaler
 
 log = logging.getLogger("wsss")
 
@@ -61,6 +63,7 @@ class FitConfig:
     num_workers: int = 0
     desc: str = "train"
     stage: str = "train"  # config block named in error messages
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (wsss_core.precision)
 
 
 # --- several processes (torchrun) ---------------------------------------------------------
@@ -221,9 +224,8 @@ def fit(
             opt.load_state_dict(s)
         start_epoch, step, rows = int(ck["epoch"]), int(ck["step"]), list(ck.get("log", []))
         log.info("resuming after epoch %d (step %d of %d)", start_epoch, step, max_step)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else contextlib.nullcontext
+    scaler = grad_scaler(cfg.precision, device)
+    autocast = autocast_factory(cfg.precision, device)
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)

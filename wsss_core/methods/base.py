@@ -39,7 +39,7 @@ class StepContext:
     max_step: int
     epochs: int
     device: torch.device
-    autocast: Any = None  # a context-manager factory (mixed precision on CUDA)
+    autocast: Any = None  # a context-manager factory: the stage's `precision` region
 
 
 @dataclass

@@ -15,9 +15,11 @@ from .settings import from_dict
 
 @dataclass
 class ResNetSettings:
-    backbone: str = "resnet50"
+    backbone: str = "resnet50.tv_in1k"  # torchvision V1 weights, as IRN
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 1])
     pretrained: bool = True
+    # offline route: a checkpoint of the weights the tag names (resnet50.tv_in1k: torchvision's
+    # resnet50-0676ba61.pth; resnet152.tv_in1k: resnet152-394f9c45.pth)
     pretrained_file: str | None = None
     frozen_bn: bool = True  # IRN: BN statistics stay at their ImageNet values
     detach_early: bool = True  # IRN: stem, layer1, layer2 get no gradient

@@ -24,9 +24,9 @@ from .settings import block, from_dict
 
 @dataclass
 class ViTSettings:
-    backbone: str = "deit_small_patch16_224"
+    backbone: str = "deit_small_patch16_224.fb_in1k"  # DeiT-S, the official ViT weights
     pretrained: bool = True
-    pretrained_file: str | None = None
+    pretrained_file: str | None = None  # fb_in1k: DeiT's deit_small_patch16_224-cd65a155.pth
     patch_size: int | None = None
     embed_dim: int | None = None  # set (with depth, num_heads) for a from-scratch small ViT
     depth: int | None = None

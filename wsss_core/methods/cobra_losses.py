@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..precision import float32
+
 PseudoLabelMode = Literal["official", "neginf"]
 
 
@@ -108,12 +110,17 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (e,) = ctx.saved_tensors
-        return e @ (grad + grad.transpose(1, 2))
+        # a backward called inside an autocast region would run this matmul in low precision
+        with torch.autocast(e.device.type, enabled=False):
+            return e @ (grad + grad.transpose(1, 2)).to(e.dtype)
 
 
+@float32
 def _contrastive(embedding: torch.Tensor, pos_idx: torch.Tensor, neg_idx: torch.Tensor,
                  tau: float, temperature_bug: bool = False) -> torch.Tensor:
-    """Mean over [B, P, K⁺] of softplus(log N - s_pos/τ).
+    """Mean over [B, P, K⁺] of softplus(log N - s_pos/τ), always in fp32 (Gram matrix, norms,
+    cosines, log-sum-exp): under bf16/fp16 autocast a cosine near 1 divided by τ = 0.1 would
+    lose the differences the loss is made of (wsss_core/precision.py).
 
     embedding [B, D, h, w]; indices [B, P, K] name positions q for each query p. The cosine
     s_pq = G_pq / (n_p n_q) with G = eᵀe ([B, P, P], one matmul) and n_p = max(‖e_p‖, 1e-12)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import timm
 import torch
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model, split_model_name_tag
 from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import BasicBlock, ResNet
 import torch.nn.functional as F
@@ -58,10 +58,44 @@ def resnet_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
     return build_model_with_cfg(ResNet, "resnet_tiny", False, **dict(args, **kwargs))
 
 
+def pretrained_source(name: str) -> tuple[str, str, str]:
+    """(architecture, weights tag, where timm downloads them from) of a tagged timm name
+    `<architecture>.<tag>`, e.g. `resnet152.tv_in1k` → torchvision's IMAGENET1K_V1 file.
+
+    Nothing is downloaded. Raises WeightsError for a name without a tag (timm would silently
+    pick its default, e.g. `resnet152.a1h_in1k`, weights trained with another recipe than the
+    papers used) or with a tag timm does not know.
+    """
+    arch, tag = split_model_name_tag(name)
+    if not tag:
+        default = ""
+        try:
+            default = f" (timm's default would be {arch}.{get_pretrained_cfg(arch).tag})"
+        except Exception:  # an unknown architecture or one without weights: named below anyway
+            pass
+        raise WeightsError(f"backbone {name}: name the ImageNet weights with an explicit timm tag, "
+                           f"<model>.<tag>, e.g. resnet152.tv_in1k{default}")
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as e:
+        raise WeightsError(f"backbone {name}: {e}") from None
+    if cfg is None:
+        raise WeightsError(f"backbone {name}: timm knows no weights of that name")
+    return arch, tag, cfg.url or (f"hf-hub:{cfg.hf_hub_id}" if cfg.hf_hub_id else "")
+
+
 def create_timm(name: str, pretrained: bool = False, pretrained_file: str | None = None,
                 **kwargs) -> nn.Module:
     """timm.create_model with the project's weight policy: a local file, the timm cache/hub,
-    or a one-line WeightsError naming what was looked for."""
+    or a one-line WeightsError naming what was looked for.
+
+    With `pretrained` and no `pretrained_file`, `name` must carry an explicit weights tag
+    (`pretrained_source`), so no default tag is ever implied. `pretrained_file` is the offline
+    route: a checkpoint with the state dict the tagged weights have (e.g. torchvision's
+    `resnet152-394f9c45.pth` for `resnet152.tv_in1k`), read by timm's loader.
+    """
+    if pretrained and not pretrained_file:
+        pretrained_source(name)
     if pretrained and pretrained_file:
         path = Path(pretrained_file).expanduser()
         if not path.is_file():

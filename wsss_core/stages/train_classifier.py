@@ -42,7 +42,8 @@ def train_classifier(index: str | Path, method: dict, params: dict, out: str | P
                  device, dist.world_size)
         cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
                         poly_power=params["poly_power"], num_workers=params["num_workers"],
-                        desc=f"train {method['plugin']}", stage="train_classifier")
+                        desc=f"train {method['plugin']}", stage="train_classifier",
+                        precision=params["precision"])
         fit(dataset, cfg, model.training_step, optimizers, model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
             device=device, resume=resume, after_step=model.after_step, train_mode=model.train,

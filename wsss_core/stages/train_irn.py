@@ -77,7 +77,8 @@ def train_irn(index: str | Path, labels: str | Path, params: dict, out: str | Pa
 
         cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
                         poly_power=params["poly_power"], num_workers=params["num_workers"],
-                        desc="train irn", stage="train_irn")
+                        desc="train irn", stage="train_irn",
+                        precision=params["precision"])
         fit(dataset, cfg, step, [opt], model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
             device=device, resume=resume, train_mode=model.train,

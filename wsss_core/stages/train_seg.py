@@ -39,7 +39,7 @@ _SELECTION_KEYS = ("encoders", "per_model")
 #: the keys of a resolved (flat) parameter block
 TRAIN_KEYS = ("model", "encoder", "encoder_from", "pretrained", "pretrained_file", "output_stride", "crop",
               "batch_size", "epochs", "optimizer", "lr", "decoder_lr_mult", "momentum",
-              "weight_decay", "poly_power", "scale_range", "flip", "seed", "num_workers")
+              "weight_decay", "poly_power", "scale_range", "flip", "precision", "seed", "num_workers")
 
 
 def resolve_seg_params(block: dict, model: str | None = None) -> dict:
@@ -142,7 +142,8 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
 
         cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
                         poly_power=params["poly_power"], num_workers=params["num_workers"],
-                        desc=f"train {params['model']}", stage="train_seg")
+                        desc=f"train {params['model']}", stage="train_seg",
+                        precision=params["precision"])
         fit(dataset, cfg, step, [optimizer], model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
             device=device, resume=resume, train_mode=model.train,
