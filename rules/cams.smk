@@ -95,6 +95,7 @@ rule eval_seeds:
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         seeds=out("seeds.h5"),
+        cams=out("cams.h5"),  # the class-agnostic map of the per-image percentile protocol
     output:
         miou=out("seed_miou.txt"),
         metrics=out("seed_metrics.json"),
@@ -108,5 +109,6 @@ rule eval_seeds:
     log:
         logs("eval_seeds"),
     shell:
-        "wsss eval-seeds --index {input.index} --seeds {input.seeds} --params {params.stage:q} "
+        "wsss eval-seeds --index {input.index} --seeds {input.seeds} --cams {input.cams} "
+        "--params {params.stage:q} "
         "--out {output.miou} --log {log}"

@@ -50,7 +50,7 @@ METHOD = {"plugin": "cam", "preset": "tiny", "cobra": {},
                     "frozen_bn": True, "detach_early": False}}
 PARAMS = {"seed": 0, "crop": 48, "batch_size": 4, "epochs": 2, "optimizer": "sgd", "lr": 0.01,
           "weight_decay": 1e-4, "momentum": 0.9, "poly_power": 0.9, "scale_range": [44, 56],
-          "num_workers": 0}
+          "precision": "fp32", "num_workers": 0}
 #: what a training stage leaves beside its model
 OUTPUTS = ["checkpoint.pt", "model.pt", "train.log", "train_log.csv"]
 

@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_PARAMS = dict(model="deeplabv3plus", encoder="resnet18", encoder_from="weights", pretrained=False,
                     pretrained_file=None, output_stride=16, crop=64, batch_size=8, epochs=1,
                     optimizer="sgd", lr=0.01, decoder_lr_mult=10.0, momentum=0.9,
-                    weight_decay=1e-4, poly_power=0.9, scale_range=[0.5, 2.0], flip=True, seed=0,
-                    num_workers=0)
+                    weight_decay=1e-4, poly_power=0.9, scale_range=[0.5, 2.0], flip=True,
+                    precision="fp32", seed=0, num_workers=0)
 EVAL_PARAMS = dict(scales=[1.0, 0.75], flip=True, crf=False,
                    crf_params=dict(gauss_sxy=1, gauss_compat=3, bi_sxy=67, bi_srgb=3, bi_compat=4,
                                    iterations=5))

@@ -268,5 +268,5 @@ def test_imagenet_weights_offline_fail_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(seg_models, "_hub_reachable", lambda endpoint: False)
     t0 = time.perf_counter()
     with pytest.raises(WeightsError, match=r"smp-hub/mit_b0\.imagenet/model\.safetensors"):
-        create_seg_model("segformer", "mit_b0", 3, pretrained=True)
+        create_seg_model("segformer", "mit_b0.imagenet", 3, pretrained=True)
     assert time.perf_counter() - t0 < 10

@@ -128,6 +128,15 @@ class MapReader:
     def ids(self) -> list[str]:
         return list(self._file.keys())
 
+    def agnostic_map_names(self) -> list[str]:
+        """Names of the class-agnostic maps (stored as (H, W), not (K, H, W)), read from the
+        first image; [] for an empty store."""
+        first = next(iter(self._file.keys()), None)
+        if first is None:
+            return []
+        group = self._file[first]
+        return sorted(n for n in self.map_names if n in group and group[n].ndim == 2)
+
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._file
 

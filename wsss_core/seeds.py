@@ -1,4 +1,5 @@
-"""Seed fusion recipes and the seed → label-map rule (cobra.md §7)."""
+"""Seed fusion recipes and the seed → label-map rules (cobra.md §7): a constant background
+score, or a per-image one read from a class-agnostic map at a percentile."""
 from __future__ import annotations
 
 from typing import Callable, Mapping
@@ -33,3 +34,22 @@ def seed_labels_sweep(seed: np.ndarray, keys: np.ndarray, thresholds) -> list[np
     best = np.asarray(keys)[seed.argmax(axis=0)].astype(np.uint8)
     peak = seed.max(axis=0)
     return [np.where(peak > t, best, 0).astype(np.uint8) for t in thresholds]
+
+
+def percentile_backgrounds(agnostic: np.ndarray, percentiles) -> np.ndarray:
+    """Per-image background scores [len(percentiles)]: the θ-th percentiles of a class-agnostic
+    map [H, W] (float32, numpy's default linear interpolation over all H·W values), the
+    [OFFICIAL] rule of CoBra's `step/eval_cam.py` (cobra.md §7)."""
+    return np.percentile(np.asarray(agnostic, dtype=np.float32), list(percentiles))
+
+
+def percentile_seed_labels_sweep(seed: np.ndarray, keys: np.ndarray, agnostic: np.ndarray,
+                                 percentiles) -> list[np.ndarray]:
+    """`seed_labels` of one image at each percentile θ: the background score is
+    `percentile_backgrounds(agnostic, θ)` of that image's own map, so it adapts per image.
+
+    seed [K, H, W] class maps, keys [K] class ids, agnostic [H, W]; returns uint8 [H, W] label
+    maps, one per θ (background wins ties, as with a constant score)."""
+    if agnostic.shape != seed.shape[1:]:
+        raise ValueError(f"class-agnostic map {agnostic.shape} and seed {seed.shape[1:]} differ in size")
+    return seed_labels_sweep(seed, keys, percentile_backgrounds(agnostic, percentiles).tolist())

@@ -42,6 +42,15 @@ class CobraModelSettings:
 
 @dataclass
 class CobraLossSettings:
+    """The `cobra:` config block (cobra.md §4-5); defaults are the [OFFICIAL] code's values.
+
+    total = cls + l1_weight · L1 + phi_c2t · SAP + phi_t2c · CAP from epoch `aux_start_epoch`.
+    `tau` is the temperature of both SAP and CAP; `sap_temperature_bug: true` reproduces the
+    official SAP, whose negatives miss the 1/τ (cobra.md §4.7; false = the [FIX], both terms
+    scaled by 1/τ). `train_cnn_proj: false` keeps the official frozen random CNN projection
+    that CAP trains against; true lets CAP train it ([FIX]). `l1_weight: 0` drops the L1
+    inter-CAM term.
+    """
     top_bot_k: list[int] = field(default_factory=lambda: [20, 5, 5, 20])  # SAP+, SAP-, CAP+, CAP-
     tau: float = 0.1
     phi_c2t: float = 0.1  # SAP weight

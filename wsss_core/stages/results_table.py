@@ -16,10 +16,19 @@ STAGES = ("train_classifier", "export_cams", "fuse_seeds", "eval_seeds", "ir_lab
           "propagate", "make_masks", "eval_masks", "train_seg", "eval_seg")
 
 #: published VOC 2012 numbers, for reference only (cobra.md §10: CoBra Tab. 1/2; the IRN row
-#: is the baseline quoted in CoBra's Tab. 1; segmentation: DeepLabV3+ ResNet-101, val)
+#: is the baseline quoted in CoBra's Tab. 1; segmentation: DeepLabV3+ ResNet-101, val), with
+#: the protocol that produced each (cobra.md §7, §9; irn.md §9-11)
 PAPER_VOC = {
-    "cam": {"seed": 48.8, "mask": 66.3, "seg": None, "source": "IRN, as quoted in CoBra Tab. 1"},
-    "cobra": {"seed": 62.3, "mask": 73.5, "seg": 74.0, "source": "CoBra Tab. 1 / Tab. 2"},
+    "cam": {"seed": 48.8, "mask": 66.3, "seg": None, "source": "IRN, as quoted in CoBra Tab. 1",
+            "protocol": "seed: constant background score 0.15 (IRN's eval_cam.py; the `paper` preset "
+                        "reports the arg-max of a constant sweep); mask: random walk of the CAM, "
+                        "global-max rule with background 0.25, no CRF"},
+    "cobra": {"seed": 62.3, "mask": 73.5, "seg": 74.0, "source": "CoBra Tab. 1 / Tab. 2",
+              "protocol": "seed: per image the θ-th percentile of the attention map as background "
+                          "score, θ searched (CoBra's eval_cam.py; `eval_seeds.background: "
+                          "percentile`), no CRF; mask: random walk of the ViT CAM, per-class "
+                          "0.31·max + min rule + dense CRF (72.5 without); seg: multi-scale "
+                          "testing + dense CRF"},
 }
 
 
@@ -69,9 +78,10 @@ def markdown(rows: list[dict], dataset: str, shared: dict[str, float | None]) ->
     lines += ["", f"Shared by all methods: {data}.", "",
               "For reference only, the papers' PASCAL VOC 2012 numbers (seeds and masks on `train`, "
               "segmentation DeepLabV3+ ResNet-101 on `val`) — not produced by this repository:", "",
-              "| method | seed mIoU | mask mIoU | seg mIoU | source |", "|---|---|---|---|---|"]
+              "| method | seed mIoU | mask mIoU | seg mIoU | source | protocol |", "|---|---|---|---|---|---|"]
     for m, p in PAPER_VOC.items():
-        lines.append(f"| {m} (paper) | {_fmt(p['seed'], 1)} | {_fmt(p['mask'], 1)} | {_fmt(p['seg'], 1)} | {p['source']} |")
+        lines.append(f"| {m} (paper) | {_fmt(p['seed'], 1)} | {_fmt(p['mask'], 1)} | {_fmt(p['seg'], 1)} "
+                     f"| {p['source']} | {p['protocol']} |")
     return "\n".join(lines) + "\n"
 
 
