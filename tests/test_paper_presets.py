@@ -169,3 +169,15 @@ def test_untagged_pretrained_names_are_refused_before_any_download():
         create_seg_model("deeplabv3plus", "resnet101", VOC_CLASSES, pretrained=True)
     with pytest.raises(WeightsError, match="no weights 'in22k'"):
         create_seg_model("segformer", "mit_b2.in22k", VOC_CLASSES, pretrained=True)
+
+
+def test_paper_seed_protocol_and_precision(cfg):
+    """CoBra's seed number comes from its per-image percentile protocol over θ = 50 … 95, the
+    IRN baseline's from the constant sweep; every paper training stage runs in fp32 as the
+    official code does."""
+    cobra = stage_params(cfg, "voc", "cobra", "eval_seeds")
+    assert cobra["background"] == "percentile" and cobra["percentiles"] == {"start": 50, "stop": 95, "step": 5}
+    assert stage_params(cfg, "voc", "cam", "eval_seeds")["background"] == "constant"
+    for method in ("cam", "cobra"):
+        for stage in ("train_classifier", "train_irn", "train_seg"):
+            assert stage_params(cfg, "voc", method, stage)["precision"] == "fp32"
