@@ -93,16 +93,25 @@ class MapWriter:
         written chunks in its cache: a write error not raised here would surface later, in
         object destructors, as a flood of tracebacks and then a segfault."""
         self._broken = True
+        # HDF5 still holds chunks and metadata it could not write; closing the file retries
+        # them, fails, and leaves the file open for HDF5's exit handler, which then crashes.
+        # Pointing the file's descriptor at /dev/null lets those writes succeed and the file
+        # close for good (the temporary is deleted anyway).
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._file.id.get_vfd_handle())
+            os.close(null)
+        except (OSError, RuntimeError, ValueError):
+            pass
         # the failed call's frames still hold group and dataset objects of this file: freed
-        # after the file is closed, they crash HDF5; freed now, each reports the same write
-        # error through sys.unraisablehook, which must not flood the log
+        # now, each would report the write error again through sys.unraisablehook
         hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # h5py prints them too
                 traceback.clear_frames(e.__traceback__)
                 self._file.close()
         except Exception:
-            pass  # HDF5 cannot flush what it holds; closing a second time would crash
+            pass
         finally:
             sys.unraisablehook = hook
         self._tmp.unlink(missing_ok=True)

@@ -1,0 +1,274 @@
+"""Re-runs never reuse stale state, and every bad file, path and config is one line (issue 11).
+
+Each test builds its inputs here, small: a resume after an upstream change ends with the
+weights of a clean run; unreadable, locked, full or oddly encoded files give one line naming
+the file; a killed job's temporaries and pool workers do not outlive the re-run.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsss_core import engine
+from wsss_core.config import load_config, method_params, stage_params
+from wsss_core.data.index import build_index
+from wsss_core.errors import DataError
+from wsss_core.io import save_label_png
+from wsss_core.map_store import MapReader, MapWriter
+
+SPLITS = {s: s for s in ("train_aug", "train", "val")}
+
+
+# --- 1. a checkpoint is resumed only when every input it was made from is unchanged ---------
+
+@pytest.fixture(scope="module")
+def irn_inputs(repo_root, toy_root, tmp_path_factory):
+    """index, two IR label folders that differ, two classifier files that differ, and the
+    train_irn parameters (tiny preset, two short epochs)."""
+    from wsss_core.stages.train_classifier import train_classifier
+
+    base = tmp_path_factory.mktemp("resume")
+    cfg = load_config(repo_root / "config.yaml")
+    index = base / "index.json"
+    index.write_text(json.dumps(build_index("toy_small", "toy", toy_root, SPLITS, progress=False)))
+    record = json.loads(index.read_text())
+    cls_params = dict(stage_params(cfg, "toy", "cam", "train_classifier"), epochs=1, crop=48,
+                      scale_range=[44, 56], batch_size=4)
+    c0 = train_classifier(index, method_params(cfg, "toy", "cam"), cls_params,
+                          base / "c0" / "model.pt", threads=1)
+    ck = torch.load(c0, weights_only=True)
+    ck["state"]["cnn"] = {k: v + 0.05 if v.is_floating_point() else v
+                          for k, v in ck["state"]["cnn"].items()}
+    c1 = base / "c1.pt"
+    torch.save(ck, c1)
+    rng = np.random.default_rng(0)
+    labels = {}
+    for name, fg in (("A", 0.3), ("B", 0.6)):  # as if ir_labels.fg changed
+        folder = base / f"labels_{name}"
+        for image_id in record["splits"]["train_aug"]:
+            u = rng.random(tuple(record["images"][image_id]["size"]))
+            save_label_png(folder / f"{image_id}.png",
+                           np.where(u < fg, 1, np.where(u > 0.9, 255, 0)).astype(np.uint8))
+        labels[name] = folder
+    params = dict(stage_params(cfg, "toy", "cam", "train_irn"), epochs=2, crop=48, batch_size=4)
+    return {"index": index, "labels": labels, "classifier": {"C0": c0, "C1": c1}, "params": params}
+
+
+def _train_irn(inputs, out: Path, labels: str, classifier: str, resume: bool) -> dict:
+    from wsss_core.stages.train_irn import train_irn
+
+    run = out.parent / "inputs"  # the paths a re-run sees; their content changes between runs
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(inputs["labels"][labels], run / "ir_labels")
+    shutil.copy(inputs["classifier"][classifier], run / "classifier.pt")
+    train_irn(inputs["index"], run / "ir_labels", inputs["params"], out,
+              classifier=run / "classifier.pt", resume=resume, threads=1)
+    return torch.load(out, weights_only=True)["state"]
+
+
+@pytest.fixture(scope="module")
+def clean_irn(irn_inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "irn" / "model.pt"
+    return _train_irn(irn_inputs, out, "B", "C1", resume=False)
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_killed_train_irn_resumed_after_ir_labels_changed_equals_a_clean_run(irn_inputs, clean_irn,
+                                                                           tmp_path, monkeypatch):
+    out = tmp_path / "irn" / "model.pt"
+    real_save = engine.save_checkpoint
+
+    def killed_after_first_epoch(path, payload):
+        real_save(path, payload)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_checkpoint", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _train_irn(irn_inputs, out, "A", "C1", resume=True)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    assert out.with_name("checkpoint.pt").is_file()
+    _assert_same_weights(_train_irn(irn_inputs, out, "B", "C1", resume=True), clean_irn)
+
+
+def test_finished_train_irn_rerun_after_classifier_changed_equals_a_clean_run(irn_inputs, clean_irn,
+                                                                            tmp_path):
+    out = tmp_path / "irn" / "model.pt"
+    _train_irn(irn_inputs, out, "B", "C0", resume=True)
+    assert not out.with_name("checkpoint.pt").exists()  # finished: nothing left to resume
+    out.unlink()  # Snakemake deletes the outputs of the job it re-runs
+    _assert_same_weights(_train_irn(irn_inputs, out, "B", "C1", resume=True), clean_irn)
+
+
+def test_resume_key_reads_content_not_paths(tmp_path):
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"one")
+    before = engine.resume_key({"fg": 0.3}, files=[folder])
+    assert engine.resume_key({"fg": 0.3}, files=[folder]) == before
+    (folder / "a.png").write_bytes(b"two")
+    assert engine.resume_key({"fg": 0.3}, files=[folder]) != before
+
+
+# --- 3. an unreadable checkpoint, model file or map store is one line naming it ---------------
+
+def _truncated(source: Path, target: Path) -> Path:
+    data = source.read_bytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data[: len(data) // 2])
+    return target
+
+
+def _one_error_line(result: subprocess.CompletedProcess, *must: str) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "unexpected error" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "wsss: error:" in line]
+    assert len(errors) == 1, result.stderr
+    for text in must:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+def test_truncated_classifier_is_one_line_from_the_stage(irn_inputs, tmp_path, cli_env):
+    bad = _truncated(irn_inputs["classifier"]["C0"], tmp_path / "my run" / "classifier" / "model.pt")
+    result = subprocess.run(
+        ["wsss", "export-cams", "--index", str(irn_inputs["index"]), "--model", str(bad),
+         "--params", json.dumps({"scales": [1.0], "flip": False, "batch_size": 1}),
+         "--out", str(tmp_path / "cams.h5")],
+        env=cli_env, capture_output=True, text=True, timeout=300)
+    _one_error_line(result, str(bad), "unreadable", "train_classifier")
+    assert not list(tmp_path.glob("*cams.h5*"))
+
+
+@pytest.mark.parametrize("loader, stage", [("classifier", "train_classifier"), ("irn", "train_irn"),
+                                           ("irn_backbone", "train_classifier"),
+                                           ("seg", "train_seg")])
+def test_every_model_loader_names_the_damaged_file_and_its_stage(irn_inputs, tmp_path, loader, stage):
+    from wsss_core.stages.train_classifier import load_trained
+    from wsss_core.stages.train_irn import build_irn, load_irn
+    from wsss_core.stages.train_seg import load_seg_model
+
+    bad = _truncated(irn_inputs["classifier"]["C0"], tmp_path / loader / "model.pt")
+    load = {"classifier": lambda: load_trained(bad, torch.device("cpu")),
+            "irn": lambda: load_irn(bad, torch.device("cpu")),
+            "irn_backbone": lambda: build_irn(irn_inputs["params"], bad),
+            "seg": lambda: load_seg_model(bad, "cpu")}[loader]
+    with pytest.raises(DataError, match=rf"{bad}: unreadable or damaged model file .*re-run the {stage} stage"):
+        load()
+
+
+def _store(path: Path, n: int = 3, size: int = 32) -> Path:
+    rng = np.random.default_rng(1)
+    with MapWriter(path, {"method": "cam"}) as w:
+        for i in range(n):
+            w.add(f"img{i}", [1], (size, size), {"cam": rng.random((1, size, size))})
+    return path
+
+
+def test_damaged_chunk_of_a_map_store_names_the_file_and_the_image(tmp_path):
+    path = _store(tmp_path / "cams.h5")
+    data = bytearray(path.read_bytes())
+    with MapReader(path) as reader:  # the byte range of img1's compressed chunk
+        chunk = reader._file["img1"]["cam"].id.get_chunk_info(0)
+        offset, length = chunk.byte_offset, chunk.size
+    data[offset + length // 2: offset + length // 2 + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+    with MapReader(path) as reader:  # the header is fine
+        reader.get("img0", "cam")
+        with pytest.raises(DataError, match=rf"{path}: unreadable or damaged map store \(image img1\)"
+                                            rf".*re-run the export_cams stage"):
+            reader.get("img1", "cam")
+
+
+def test_truncated_map_store_is_one_line(tmp_path):
+    path = _store(tmp_path / "rw.h5")
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataError, match=rf"{path}: unreadable or damaged map store.*propagate"):
+        MapReader(path)
+
+
+# --- 4. a full disk is one line, exit 2, and no temporary left --------------------------------
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail like a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_map_store_write_on_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, cli_env):
+    cams = _store(tmp_path / "in" / "cams.h5", n=30, size=64)
+    out = tmp_path / "out" / "seeds.h5"
+    result = subprocess.run(
+        ["wsss", "fuse-seeds", "--cams", str(cams), "--params", json.dumps({"recipe": "cam"}),
+         "--out", str(out)], env=cli_env, capture_output=True, text=True, timeout=300,
+        preexec_fn=_file_size_limit(cams.stat().st_size // 4))
+    _one_error_line(result, str(out), "cannot write", "file too large")
+    assert list(out.parent.iterdir()) == []
+
+
+def test_png_writes_on_a_full_disk_are_one_line(tmp_path, cli_env):
+    """The other writers (label PNGs in a temporary folder, text, checkpoints) fail the same way."""
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from wsss_core.io import atomic_dir, save_label_png
+        from wsss_core.stages.common import run_stage
+        def write():
+            with atomic_dir({str(tmp_path / 'masks')!r}) as tmp:
+                noise = np.random.default_rng(0).integers(0, 255, (256, 256)).astype(np.uint8)
+                save_label_png(tmp / "a.png", noise)  # about 65 kB
+        class Args: log = None
+        raise SystemExit(run_stage(Args(), write))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env=cli_env, capture_output=True,
+                            text=True, timeout=120, preexec_fn=_file_size_limit(20_000))
+    _one_error_line(result, "cannot write", "file too large")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- 9. a store held open by another process ----------------------------------------------------
+
+@pytest.fixture
+def held_open(tmp_path, cli_env):
+    """A map store another process holds open for writing (as an HDF5 viewer or a job would)."""
+    path = _store(tmp_path / "seeds.h5")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+'); "
+                               "print('open', flush=True); time.sleep(60)", str(path)],
+        env=cli_env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "open"
+    yield path
+    holder.kill()
+    holder.wait()
+
+
+def test_reading_a_store_another_process_holds_open_needs_no_lock(held_open):
+    with MapReader(held_open) as reader:
+        assert reader.get("img0", "cam").shape == (1, 32, 32)
+
+
+def test_a_lock_failure_says_locked_not_rerun(held_open):
+    import h5py
+
+    from wsss_core.map_store import store_error
+    with pytest.raises(OSError) as failure:
+        h5py.File(held_open, "r", locking=True)
+    message = str(store_error(held_open, failure.value))
+    assert "locked by another process" in message and "HDF5_USE_FILE_LOCKING=FALSE" in message
+    assert "re-run" not in message
