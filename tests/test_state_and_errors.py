@@ -272,3 +272,25 @@ def test_a_lock_failure_says_locked_not_rerun(held_open):
     message = str(store_error(held_open, failure.value))
     assert "locked by another process" in message and "HDF5_USE_FILE_LOCKING=FALSE" in message
     assert "re-run" not in message
+
+
+# --- 2. every config block, plug-in blocks included, is checked when the workflow loads ---------
+
+@pytest.mark.parametrize("method, block, key", [
+    ("cam", {"model": {"backbon": "resnet_tiny"}}, "methods.cam.presets.tiny.model.backbon"),
+    ("cam", {"model": {"backbone": "resnet_tny"}}, "methods.cam.presets.tiny.model.backbone"),
+    ("cobra", {"model": {"cnn": {"frozen_bnn": False}}}, "methods.cobra.presets.tiny.model.cnn.frozen_bnn"),
+    ("cobra", {"cobra": {"top_bot_k": [1, 2]}}, "methods.cobra.presets.tiny.cobra.top_bot_k"),
+    ("cam", {"cobra": {"tau": 0.2}}, "methods.cam.presets.tiny.cobra"),
+    ("cam", {"train_irn": {"backbone": "resnet5O"}}, "methods.cam.presets.tiny.train_irn.backbone"),
+], ids=["typo-key", "unknown-backbone", "nested-key", "bad-value", "foreign-block", "irn-backbone"])
+def test_plugin_blocks_are_checked_with_the_config(repo_root, method, block, key):
+    import yaml
+
+    from wsss_core.config import apply_defaults, deep_merge, validate_config
+    from wsss_core.errors import ConfigError
+    cfg = yaml.safe_load((repo_root / "config.yaml").read_text())
+    cfg = deep_merge(cfg, {"methods": {method: {"presets": {"tiny": block}}}})
+    with pytest.raises(ConfigError, match=rf"^config key {key}[:\s]") as error:
+        validate_config(apply_defaults(cfg))
+    assert "\n" not in str(error.value)

@@ -8,12 +8,15 @@ as a param, so changing any value re-runs exactly that stage and what depends on
 from __future__ import annotations
 
 import copy
+import os
+import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, WSSSError
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
@@ -67,8 +70,9 @@ def _explain(error) -> str:
     return f"config key {_key_path(error.absolute_path)}: {error.message}"
 
 
-def validate_config(cfg: dict) -> dict:
-    """Check `cfg` against the schema; raise ConfigError naming the first offending key."""
+def validate_config(cfg: dict, plugins: bool = True) -> dict:
+    """Check `cfg` against the schema (and, with `plugins`, the method plug-ins' blocks); raise
+    ConfigError naming the first offending key."""
     import jsonschema
 
     schema = dict(_load_schema(SCHEMA_PATH))
@@ -93,7 +97,42 @@ def validate_config(cfg: dict) -> dict:
         for m in cfg["methods"]:
             for stage in STAGES:
                 stage_params(cfg, d, m, stage)
+    if plugins:
+        check_plugin_blocks(cfg)
     return cfg
+
+
+def check_or_exit(check: Callable[[], Any]) -> Any:
+    """Run a check of the workflow's config or inputs; a WSSSError ends the run with its one
+    line (no traceback) and exit status 2. Used where Snakemake would print a traceback."""
+    try:
+        return check()
+    except WSSSError as e:
+        if os.environ.get("WSSS_DEBUG") == "1":
+            raise
+        print(f"wsss: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_plugin_blocks(cfg: dict) -> None:
+    """The method plug-ins' own blocks (`model`, `cobra`, ...) of every (method, preset) in
+    use, and the backbone names of the stage blocks: what the schema leaves to the plug-ins.
+    Imports the plug-ins (torch, timm), so it runs once, when the workflow loads.
+
+    Raises: ConfigError naming the first offending key."""
+    from .methods import method_class
+    from .methods.settings import check_backbone_name
+
+    checked: set[tuple[str, str]] = set()
+    for d, ds in cfg["datasets"].items():
+        for m in cfg["methods"]:
+            if (m, ds["preset"]) in checked:
+                continue
+            checked.add((m, ds["preset"]))
+            where = f"methods.{m}.presets.{ds['preset']}"
+            method_class(cfg["methods"][m]["plugin"]).check_params(method_params(cfg, d, m), where)
+            irn = stage_params(cfg, d, m, "train_irn")
+            check_backbone_name(irn["backbone"], f"{where}.train_irn.backbone")
 
 
 _DEFAULT_PRESET = {"toy": "tiny", "voc": "paper", "coco": "paper"}
