@@ -294,3 +294,170 @@ def test_plugin_blocks_are_checked_with_the_config(repo_root, method, block, key
     with pytest.raises(ConfigError, match=rf"^config key {key}[:\s]") as error:
         validate_config(apply_defaults(cfg))
     assert "\n" not in str(error.value)
+
+
+# --- 5. text the user writes: BOMs and UTF-16 are read, undecodable text is one line -----------
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le-bom", "utf-16-be-bom"])
+def test_list_and_class_name_files_are_read_with_bom_detection(toy_root, tmp_path, encoding):
+    from wsss_core.data.voc import read_class_names, read_list
+
+    def write(path: Path, text: str) -> None:
+        if encoding == "utf-16-le-bom":
+            data = codecs.BOM_UTF16_LE + text.encode("utf-16-le")
+        elif encoding == "utf-16-be-bom":
+            data = codecs.BOM_UTF16_BE + text.encode("utf-16-be")
+        else:
+            data = text.encode(encoding)
+        path.write_bytes(data)
+
+    ids = ["2007_000032", "2007_000039"]
+    write(tmp_path / "train.txt", "\r\n".join(ids) + "\r\n")  # Notepad's line ends too
+    assert read_list(tmp_path / "train.txt") == ids
+    write(tmp_path / "class_names.txt", "background\nsheep\n")
+    assert read_class_names(tmp_path) == ["background", "sheep"]
+
+
+def test_config_file_with_a_bom_is_read(repo_root, tmp_path):
+    extra = tmp_path / "mine.yaml"
+    extra.write_bytes("threads: 3\n".encode("utf-16"))
+    assert load_config(repo_root / "config.yaml", extra)["threads"] == 3
+
+
+def test_undecodable_list_file_is_one_line_naming_it(tmp_path):
+    from wsss_core.data.voc import read_list
+
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"2007_000032\n\xff\xfe\xfa\n")  # Latin-1 bytes, no BOM
+    with pytest.raises(DataError, match=rf"^{path}: not readable as UTF-8 text .*save it as UTF-8$"):
+        read_list(path)
+
+
+# --- 10. an image stored under another extension or case ---------------------------------------
+
+@pytest.mark.parametrize("stored", ["2007_000032.JPG", "2007_000032.png", "2007_000032.jpeg"])
+def test_image_with_another_extension_is_named_with_the_fix(tmp_path, stored):
+    from wsss_core.data.voc import read_image
+
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "JPEGImages" / stored).write_bytes(b"not read")
+    expected = tmp_path / "JPEGImages" / "2007_000032.jpg"
+    with pytest.raises(DataError, match=rf"^{expected}: image not found, but .*{stored} is there; "
+                                        rf".*rename it to 2007_000032.jpg"):
+        read_image(expected)
+
+
+def test_mask_with_another_extension_is_named_with_the_fix(tmp_path):
+    from wsss_core.data.voc import read_mask
+
+    (tmp_path / "2007_000032.PNG").write_bytes(b"not read")
+    with pytest.raises(DataError, match=r"2007_000032.PNG is there; .*rename it to 2007_000032.png"):
+        read_mask(tmp_path / "2007_000032.png")
+
+
+# --- 11. a killed job's temporaries and pool workers do not outlive the re-run -----------------
+
+def test_a_stage_removes_its_own_stale_temporaries_and_no_one_elses(tmp_path):
+    from wsss_core.io import atomic_dir
+    from wsss_core.stages.fuse_seeds import fuse_seeds
+
+    cams = _store(tmp_path / "cams.h5")
+    stale = [tmp_path / ".seeds.h5.k1ll3d00.tmp", tmp_path / ".masks.k1ll3d00.tmp"]
+    stale[0].write_bytes(b"half a store")
+    stale[1].mkdir()
+    (stale[1] / "img0.png").write_bytes(b"half a mask")
+    others = [tmp_path / ".rw.h5.w0rk1ng0.tmp", tmp_path / ".seeds.h5.bak"]  # another job's, a user's
+    for path in others:
+        path.write_bytes(b"keep")
+    fuse_seeds(cams, {"recipe": "cam"}, tmp_path / "seeds.h5")
+    with atomic_dir(tmp_path / "masks") as tmp:
+        (tmp / "img0.png").write_bytes(b"a mask")
+    assert not any(p.exists() for p in stale)
+    assert all(p.read_bytes() == b"keep" for p in others)
+
+
+WORKERS_SCRIPT = """
+import os, sys, time
+from wsss_core.ops.crf import map_pool
+
+def work(i):
+    with open(os.path.join(sys.argv[1], str(os.getpid())), "w"):
+        pass
+    time.sleep(120)
+
+if __name__ == "__main__":
+    map_pool(work, range(2), threads=2)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_pool_workers_die_with_a_killed_stage(tmp_path, cli_env):
+    import time
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = tmp_path / "stage.py"
+    script.write_text(WORKERS_SCRIPT)
+    stage = subprocess.Popen([sys.executable, str(script), str(pids)], env=cli_env)
+    deadline = time.monotonic() + 120
+    while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = [int(p.name) for p in pids.iterdir()]
+    assert len(workers) == 2
+    # the fork server and multiprocessing's resource tracker, started by the stage
+    helpers = [int(pid) for pid in Path(f"/proc/{stage.pid}/task/{stage.pid}/children").read_text().split()]
+    assert helpers
+    workers += helpers
+    stage.kill()
+    stage.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = [pid for pid in workers if _alive(pid)]
+    for pid in survivors:  # do not leave them behind when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors
+
+
+# --- 12. outputs get the permissions the user's umask gives -----------------------------------
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])
+def test_outputs_get_the_umask_permissions(tmp_path, umask, file_mode, dir_mode):
+    from wsss_core.engine import save_checkpoint
+    from wsss_core.io import atomic_dir, write_text
+
+    old = os.umask(umask)
+    try:
+        write_text(tmp_path / "seed_miou.txt", "50.0\n")
+        save_checkpoint(tmp_path / "model.pt", {"state": {}})
+        _store(tmp_path / "cams.h5")
+        with atomic_dir(tmp_path / "masks") as tmp:
+            save_label_png(tmp / "a.png", np.zeros((4, 4), np.uint8))
+    finally:
+        os.umask(old)
+    for name in ("seed_miou.txt", "model.pt", "cams.h5", "masks/a.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == file_mode, name
+    assert (tmp_path / "masks").stat().st_mode & 0o777 == dir_mode
+
+
+# --- 6. an image without a foreground class (unit level; the whole DAG is in test_e2e_edge) ----
+
+@pytest.mark.parametrize("rule", ["irn", "cobra"])
+@pytest.mark.parametrize("crf", [False, True])
+def test_pseudo_mask_of_an_image_without_a_class_is_background(rule, crf):
+    from wsss_core.masks import pseudo_mask
+
+    params = {"rule": rule, "bg": 0.25, "alpha": 0.31, "crf": crf,
+              "crf_params": {"gt_prob": 0.7, "gauss_sxy": 2, "gauss_compat": 3, "bi_sxy": 45,
+                             "bi_srgb": 5, "bi_compat": 4, "iterations": 2}}
+    image = np.zeros((6, 7, 3), np.uint8)
+    mask = pseudo_mask(image, np.zeros((0, 6, 7), np.float32), np.zeros(0, np.int64), params)
+    assert mask.shape == (6, 7) and mask.dtype == np.uint8 and (mask == 0).all()

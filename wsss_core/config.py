@@ -12,11 +12,12 @@ import os
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import yaml
 
 from .errors import ConfigError, WSSSError
+from .io import read_user_text
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
@@ -110,8 +111,13 @@ def check_or_exit(check: Callable[[], Any]) -> Any:
     except WSSSError as e:
         if os.environ.get("WSSS_DEBUG") == "1":
             raise
-        print(f"wsss: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(e)
+
+
+def exit_with(error: WSSSError) -> NoReturn:
+    """Print the error's one line and end the workflow run with exit status 2."""
+    print(f"wsss: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 
 def check_plugin_blocks(cfg: dict) -> None:
@@ -161,8 +167,7 @@ def load_config(path: str | Path, *extra: str | Path) -> dict:
     cfg: dict = {}
     for p in (path, *extra):
         try:
-            with open(p) as f:
-                cfg = deep_merge(cfg, yaml.safe_load(f) or {})
+            cfg = deep_merge(cfg, yaml.safe_load(read_user_text(p)) or {})
         except FileNotFoundError:
             raise ConfigError(f"{p}: config file not found") from None
         except yaml.YAMLError as e:

@@ -35,12 +35,15 @@ def temporary_names(path: str | os.PathLike) -> re.Pattern:
     return re.compile(rf"^\.{re.escape(Path(path).name)}\.[A-Za-z0-9_]{{8}}\.tmp")
 
 
+_ANY_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
 def remove_stale_temporaries(path: str | os.PathLike) -> None:
     """Delete temporaries of `path` left by a killed earlier run (one output is written by one
     job at a time, so any temporary of it found when the job starts is stale)."""
     path = Path(path)
-    if not path.parent.is_dir():
-        return
+    if not path.parent.is_dir() or _ANY_TEMPORARY.match(path.parent.name):
+        return  # a temporary folder of this run (one PNG of thousands) holds nothing stale
     pattern = temporary_names(path)
     for stale in path.parent.iterdir():
         if pattern.match(stale.name):
