@@ -461,3 +461,26 @@ def test_pseudo_mask_of_an_image_without_a_class_is_background(rule, crf):
     image = np.zeros((6, 7, 3), np.uint8)
     mask = pseudo_mask(image, np.zeros((0, 6, 7), np.float32), np.zeros(0, np.int64), params)
     assert mask.shape == (6, 7) and mask.dtype == np.uint8 and (mask == 0).all()
+
+
+# --- 13. the boundary map of a panorama costs its pixel count, not its long side squared -------
+
+@pytest.mark.parametrize("height, width, crop", [(40, 400, 32), (400, 40, 32), (20, 30, 32)])
+def test_boundary_map_pads_each_side_on_its_own(height, width, crop, monkeypatch):
+    from wsss_core.models.irn import IRN
+
+    model = IRN("resnet_tiny", strides=(2, 2, 2, 1)).eval()
+    seen = []
+    real = model.edge_logits
+    monkeypatch.setattr(model, "edge_logits", lambda x: seen.append(tuple(x.shape[-2:])) or real(x))
+    with torch.no_grad():
+        boundary = model.boundary_map(torch.zeros(2, 3, height, width), crop=crop)
+    assert boundary.shape == (1, (height - 1) // 4 + 1, (width - 1) // 4 + 1)
+
+    def ceil16(n: int) -> int:
+        return -(-n // 16) * 16
+    (padded_h, padded_w), = seen
+    assert (padded_h, padded_w) == (max(crop, ceil16(height)), max(crop, ceil16(width)))
+    # bounded by the image's own area (plus at most 15 rows/columns and the crop), not by
+    # its long side squared
+    assert padded_h * padded_w <= max(crop, height + 15) * max(crop, width + 15)

@@ -226,6 +226,11 @@ class MapReader:
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._file
 
+    def has(self, image_id: str, name: str) -> bool:
+        """Whether `image_id` holds map `name` (`map_names` is the union over images: an image
+        without a foreground class has no boundary map in rw.h5, for example)."""
+        return image_id in self._file and name in self._file[image_id]
+
     def keys(self, image_id: str) -> np.ndarray:
         try:
             return np.asarray(self._file[image_id].attrs["keys"], dtype=np.int64)
