@@ -111,9 +111,9 @@ def test_finished_train_irn_rerun_after_classifier_changed_equals_a_clean_run(ir
                                                                             tmp_path):
     out = tmp_path / "irn" / "model.pt"
     _train_irn(irn_inputs, out, "B", "C0", resume=True)
-    assert not out.with_name("checkpoint.pt").exists()  # finished: nothing left to resume
     out.unlink()  # Snakemake deletes the outputs of the job it re-runs
     _assert_same_weights(_train_irn(irn_inputs, out, "B", "C1", resume=True), clean_irn)
+    assert not out.with_name("checkpoint.pt").exists()  # finished: nothing left to resume
 
 
 def test_resume_key_reads_content_not_paths(tmp_path):
