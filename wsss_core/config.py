@@ -71,7 +71,7 @@ def _explain(error) -> str:
     return f"config key {_key_path(error.absolute_path)}: {error.message}"
 
 
-def validate_config(cfg: dict, plugins: bool = True) -> dict:
+def validate_config(cfg: dict, plugins: bool = True, cache: str | Path | None = None) -> dict:
     """Check `cfg` against the schema (and, with `plugins`, the method plug-ins' blocks); raise
     ConfigError naming the first offending key."""
     import jsonschema
@@ -99,7 +99,7 @@ def validate_config(cfg: dict, plugins: bool = True) -> dict:
             for stage in STAGES:
                 stage_params(cfg, d, m, stage)
     if plugins:
-        check_plugin_blocks(cfg)
+        check_plugin_blocks(cfg, cache)
     return cfg
 
 
@@ -120,25 +120,36 @@ def exit_with(error: WSSSError) -> NoReturn:
     raise SystemExit(2) from None
 
 
-def check_plugin_blocks(cfg: dict) -> None:
+def check_plugin_blocks(cfg: dict, cache: str | Path | None = None) -> None:
     """The method plug-ins' own blocks (`model`, `cobra`, ...) of every (method, preset) in
     use, and the backbone names of the stage blocks: what the schema leaves to the plug-ins.
-    Imports the plug-ins (torch, timm), so it runs once, when the workflow loads.
+    This imports the plug-ins (torch, timm: seconds), so blocks that passed once are recorded
+    in the folder `cache` (with the plug-in code's fingerprint) and not checked again.
 
     Raises: ConfigError naming the first offending key."""
-    from .methods import method_class
-    from .methods.settings import check_backbone_name
+    import hashlib
+    import json
 
-    checked: set[tuple[str, str]] = set()
+    from .codehash import source_hash
+
+    blocks = {}
     for d, ds in cfg["datasets"].items():
         for m in cfg["methods"]:
-            if (m, ds["preset"]) in checked:
-                continue
-            checked.add((m, ds["preset"]))
             where = f"methods.{m}.presets.{ds['preset']}"
-            method_class(cfg["methods"][m]["plugin"]).check_params(method_params(cfg, d, m), where)
-            irn = stage_params(cfg, d, m, "train_irn")
-            check_backbone_name(irn["backbone"], f"{where}.train_irn.backbone")
+            blocks[where] = (method_params(cfg, d, m), stage_params(cfg, d, m, "train_irn")["backbone"])
+    code = source_hash(str(Path(__file__).parent.parent), "wsss_core.methods")
+    key = hashlib.sha256(json.dumps([blocks, code], sort_keys=True).encode()).hexdigest()
+    if cache is not None and (Path(cache) / key).is_file():
+        return
+
+    from .methods import method_class
+    from .methods.settings import check_backbone_name
+    for where, (params, irn_backbone) in blocks.items():
+        method_class(params["plugin"]).check_params(params, where)
+        check_backbone_name(irn_backbone, f"{where}.train_irn.backbone")
+    if cache is not None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        (Path(cache) / key).touch()
 
 
 _DEFAULT_PRESET = {"toy": "tiny", "voc": "paper", "coco": "paper"}
