@@ -14,7 +14,11 @@ configfile: "config.yaml"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 wsss_config.apply_defaults(config)
-wsss_config.validate_config(config)  # one-line errors naming the key
+# one line naming the key, plug-in blocks included, before any job runs or any output is
+# deleted (plug-in blocks once per content: job processes of cluster executors re-read the
+# Snakefile, and blocks that passed are recorded under .snakemake/)
+wsss_config.check_or_exit(lambda: wsss_config.validate_config(
+    config, plugins=workflow.is_main_process, cache=".snakemake/wsss-checked-plugin-blocks"))
 # defaults are already filled by apply_defaults; Snakemake's default-setting validator would
 # also copy the toy branch's defaults into voc entries while trying the oneOf branches
 validate(config, "wsss_core/schemas/config.schema.yaml", set_default=False)

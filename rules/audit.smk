@@ -48,8 +48,8 @@ rule audit:
     log:
         logs("audit"),
     shell:
-        "wsss audit {params.run_dir:q} --index {input.index} --params {params.stage:q} "
-        "--out {params.run_dir:q}/audit --log {log}"
+        "wsss audit {params.run_dir:q} --index {input.index:q} --params {params.stage:q} "
+        "--out {params.run_dir:q}/audit --log {log:q}"
 
 
 def comparison_inputs(wildcards):
@@ -79,4 +79,4 @@ rule compare:
         f"{RESULTS}/{{dataset}}/logs/compare.log",
     shell:
         "wsss compare --results {params.results:q} --dataset {wildcards.dataset} --methods {params.methods} "
-        "--out {output.md} --html {output.html} --log {log}"
+        "--out {output.md:q} --html {output.html:q} --log {log:q}"

@@ -25,8 +25,8 @@ rule train_classifier:
     log:
         logs("train_classifier"),
     shell:
-        wsss("train_classifier") + " train-classifier --index {input.index} --method {params.method:q} "
-        "--params {params.stage:q} --out {output.model} --resume --threads {threads} --log {log}"
+        wsss("train_classifier") + " train-classifier --index {input.index:q} --method {params.method:q} "
+        "--params {params.stage:q} --out {output.model:q} --resume --threads {threads} --log {log:q}"
 
 
 rule export_cams:
@@ -48,8 +48,8 @@ rule export_cams:
     log:
         logs("export_cams" if CAM_SHARDS == 1 else "export_cams-{shard}"),
     shell:
-        "wsss export-cams --index {input.index} --model {input.model} --params {params.stage:q} "
-        "--out {output} --threads {threads} --log {log}"
+        "wsss export-cams --index {input.index:q} --model {input.model:q} --params {params.stage:q} "
+        "--out {output:q} --threads {threads} --log {log:q}"
         + ("" if CAM_SHARDS == 1 else f" --shard {{wildcards.shard}}/{CAM_SHARDS}")
 
 
@@ -70,7 +70,7 @@ if CAM_SHARDS > 1:
         log:
             logs("merge_cams"),
         shell:
-            "wsss merge-cams --index {input.index} --out {output} --log {log} {input.shards}"
+            "wsss merge-cams --index {input.index:q} --out {output:q} --log {log:q} {input.shards:q}"
 
 
 rule fuse_seeds:
@@ -88,7 +88,7 @@ rule fuse_seeds:
     log:
         logs("fuse_seeds"),
     shell:
-        "wsss fuse-seeds --cams {input} --params {params.stage:q} --out {output} --log {log}"
+        "wsss fuse-seeds --cams {input:q} --params {params.stage:q} --out {output:q} --log {log:q}"
 
 
 rule eval_seeds:
@@ -109,6 +109,5 @@ rule eval_seeds:
     log:
         logs("eval_seeds"),
     shell:
-        "wsss eval-seeds --index {input.index} --seeds {input.seeds} --cams {input.cams} "
-        "--params {params.stage:q} "
-        "--out {output.miou} --log {log}"
+        "wsss eval-seeds --index {input.index:q} --seeds {input.seeds:q} --cams {input.cams:q} "
+        "--params {params.stage:q} --out {output.miou:q} --log {log:q}"

@@ -34,12 +34,12 @@ def seg_out(path):
 
 
 TRAIN_SEG_SHELL = (
-    wsss("train_seg") + " train-seg --index {input.index} --masks {input.masks} "
-    "--classifier {input.classifier} --params {params.stage:q} --out {output.model} --resume "
-    "--threads {threads} --log {log}")
+    wsss("train_seg") + " train-seg --index {input.index:q} --masks {input.masks:q} "
+    "--classifier {input.classifier:q} --params {params.stage:q} --out {output.model:q} --resume "
+    "--threads {threads} --log {log:q}")
 EVAL_SEG_SHELL = (
-    "wsss eval-seg --index {input.index} --model {input.model} --params {params.stage:q} "
-    "--out {output.miou} --pred {output.pred} --threads {threads} --log {log}")
+    "wsss eval-seg --index {input.index:q} --model {input.model:q} --params {params.stage:q} "
+    "--out {output.miou:q} --pred {output.pred:q} --threads {threads} --log {log:q}")
 
 
 rule train_seg:

@@ -80,7 +80,7 @@ def test_train_then_eval_end_to_end_and_miou_rescored_from_pngs(toy, trained, tm
     with open(trained.with_name("train_log.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and np.isfinite(float(rows[0]["total"]))
-    assert trained.with_name("checkpoint.pt").is_file()
+    assert not trained.with_name("checkpoint.pt").exists()  # finished: nothing to resume
 
     miou_path, pred_dir = tmp_path / "seg_miou.txt", tmp_path / "seg" / "pred"
     eval_seg(toy["index"], trained, EVAL_PARAMS, miou_path, pred_dir, threads=1)

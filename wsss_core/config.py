@@ -8,12 +8,16 @@ as a param, so changing any value re-runs exactly that stage and what depends on
 from __future__ import annotations
 
 import copy
+import os
+import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Callable, NoReturn
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, WSSSError
+from .io import read_user_text
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
@@ -67,8 +71,9 @@ def _explain(error) -> str:
     return f"config key {_key_path(error.absolute_path)}: {error.message}"
 
 
-def validate_config(cfg: dict) -> dict:
-    """Check `cfg` against the schema; raise ConfigError naming the first offending key."""
+def validate_config(cfg: dict, plugins: bool = True, cache: str | Path | None = None) -> dict:
+    """Check `cfg` against the schema (and, with `plugins`, the method plug-ins' blocks); raise
+    ConfigError naming the first offending key."""
     import jsonschema
 
     schema = dict(_load_schema(SCHEMA_PATH))
@@ -93,7 +98,58 @@ def validate_config(cfg: dict) -> dict:
         for m in cfg["methods"]:
             for stage in STAGES:
                 stage_params(cfg, d, m, stage)
+    if plugins:
+        check_plugin_blocks(cfg, cache)
     return cfg
+
+
+def check_or_exit(check: Callable[[], Any]) -> Any:
+    """Run a check of the workflow's config or inputs; a WSSSError ends the run with its one
+    line (no traceback) and exit status 2. Used where Snakemake would print a traceback."""
+    try:
+        return check()
+    except WSSSError as e:
+        if os.environ.get("WSSS_DEBUG") == "1":
+            raise
+        exit_with(e)
+
+
+def exit_with(error: WSSSError) -> NoReturn:
+    """Print the error's one line and end the workflow run with exit status 2."""
+    print(f"wsss: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
+
+def check_plugin_blocks(cfg: dict, cache: str | Path | None = None) -> None:
+    """The method plug-ins' own blocks (`model`, `cobra`, ...) of every (method, preset) in
+    use, and the backbone names of the stage blocks: what the schema leaves to the plug-ins.
+    This imports the plug-ins (torch, timm: seconds), so blocks that passed once are recorded
+    in the folder `cache` (with the plug-in code's fingerprint) and not checked again.
+
+    Raises: ConfigError naming the first offending key."""
+    import hashlib
+    import json
+
+    from .codehash import source_hash
+
+    blocks = {}
+    for d, ds in cfg["datasets"].items():
+        for m in cfg["methods"]:
+            where = f"methods.{m}.presets.{ds['preset']}"
+            blocks[where] = (method_params(cfg, d, m), stage_params(cfg, d, m, "train_irn")["backbone"])
+    code = source_hash(str(Path(__file__).parent.parent), "wsss_core.methods")
+    key = hashlib.sha256(json.dumps([blocks, code], sort_keys=True).encode()).hexdigest()
+    if cache is not None and (Path(cache) / key).is_file():
+        return
+
+    from .methods import method_class
+    from .methods.settings import check_backbone_name
+    for where, (params, irn_backbone) in blocks.items():
+        method_class(params["plugin"]).check_params(params, where)
+        check_backbone_name(irn_backbone, f"{where}.train_irn.backbone")
+    if cache is not None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        (Path(cache) / key).touch()
 
 
 _DEFAULT_PRESET = {"toy": "tiny", "voc": "paper", "coco": "paper"}
@@ -122,8 +178,7 @@ def load_config(path: str | Path, *extra: str | Path) -> dict:
     cfg: dict = {}
     for p in (path, *extra):
         try:
-            with open(p) as f:
-                cfg = deep_merge(cfg, yaml.safe_load(f) or {})
+            cfg = deep_merge(cfg, yaml.safe_load(read_user_text(p)) or {})
         except FileNotFoundError:
             raise ConfigError(f"{p}: config file not found") from None
         except yaml.YAMLError as e:

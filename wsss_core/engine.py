@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -33,7 +35,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 from tqdm import tqdm
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .io import atomic_path
 from .methods.base import StepContext
 from .precision import autocast_factory, grad_scaler
@@ -182,12 +184,63 @@ def _check_in_sync(optimizers: list[torch.optim.Optimizer], epoch: int) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
+    """Write `payload` to `path` atomically. Raises DataError when the disk refuses the write
+    (torch reports it as a RuntimeError without the path)."""
+    try:
+        with atomic_path(path, suffix=".pt") as tmp:
+            torch.save(payload, tmp)
+    except RuntimeError as e:
+        if "write" not in str(e).lower():
+            raise
+        raise DataError(f"{path}: cannot write ({str(e).splitlines()[0][:200]}); free space in "
+                        f"{path.parent} and re-run") from None
 
 
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", stage: str | None = None) -> dict:
+    """The dict a `save_checkpoint` wrote (weights only, no pickled code). Every reader of a
+    checkpoint or model file goes through here, so a missing, truncated or foreign file is one
+    line naming it and the stage that writes it (`stage`; None for a file the user supplies).
+
+    Raises: DataError (missing, unreadable or not a dict)."""
+    path = Path(path)
+    fix = f"re-run the {stage} stage" if stage else "replace the file"
+    if not path.is_file():
+        raise DataError(f"{path}: model file not found; {fix}")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, bit rot: torch raises many kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{path}: unreadable or damaged model file ({reason}); delete it and "
+                        f"{fix}") from None
+    if not isinstance(ck, dict):
+        raise DataError(f"{path}: not a wsss model file (holds a {type(ck).__name__}); {fix}")
+    return ck
+
+
+def resume_key(*parts: Any, files: Sequence[str | os.PathLike] = ()) -> str:
+    """SHA-256 naming exactly what a training run is made from: the JSON-able `parts`
+    (parameters, ids) and the content of every file it reads (`files`: files, or folders whose
+    files are read in name order), by content, not by path. A checkpoint is resumed only when
+    its key equals the current one, so a change to any upstream output (IR labels, a
+    classifier, masks, images) starts the run afresh.
+
+    Raises: DataError for a listed path that does not exist."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for item in files:
+        item = Path(item)
+        if item.is_dir():
+            members = sorted(p for p in item.rglob("*") if p.is_file())
+        elif item.is_file():
+            members = [item]
+        else:
+            raise DataError(f"{item}: input not found")
+        for member in members:
+            digest.update(str(member.relative_to(item) if item.is_dir() else member.name).encode() + b"\0")
+            with open(member, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def fit(
@@ -214,10 +267,7 @@ def fit(
     steps_per_epoch = n // cfg.batch_size if drop_last else 1
     max_step = steps_per_epoch * cfg.epochs
     start_epoch, step, rows = 0, 0, []
-    ck = load_checkpoint(checkpoint) if resume and checkpoint.is_file() else None
-    if ck is not None and ck.get("fingerprint") != fingerprint:
-        log.info("ignoring %s: it was written with other settings", checkpoint)
-        ck = None
+    ck = _resumable(checkpoint, fingerprint) if resume else None
     if ck is not None:
         set_state(ck["state"])
         for opt, s in zip(optimizers, ck["optimizers"]):
@@ -277,11 +327,34 @@ def fit(
             save_checkpoint(checkpoint, {"state": get_state(), "optimizers": [o.state_dict() for o in optimizers],
                                          "epoch": epoch + 1, "step": step, "log": rows,
                                          "fingerprint": fingerprint})
-    # once, at the end (also when resuming a finished run, whose outputs Snakemake deleted):
-    # a job killed midway must leave no declared output behind; the per-epoch rows live in
-    # the checkpoint and the stage log
+    # once, at the end: a job killed midway must leave no declared output behind; the
+    # per-epoch rows live in the checkpoint and the stage log
     if info.is_main:
         write_csv(log_csv, rows)
+
+
+def finish(checkpoint: Path) -> None:
+    """Remove the per-epoch checkpoint once the stage has written its model: a finished run
+    leaves nothing that a later run with other inputs could resume."""
+    if dist_info().is_main:
+        checkpoint.unlink(missing_ok=True)
+
+
+def _resumable(checkpoint: Path, fingerprint: str) -> dict | None:
+    """The checkpoint of an interrupted run made from exactly the current inputs, else None
+    (a damaged checkpoint, as a kill during its write can leave on some file systems, is
+    ignored too: it only saves time)."""
+    if not checkpoint.is_file():
+        return None
+    try:
+        ck = load_checkpoint(checkpoint)
+    except DataError as e:
+        log.info("ignoring %s", e)
+        return None
+    if ck.get("fingerprint") != fingerprint:
+        log.info("ignoring %s: it was made from other inputs or settings", checkpoint)
+        return None
+    return ck
 
 
 def _mean_over_processes(sums: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import ConfigError
+
 
 @dataclass
 class StepContext:
@@ -62,6 +64,32 @@ class Method(ABC):
     #: some training steps leave trainable parameters out of the loss (losses that start
     #: later); DistributedDataParallel must then look for unused parameters every step
     partial_losses: ClassVar[bool] = False
+
+    #: the plug-in blocks of the method's config (`model`, `cobra`, ...) and the settings
+    #: dataclass each is read into
+    settings: ClassVar[dict[str, type]] = {}
+
+    @classmethod
+    def check_params(cls, params: dict, where: str) -> None:
+        """Check the plug-in blocks of a resolved method block (as `method_params` returns it)
+        without building anything, so a typo fails when the workflow loads, before any job
+        runs or any output is deleted. `where` is the config key of the blocks' parent.
+
+        Raises: ConfigError naming the first offending key."""
+        from .settings import from_dict
+        for name, value in params.items():
+            if name not in ("plugin", "preset") and name not in cls.settings and value:
+                raise ConfigError(f"config key {where}.{name}: the {cls.name} plug-in has no "
+                                  f"{name} block (its blocks: {', '.join(cls.settings) or 'none'})")
+        for name, settings_cls in cls.settings.items():
+            cls.check_settings(name, from_dict(settings_cls, params.get(name), f"{where}.{name}"),
+                               f"{where}.{name}")
+
+    @classmethod
+    def check_settings(cls, name: str, settings: Any, where: str) -> None:
+        """Checks of one settings block beyond its keys; the default checks backbone names."""
+        from .settings import check_backbones
+        check_backbones(settings, where)
 
     def __init__(self, params: dict, num_classes: int, train_params: dict | None = None) -> None:
         self.params = params

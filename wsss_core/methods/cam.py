@@ -34,6 +34,7 @@ class ResNetSettings:
 @register_method
 class CAMMethod(Method):
     name = "cam"
+    settings = {"model": ResNetSettings}
     maps = (MapSpec("cam", strided=True),)
     propagate_map = "cam"
 

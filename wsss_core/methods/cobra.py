@@ -68,16 +68,22 @@ class CobraLossSettings:
 @register_method
 class CobraMethod(Method):
     name = "cobra"
+    settings = {"model": CobraModelSettings, "cobra": CobraLossSettings}
     maps = (MapSpec("cnn", strided=True), MapSpec("vit", strided=True),
             MapSpec("attention", kind="agnostic", normalize=False))
     partial_losses = True  # the projection heads get no gradient before aux_start_epoch
 
+    @classmethod
+    def check_settings(cls, name: str, settings, where: str) -> None:
+        super().check_settings(name, settings, where)
+        if name == "cobra" and len(settings.top_bot_k) != 4:
+            from ..errors import ConfigError
+            raise ConfigError(f"config key {where}.top_bot_k: needs four counts (SAP+, SAP-, CAP+, CAP-)")
+
     def build(self) -> dict[str, nn.Module]:
         self.model_settings = from_dict(CobraModelSettings, self.params.get("model"), "model")
         self.loss_settings = s = from_dict(CobraLossSettings, self.params.get("cobra"), "cobra")
-        if len(s.top_bot_k) != 4:
-            from ..errors import ConfigError
-            raise ConfigError("config key cobra.top_bot_k: needs four counts (SAP+, SAP-, CAP+, CAP-)")
+        self.check_settings("cobra", s, "cobra")
         self.propagate_map = s.rw_source
         m = self.model_settings
         crop = int(self.train_params.get("crop", 224))

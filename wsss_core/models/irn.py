@@ -143,17 +143,19 @@ class IRN(nn.Module):
 
         Args:
             image_pair: `[2, 3, H, W]` normalised image and its horizontal mirror.
-            crop: the training crop; the pair is zero-padded on the right/bottom to a square of
-                side `max(crop, ceil16(H), ceil16(W))` ([FIX]: the reference pads to exactly
-                `crop`, which silently crops larger images).
+            crop: the training crop; the pair is zero-padded on the right/bottom to
+                `max(crop, ceil16(H)) x max(crop, ceil16(W))` ([FIX]: the reference pads to
+                exactly `crop`, which silently crops larger images). Each side is padded on its
+                own, so a panorama costs its pixel count, not its long side squared; images
+                within the crop get the reference's `crop x crop` input.
         Returns `σ((e + mirror(e'))/2)` of the edge logits cropped to the stride-4 image grid.
         Call in eval mode (`model.eval()`).
         """
         if image_pair.dim() != 4 or image_pair.shape[0] != 2:
             raise ValueError(f"image_pair must be [2, 3, H, W], got {tuple(image_pair.shape)}")
         height, width = image_pair.shape[-2:]
-        side = max(crop, -(-height // 16) * 16, -(-width // 16) * 16)
-        padded = F.pad(image_pair, (0, side - width, 0, side - height))
+        padded_h, padded_w = max(crop, -(-height // 16) * 16), max(crop, -(-width // 16) * 16)
+        padded = F.pad(image_pair, (0, padded_w - width, 0, padded_h - height))
         edge_logits = self.edge_logits(padded)  # the displacement output is unused here
         h, w = (height - 1) // 4 + 1, (width - 1) // 4 + 1
         edge_logits = edge_logits[..., :h, :w]

@@ -137,9 +137,10 @@ def mask_irn_channels(rw_up, bg: float = 0.25) -> np.ndarray:
 
 
 def cobra_class_thresholds(rw_up, alpha: float = 0.31) -> np.ndarray:
-    """Per-class thresholds `α·max_c + min_c` of `rw_up [K, H, W]` → `[K]`."""
+    """Per-class thresholds `α·max_c + min_c` of `rw_up [K, H, W]` → `[K]` (K may be 0: an
+    image without a foreground class)."""
     rw = _as_numpy(rw_up).astype(np.float32)
-    flat = rw.reshape(rw.shape[0], -1)
+    flat = rw.reshape(rw.shape[0], int(np.prod(rw.shape[1:])))
     return alpha * flat.max(axis=1) + flat.min(axis=1)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -25,7 +26,7 @@ from ..data.index import DatasetIndex
 from ..errors import ConfigError, DataError
 from ..io import atomic_dir, save_label_png
 from ..metrics import ConfusionMatrix, write_metrics
-from ..ops.crf import crf_from_probs
+from ..ops.crf import crf_from_probs, die_with
 from ..seg_engine import predict_multiscale
 from . import common
 from .train_seg import load_seg_model
@@ -73,7 +74,7 @@ def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path
     ids = idx.ids(split)
     cm = ConfusionMatrix(idx.num_classes)
     t0 = time.perf_counter()
-    pool = (ProcessPoolExecutor(max_workers=workers,
+    pool = (ProcessPoolExecutor(max_workers=workers, initializer=die_with, initargs=(os.getpid(),),
                                 mp_context=multiprocessing.get_context("forkserver"))
             if use_crf and workers > 1 else None)
     pending: deque[tuple[str, Future | _Done]] = deque()

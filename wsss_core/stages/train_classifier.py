@@ -1,8 +1,6 @@
 """Stage `train_classifier`: train a method's classifier on train_aug with image labels."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -10,15 +8,12 @@ import torch
 
 from ..data.datasets import ClassificationDataset
 from ..data.index import DatasetIndex
-from ..engine import FitConfig, data_parallel, distributed, fit, save_checkpoint
+from ..engine import (FitConfig, data_parallel, distributed, finish, fit, load_checkpoint,
+                      resume_key, save_checkpoint)
 from ..methods import create_method
 from . import common
 
 log = logging.getLogger("wsss")
-
-
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def train_classifier(index: str | Path, method: dict, params: dict, out: str | Path,
@@ -47,17 +42,19 @@ def train_classifier(index: str | Path, method: dict, params: dict, out: str | P
         fit(dataset, cfg, model.training_step, optimizers, model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
             device=device, resume=resume, after_step=model.after_step, train_mode=model.train,
-            fingerprint=fingerprint(method, params, idx.ids("train_aug")))
+            fingerprint=resume_key(method, params, idx.ids("train_aug"),
+                                   files=[index, *idx.image_files("train_aug"),
+                                          *_weight_files(method.get("model", {}))]))
         if dist.is_main:
             save_checkpoint(out, {"method": method, "num_classes": idx.num_classes,
                                   "train_params": params, "state": model.state_dict()})
+        finish(out.with_name("checkpoint.pt"))
     return out
 
 
 def load_trained(path: str | Path, device: torch.device):
     """The trained method (eval mode) from a model.pt written by this stage."""
-    from ..engine import load_checkpoint
-    ck = load_checkpoint(Path(path), map_location=device)
+    ck = load_checkpoint(path, map_location=device, stage="train_classifier")
     method = dict(ck["method"])
     # weights come from the checkpoint: never fetch ImageNet weights again
     for block in _model_blocks(method.get("model", {})):
@@ -74,6 +71,12 @@ def _model_blocks(model: dict):
     for v in model.values():
         if isinstance(v, dict):
             yield from _model_blocks(v)
+
+
+def _weight_files(model: dict) -> list[str]:
+    """ImageNet weight files a model block names (`pretrained_file`): the run starts from them."""
+    return [b["pretrained_file"] for b in _model_blocks(model)
+            if b.get("pretrained") and b.get("pretrained_file")]
 
 
 def main(argv: list[str] | None = None) -> int:

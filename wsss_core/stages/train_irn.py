@@ -13,13 +13,13 @@ import torch
 
 from ..data.datasets import IRNDataset
 from ..data.index import DatasetIndex
-from ..engine import FitConfig, data_parallel, distributed, fit, load_checkpoint, save_checkpoint
+from ..engine import (FitConfig, data_parallel, distributed, finish, fit, load_checkpoint,
+                      resume_key, save_checkpoint)
 from ..errors import ConfigError
 from ..methods.base import StepContext, make_optimizer
 from ..models.irn import IRN, affinity_displacement_loss
 from ..ops.path_index import PathIndex, affinity_labels
 from . import common
-from .train_classifier import fingerprint
 
 log = logging.getLogger("wsss")
 
@@ -32,7 +32,7 @@ def build_irn(params: dict, classifier: str | Path | None = None) -> IRN:
     if source == "classifier":
         if classifier is None:
             raise ConfigError("config key train_irn.backbone_from: 'classifier' needs the classifier model")
-        state = load_checkpoint(Path(classifier))["state"]["cnn"]
+        state = load_checkpoint(classifier, stage="train_classifier")["state"]["cnn"]
         sub = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         try:
             model.backbone.load_state_dict(sub)
@@ -82,14 +82,26 @@ def train_irn(index: str | Path, labels: str | Path, params: dict, out: str | Pa
         fit(dataset, cfg, step, [opt], model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
             device=device, resume=resume, train_mode=model.train,
-            fingerprint=fingerprint(params, idx.ids("train_aug"), str(classifier)))
+            fingerprint=resume_key(params, idx.ids("train_aug"),
+                                   files=[index, labels, *idx.image_files("train_aug"),
+                                          *_start_files(params, classifier)]))
         if dist.is_main:
             save_checkpoint(out, {"params": params, "state": model.state_dict()})
+        finish(out.with_name("checkpoint.pt"))
     return out
 
 
+def _start_files(params: dict, classifier: str | Path | None) -> list[str | Path]:
+    """The weight files the backbone starts from (the classifier or a pretrained_file)."""
+    if params["backbone_from"] == "classifier":
+        return [classifier] if classifier else []
+    if params["backbone_from"] == "imagenet" and params.get("pretrained_file"):
+        return [params["pretrained_file"]]
+    return []
+
+
 def load_irn(path: str | Path, device: torch.device) -> tuple[IRN, dict]:
-    ck = load_checkpoint(Path(path), map_location=device)
+    ck = load_checkpoint(path, map_location=device, stage="train_irn")
     params = dict(ck["params"])
     model = IRN(params["backbone"], strides=tuple(params["strides"]))
     model.load_state_dict(ck["state"])

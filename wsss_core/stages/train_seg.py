@@ -13,7 +13,6 @@ an encoder per architecture (`encoders`) and per-architecture overrides (`per_mo
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -22,13 +21,13 @@ from torch import nn
 
 from ..data.index import DatasetIndex
 from ..data.seg_dataset import SegmentationDataset
-from ..engine import FitConfig, data_parallel, distributed, fit, load_checkpoint, save_checkpoint
+from ..engine import (FitConfig, data_parallel, distributed, finish, fit, load_checkpoint,
+                      resume_key, save_checkpoint)
 from ..errors import ConfigError, DataError, WeightsError
 from ..methods.base import StepContext
 from ..models.segmentation import SEG_MODELS, create_seg_model, load_classifier_backbone, param_groups
 from ..seg_engine import SegTrainAugment, segmentation_loss
 from . import common
-from .train_classifier import fingerprint
 
 log = logging.getLogger("wsss")
 
@@ -83,11 +82,6 @@ def build_optimizer(model: nn.Module, params: dict) -> torch.optim.Optimizer:
     raise ConfigError(f"train_seg optimizer {params['optimizer']!r} unknown; choose sgd or adamw")
 
 
-def file_digest(path: str | Path | None) -> str:
-    """SHA-256 of a file's bytes (the initial weights are part of what a resume must match)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
-
-
 def build_seg_model(params: dict, num_classes: int, classifier: str | Path | None) -> nn.Module:
     """The architecture of `params`, its encoder initialised as `encoder_from` says: `weights`
     (the `pretrained` / `pretrained_file` policy) or `classifier` (the trained classifier's CNN
@@ -102,7 +96,7 @@ def build_seg_model(params: dict, num_classes: int, classifier: str | Path | Non
         if classifier is None:
             raise ConfigError("config key train_seg.encoder_from: 'classifier' needs the classifier "
                               "model (--classifier classifier/model.pt)")
-        state = load_checkpoint(Path(classifier))["state"]["cnn"]
+        state = load_checkpoint(classifier, stage="train_classifier")["state"]["cnn"]
         load_classifier_backbone(model.encoder, state, params["encoder"], source=str(classifier))
     return model
 
@@ -147,9 +141,9 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
         fit(dataset, cfg, step, [optimizer], model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
             device=device, resume=resume, train_mode=model.train,
-            fingerprint=fingerprint(params, idx.num_classes, dataset.ids, dataset.masks_digest(),
-                                    file_digest(classifier) if params["encoder_from"] == "classifier"
-                                    else ""))
+            fingerprint=resume_key(params, idx.num_classes, dataset.ids,
+                                   files=[index, *idx.image_files("train_aug"), *dataset.mask_files(),
+                                          *_start_files(params, classifier)]))
         if dist.is_main:
             save_checkpoint(out, {
                 "format": SEG_MODEL_FORMAT, "model": params["model"], "encoder": params["encoder"],
@@ -157,19 +151,24 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
                 "class_names": idx.class_names, "params": params,
                 "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             })
+        finish(out.with_name("checkpoint.pt"))
     return out
+
+
+def _start_files(params: dict, classifier: str | Path | None) -> list[str | Path]:
+    """The weight files the encoder starts from (the classifier or a pretrained_file)."""
+    if params["encoder_from"] == "classifier":
+        return [classifier] if classifier else []
+    if params["pretrained"] and params.get("pretrained_file"):
+        return [params["pretrained_file"]]
+    return []
 
 
 def load_seg_model(path: str | Path, device: torch.device | str) -> tuple[nn.Module, dict]:
     """The trained network (eval mode, on `device`) and the model.pt record without weights."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: segmentation model not found; run the train_seg stage first")
-    try:
-        record = load_checkpoint(path, map_location="cpu")
-    except Exception as e:
-        raise WeightsError(f"{path}: cannot read the segmentation model ({type(e).__name__})") from None
-    if not isinstance(record, dict) or record.get("format") != SEG_MODEL_FORMAT:
+    record = load_checkpoint(path, map_location="cpu", stage="train_seg")
+    if record.get("format") != SEG_MODEL_FORMAT:
         raise WeightsError(f"{path}: not a {SEG_MODEL_FORMAT} model written by train_seg")
     # the weights come from the file: never look for ImageNet weights again
     model = create_seg_model(record["model"], record["encoder"], int(record["num_classes"]),
