@@ -23,8 +23,8 @@ STAGES = (
     "train_classifier", "export_cams", "fuse_seeds", "eval_seeds", "ir_labels", "train_irn",
     "propagate", "make_masks", "train_seg", "eval_seg", "audit",
 )
-#: free-form blocks checked by the method plug-in rather than by a stage schema
-PLUGIN_BLOCKS = ("model", "cobra")
+#: the block every plug-in receives, declared or not
+MODEL_BLOCK = "model"
 
 
 def _key_path(parts) -> str:
@@ -67,11 +67,41 @@ def _explain(error) -> str:
     return f"config key {_key_path(error.absolute_path)}: {error.message}"
 
 
+def config_schema(cfg: dict | None = None) -> dict:
+    """The config schema: config.schema.yaml with the plug-in names and the settings blocks
+    of every registered method (built-in ones, and those `cfg` names by `module`) added, so
+    a new method changes no shared schema file."""
+    from .methods import import_plugin, list_methods, method_class
+    from .methods.settings import settings_schema
+
+    for entry in ((cfg or {}).get("methods") or {}).values():
+        if isinstance(entry, dict):
+            import_plugin(entry.get("module"))
+    schema = copy.deepcopy(_load_schema(SCHEMA_PATH))
+    names = list_methods()
+    method_entry = schema["properties"]["methods"]["additionalProperties"]
+    method_entry["properties"]["plugin"]["enum"] = names
+    declared: dict[str, list[dict]] = {MODEL_BLOCK: []}
+    for name in names:
+        for block, cls in method_class(name).settings_blocks.items():
+            declared.setdefault(block, []).append(settings_schema(cls))
+    blocks = schema["$defs"]["stage_blocks"]["properties"]
+    for block, fragments in declared.items():
+        if block in STAGES:
+            raise ConfigError(f"a method declares a settings block named after stage {block!r}")
+        # plug-ins sharing a block name (`model`) each check their own keys (validate_config)
+        same = fragments and all(f == fragments[0] for f in fragments)
+        blocks[block] = fragments[0] if same else {"type": "object",
+                                                   "description": "settings of the method"}
+    return schema
+
+
 def validate_config(cfg: dict) -> dict:
-    """Check `cfg` against the schema; raise ConfigError naming the first offending key."""
+    """Check `cfg` against the assembled schema (`config_schema`) and every method's settings
+    blocks; raise ConfigError naming the first offending key."""
     import jsonschema
 
-    schema = dict(_load_schema(SCHEMA_PATH))
+    schema = config_schema(cfg)
     validator = _validator(schema, SCHEMA_DIR)
     # not best_match: it descends into the oneOf context by itself and may report the
     # "wrong kind" error of a branch the entry was never meant for
@@ -93,7 +123,20 @@ def validate_config(cfg: dict) -> dict:
         for m in cfg["methods"]:
             for stage in STAGES:
                 stage_params(cfg, d, m, stage)
+            _check_method_settings(cfg, d, m)
     return cfg
+
+
+def _check_method_settings(cfg: dict, dataset: str, method: str) -> None:
+    """The method's settings blocks for `dataset`'s preset, parsed by the plug-in."""
+    from .methods import method_class
+
+    params = method_params(cfg, dataset, method)
+    try:
+        method_class(params["plugin"], params.get("module")).parse_settings(params)
+    except ConfigError as e:
+        where = f"methods.{method}.presets.{params['preset']}."
+        raise ConfigError(str(e).replace("config key ", f"config key {where}", 1)) from None
 
 
 _DEFAULT_PRESET = {"toy": "tiny", "voc": "paper", "coco": "paper"}
@@ -175,9 +218,16 @@ def stage_params(cfg: dict, dataset: str, method: str, stage: str) -> dict:
 
 
 def method_params(cfg: dict, dataset: str, method: str) -> dict:
-    """Everything a method plug-in needs: its plug-in name and its resolved free-form blocks."""
+    """Everything a method plug-in needs: its plug-in name (and `module`, for one kept outside
+    wsss_core/methods) and the resolved settings blocks it declares (`model` always)."""
+    from .methods import method_class
+
     preset = dataset_config(cfg, dataset)["preset"]
-    out = {"plugin": method_config(cfg, method)["plugin"], "preset": preset}
-    for block in PLUGIN_BLOCKS:
+    entry = method_config(cfg, method)
+    out = {"plugin": entry["plugin"], "preset": preset}
+    if entry.get("module"):
+        out["module"] = entry["module"]
+    cls = method_class(entry["plugin"], entry.get("module"))
+    for block in (MODEL_BLOCK, *cls.settings_blocks):
         out[block] = stage_params(cfg, dataset, method, block)
     return out

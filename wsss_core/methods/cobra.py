@@ -1,4 +1,4 @@
-"""`cobra`: CoBra's complementary branches (../shared/methods/cobra.md §3-6).
+"""`cobra`: CoBra's complementary branches (docs/methods/cobra.md §3-6).
 
 CNN branch (class-aware knowledge) + ViT branch (semantic-aware knowledge), trained together:
 classification on both, then from `aux_start_epoch` the L1 inter-CAM term, SAP (CNN pseudo
@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from ..models.vit_cam import ViTCAM
-from . import register_method
+from ._registry import register_method
 from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
 from .cam import ResNetSettings
 from .cobra_losses import (cap_loss, cnn_pseudo_labels, l1_intercam, l1_positive_term,
                            multilabel_soft_margin, sap_loss)
-from .settings import block, from_dict
+from .settings import block
 
 
 @dataclass
@@ -59,13 +59,16 @@ class CobraLossSettings:
 @register_method
 class CobraMethod(Method):
     name = "cobra"
+    settings_blocks = {"model": CobraModelSettings, "cobra": CobraLossSettings}
     maps = (MapSpec("cnn", strided=True), MapSpec("vit", strided=True),
             MapSpec("attention", kind="agnostic", normalize=False))
+    fuse_maps = ("cnn", "vit")  # the seed recipe max_mean_last reads the ViT CAM last
+    backbone_module = "cnn"
     partial_losses = True  # the projection heads get no gradient before aux_start_epoch
 
     def build(self) -> dict[str, nn.Module]:
-        self.model_settings = from_dict(CobraModelSettings, self.params.get("model"), "model")
-        self.loss_settings = s = from_dict(CobraLossSettings, self.params.get("cobra"), "cobra")
+        self.model_settings = self.blocks["model"]
+        self.loss_settings = s = self.blocks["cobra"]
         if len(s.top_bot_k) != 4:
             from ..errors import ConfigError
             raise ConfigError("config key cobra.top_bot_k: needs four counts (SAP+, SAP-, CAP+, CAP-)")

@@ -27,3 +27,14 @@ def from_dict(cls: type[S], data: dict[str, Any] | None, where: str) -> S:
 def block(cls: type, **kw) -> Any:
     """A nested settings block field."""
     return dataclasses.field(default_factory=cls, metadata={"block": cls}, **kw)
+
+
+def settings_schema(cls: type) -> dict[str, Any]:
+    """JSON-schema fragment of settings dataclass `cls`: its field names (nested blocks
+    recursively), nothing else; the config schema is assembled from these fragments."""
+    props: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        sub = f.metadata.get("block")
+        props[f.name] = settings_schema(sub) if sub else {}
+    return {"type": "object", "additionalProperties": False, "properties": props,
+            "description": (cls.__doc__ or cls.__name__).splitlines()[0]}
