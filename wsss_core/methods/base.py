@@ -43,6 +43,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..map_store import MapRoles  # noqa: F401  (part of the contract; torch-free home)
+
 
 @dataclass
 class StepContext:
@@ -53,19 +55,6 @@ class StepContext:
     epochs: int
     device: torch.device
     autocast: Any = None  # a context-manager factory (mixed precision on CUDA)
-
-
-@dataclass(frozen=True)
-class MapRoles:
-    """Which exported map plays which part downstream (names as in `Method.maps`).
-
-    walk: the class map whose stride-4 copy the random walk propagates ("" = none);
-    fuse: the class maps seed fusion combines, in the order its recipes read them;
-    agnostic: the class-agnostic map per-image IR-label thresholds are read from ("" = none).
-    """
-    walk: str = ""
-    fuse: tuple[str, ...] = ()
-    agnostic: str = ""
 
 
 @dataclass
