@@ -13,12 +13,11 @@ from wsss_core.data.index import DatasetIndex
 from wsss_core.errors import ConfigError
 from wsss_core.io import write_json
 from wsss_core.map_store import MapReader, MapWriter
-from wsss_core.models.irn import IRN
+from wsss_core.models.irn import IRN, load_irn
 from wsss_core.ops.random_walk import random_walk, upsample_rw
 from wsss_core.stages.fuse_seeds import fuse_seeds
 from wsss_core.stages.propagate import propagate
-from wsss_core.engine import save_checkpoint
-from wsss_core.stages.train_irn import load_irn
+from wsss_core.checkpoint import save_model
 
 WALK = {"radius": 5, "beta": 10, "exp_times": 3, "upsample": "resize"}
 
@@ -58,7 +57,7 @@ def irn_model(tmp_path_factory) -> str:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("irn") / "model.pt"
     params = {"backbone": "resnet_tiny", "strides": [2, 2, 2, 1], "crop": 64}
-    save_checkpoint(path, {"params": params, "state": IRN("resnet_tiny").state_dict()})
+    save_model(path, "irn", IRN("resnet_tiny").state_dict(), params=params)
     return str(path)
 
 

@@ -1,5 +1,5 @@
 """The shared training loop: poly schedule, AMP on CUDA, per-epoch checkpoints with exact
-resume, a CSV log and a progress bar. Classifier, IRN and segmentation training all use it.
+resume, a CSV log and a progress bar; schedules and optimisers come from `optim`. Classifier, IRN and segmentation training all use it.
 
 Determinism: the shuffling of epoch e comes from a generator seeded with (seed, e), and each
 sample's augmentation from (seed, e, index), so an interrupted run resumed from its last
@@ -32,24 +32,13 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 from tqdm import tqdm
 
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401  (re-exported)
 from .errors import ConfigError
 from .io import atomic_path
 from .methods.base import StepContext
+from .optim import set_lr
 
 log = logging.getLogger("wsss")
-
-
-def poly_factor(step: int, max_step: int, power: float) -> float:
-    """(1 - t / T)^power, the lr multiplier before step t (IRN/CoBra PolyOptimizer)."""
-    return (1.0 - min(step, max_step) / max_step) ** power if max_step > 0 else 1.0
-
-
-def set_poly_lr(optimizers: list[torch.optim.Optimizer], step: int, max_step: int, power: float) -> float:
-    factor = poly_factor(step, max_step, power)
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * factor
-    return optimizers[0].param_groups[0]["lr"] if optimizers else 0.0
 
 
 @dataclass
@@ -61,6 +50,8 @@ class FitConfig:
     num_workers: int = 0
     desc: str = "train"
     stage: str = "train"  # config block named in error messages
+    warmup_steps: int = 0  # linear warm-up of every group without its own (optim.lr_factor)
+    warmup_ratio: float = 0.0
 
 
 # --- several processes (torchrun) ---------------------------------------------------------
@@ -178,15 +169,6 @@ def _check_in_sync(optimizers: list[torch.optim.Optimizer], epoch: int) -> None:
                            f"a training step bypassed engine.data_parallel (a bug)")
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
 def fit(
     dataset: Dataset,
     cfg: FitConfig,
@@ -236,7 +218,7 @@ def fit(
         bar = tqdm(loader, desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2.0,
                    disable=not info.is_main)
         for batch in bar:
-            lr = set_poly_lr(optimizers, step, max_step, cfg.poly_power)
+            lr = set_lr(optimizers, step, max_step, cfg.poly_power, cfg.warmup_steps, cfg.warmup_ratio)
             ctx = StepContext(epoch=epoch, step=step, max_step=max_step, epochs=cfg.epochs,
                               device=device, autocast=autocast)
             for opt in optimizers:

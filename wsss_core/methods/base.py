@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..map_store import MapRoles  # noqa: F401  (part of the contract; torch-free home)
+from ..optim import make_optimizer  # noqa: F401  (methods build their optimisers with it)
 
 
 @dataclass
@@ -217,22 +218,6 @@ class Method(ABC):
 
 def _plain(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
-
-
-def make_optimizer(groups: list[dict], lr: float, weight_decay: float, momentum: float,
-                   kind: str) -> torch.optim.Optimizer:
-    """SGD (the IRN/CoBra recipe; momentum is explicit — official code used 1e-4) or AdamW."""
-    groups = [dict(g, lr=lr * g.get("lr_mult", 1.0), weight_decay=weight_decay) for g in groups
-              if any(p.requires_grad for p in g["params"])]
-    for g in groups:
-        g["params"] = [p for p in g["params"] if p.requires_grad]
-        g.setdefault("lr_mult", 1.0)
-        g["base_lr"] = g["lr"]
-    if kind == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {kind!r} (sgd or adamw)")
 
 
 def merge_flip(out: torch.Tensor) -> torch.Tensor:

@@ -203,3 +203,15 @@ def affinity_displacement_loss(edge_logits: torch.Tensor, disp: torch.Tensor, bg
 
     total = (pos_bg / 2 + pos_fg / 2 + neg_loss) / 2 + (dp_fg + dp_bg) / 2
     return dict(pos_bg=pos_bg, pos_fg=pos_fg, neg=neg_loss, dp_fg=dp_fg, dp_bg=dp_bg, total=total)
+
+
+def load_irn(path, device: torch.device | str = "cpu") -> tuple[IRN, dict]:
+    """The trained IRN (eval mode, on `device`) and its training parameters, from the model
+    file train_irn wrote (checkpoint.read_model: one-line errors)."""
+    from ..checkpoint import read_model
+
+    record = read_model(path, "irn", map_location=device)
+    params = dict(record["params"])
+    model = IRN(params["backbone"], strides=tuple(params["strides"]))
+    model.load_state_dict(record["state"])
+    return model.to(device).eval(), params

@@ -25,10 +25,10 @@ from ..data.index import DatasetIndex
 from ..errors import ConfigError, DataError
 from ..io import atomic_dir, save_label_png
 from ..metrics import ConfusionMatrix, write_metrics
+from ..models.segmentation import load_seg_model
 from ..ops.crf import crf_from_probs
 from ..seg_engine import predict_multiscale
 from . import common
-from .train_seg import load_seg_model
 
 log = logging.getLogger("wsss")
 

@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..checkpoint import load_method
 from ..data.datasets import MultiScaleDataset, collate_single
 from ..data.index import DatasetIndex
 from ..errors import ConfigError
 from ..map_store import MapWriter
 from ..methods.base import Method
 from . import common
-from .train_classifier import load_trained
 
 log = logging.getLogger("wsss")
 
@@ -95,7 +95,7 @@ def export_cams(index: str | Path, model: str | Path, params: dict, out: str | P
     common.set_threads(threads)
     idx = DatasetIndex.load(index)
     device = common.get_device()
-    method = load_trained(model, device)
+    method = load_method(model, device)
     roles = method.map_roles()
     scales = list(params["scales"])
     image_ids = ids if ids is not None else idx.ids(split)

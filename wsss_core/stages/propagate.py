@@ -21,9 +21,9 @@ from ..data import transforms as T
 from ..data.index import DatasetIndex
 from ..errors import ConfigError, DataError
 from ..map_store import MapReader, MapWriter
+from ..models.irn import load_irn
 from ..ops.random_walk import random_walk, upsample_rw
 from . import common
-from .train_irn import load_irn
 
 log = logging.getLogger("wsss")
 

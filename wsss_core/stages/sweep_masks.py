@@ -13,9 +13,8 @@ from ..data.index import DatasetIndex
 from ..io import write_json
 from ..map_store import MapReader
 from ..masks import RULE_PARAMETER, pseudo_mask, rule_threshold
-from ..metrics import ConfusionMatrix
+from ..metrics import ConfusionMatrix, threshold_grid
 from . import common
-from .eval_seeds import threshold_grid
 
 log = logging.getLogger("wsss")
 

@@ -1,24 +1,17 @@
 """Stage `train_classifier`: train a method's classifier on train_aug with image labels."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
-import torch
-
 from ..data.datasets import ClassificationDataset
 from ..data.index import DatasetIndex
-from ..engine import FitConfig, data_parallel, distributed, fit, save_checkpoint
+from ..checkpoint import fingerprint, save_model
+from ..engine import FitConfig, data_parallel, distributed, fit
 from ..methods import create_method
 from . import common
 
 log = logging.getLogger("wsss")
-
-
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def train_classifier(index: str | Path, method: dict, params: dict, out: str | Path,
@@ -48,31 +41,9 @@ def train_classifier(index: str | Path, method: dict, params: dict, out: str | P
             device=device, resume=resume, after_step=model.after_step, train_mode=model.train,
             fingerprint=fingerprint(method, params, idx.ids("train_aug")))
         if dist.is_main:
-            save_checkpoint(out, {"method": method, "num_classes": idx.num_classes,
-                                  "train_params": params, "state": model.state_dict()})
+            save_model(out, "classifier", model.state_dict(), method=method,
+                       num_classes=idx.num_classes, train_params=params)
     return out
-
-
-def load_trained(path: str | Path, device: torch.device):
-    """The trained method (eval mode) from a model.pt written by this stage."""
-    from ..engine import load_checkpoint
-    ck = load_checkpoint(Path(path), map_location=device)
-    method = dict(ck["method"])
-    # weights come from the checkpoint: never fetch ImageNet weights again
-    for block in _model_blocks(method.get("model", {})):
-        block["pretrained"] = False
-    m = create_method(method, int(ck["num_classes"]), train_params=ck.get("train_params"))
-    m.load_state_dict(ck["state"])
-    m.to(device).eval()
-    return m
-
-
-def _model_blocks(model: dict):
-    if "pretrained" in model:
-        yield model
-    for v in model.values():
-        if isinstance(v, dict):
-            yield from _model_blocks(v)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,13 +13,14 @@ import torch
 
 from ..data.datasets import IRNDataset
 from ..data.index import DatasetIndex
-from ..engine import FitConfig, data_parallel, distributed, fit, load_checkpoint, save_checkpoint
+from ..checkpoint import classifier_backbone_state, fingerprint, save_model
+from ..engine import FitConfig, data_parallel, distributed, fit
 from ..errors import ConfigError
-from ..methods.base import StepContext, make_optimizer
+from ..methods.base import StepContext
+from ..optim import make_optimizer
 from ..models.irn import IRN, affinity_displacement_loss
 from ..ops.path_index import PathIndex, affinity_labels
 from . import common
-from .train_classifier import fingerprint
 
 log = logging.getLogger("wsss")
 
@@ -32,10 +33,8 @@ def build_irn(params: dict, classifier: str | Path | None = None) -> IRN:
     if source == "classifier":
         if classifier is None:
             raise ConfigError("config key train_irn.backbone_from: 'classifier' needs the classifier model")
-        state = load_checkpoint(Path(classifier))["state"]["cnn"]
-        sub = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         try:
-            model.backbone.load_state_dict(sub)
+            model.backbone.load_state_dict(classifier_backbone_state(classifier))
         except RuntimeError as e:
             raise ConfigError(f"config key train_irn.backbone: {params['backbone']!r} does not match "
                               f"the classifier's CNN backbone ({str(e).splitlines()[0]})") from None
@@ -83,16 +82,8 @@ def train_irn(index: str | Path, labels: str | Path, params: dict, out: str | Pa
             device=device, resume=resume, train_mode=model.train,
             fingerprint=fingerprint(params, idx.ids("train_aug"), str(classifier)))
         if dist.is_main:
-            save_checkpoint(out, {"params": params, "state": model.state_dict()})
+            save_model(out, "irn", model.state_dict(), params=params)
     return out
-
-
-def load_irn(path: str | Path, device: torch.device) -> tuple[IRN, dict]:
-    ck = load_checkpoint(Path(path), map_location=device)
-    params = dict(ck["params"])
-    model = IRN(params["backbone"], strides=tuple(params["strides"]))
-    model.load_state_dict(ck["state"])
-    return model.to(device).eval(), params
 
 
 def main(argv: list[str] | None = None) -> int:
