@@ -28,8 +28,15 @@ def train_classifier(index: str | Path, method: dict, params: dict, out: str | P
         optimizers = model.optimizers(params["lr"], params["weight_decay"], params["momentum"],
                                       params["optimizer"])
         model.distribute(lambda m: data_parallel(m, device, model.partial_losses))
+        extra = model.extra_input_fns()
+        if set(extra) != set(model.extra_inputs):
+            raise ValueError(f"method {model.name!r}: extra_input_fns gives {sorted(extra)}, "
+                             f"extra_inputs declares {sorted(model.extra_inputs)} (a bug in the plug-in)")
+        # computed once per image, beside the model, under the settings they were made with
+        cache = out.parent / "extra_inputs" / fingerprint(method)[:16] if extra else None
         dataset = ClassificationDataset(idx, "train_aug", params["crop"], params["scale_range"],
-                                        seed=params["seed"])
+                                        seed=params["seed"], extra=extra, extra_cache=cache,
+                                        views=model.train_views())
         log.info("%s on %s: %d images, %d epochs, batch %d, device %s, %d process(es)",
                  method["plugin"], idx.name, len(dataset), params["epochs"], params["batch_size"],
                  device, dist.world_size)
