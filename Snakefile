@@ -1,6 +1,6 @@
 # wsss: weakly supervised semantic segmentation as a Snakemake DAG.
-#   snakemake --cores 2                                  # toy data, CoBra, to seg_miou.txt
-#   snakemake --cores 8 results/voc/cobra/seg_miou.txt   # PASCAL VOC 2012 (set datasets.voc.root)
+#   snakemake --cores 2                                   # toy data, config default_target, to seg_miou.txt
+#   snakemake --cores 8 results/voc/METHOD/seg_miou.txt   # PASCAL VOC 2012 (set datasets.voc.root)
 import os
 
 from snakemake.utils import min_version

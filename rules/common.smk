@@ -116,6 +116,6 @@ def logs(name):
 
 def default_target():
     d = DEFAULT.get("dataset", "toy")
-    m = DEFAULT.get("method", "cobra")
+    m = DEFAULT.get("method", next(iter(config["methods"])))
     return [f"{RESULTS}/{d}/{m}/{f}" for f in ("seed_miou.txt", "mask_miou.txt", "mask_sweep.json",
                                                  "seg_miou.txt")]

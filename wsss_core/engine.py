@@ -103,8 +103,8 @@ def data_parallel(module: nn.Module, device: torch.device,
     """`module` wrapped in DistributedDataParallel inside a process group, `module` itself
     otherwise. Training forwards must go through the returned module: DDP averages the
     gradients of what ran through it. `find_unused_parameters` for models whose loss leaves
-    some trainable parameters out in some steps (CoBra's projection heads before its
-    auxiliary losses start)."""
+    some trainable parameters out in some steps (projection heads before auxiliary
+    losses start: `Method.partial_losses`)."""
     if dist_info().world_size == 1 or not any(p.requires_grad for p in module.parameters()):
         return module
     from torch.nn.parallel import DistributedDataParallel

@@ -81,7 +81,7 @@ class ConfusionMatrix:
             return np.where(denom > 0, self.tp / denom, np.nan)
 
     def fp_tp_ratio(self) -> np.ndarray:
-        """False positives over true positives per class (SeCo's confusion ratio)."""
+        """False positives over true positives per class (the confusion ratio, docs/algorithms.md §audit)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.tp > 0, self.fp / np.where(self.tp > 0, self.tp, 1), np.nan)
 

@@ -139,7 +139,7 @@ def collate_single(batch: list[dict]) -> dict:
 
 
 class IRNDataset(EpochDataset):
-    """IRN training pairs (irn.md §6): rescale 0.5-1.5 (image bicubic, label nearest) →
+    """IRN training pairs (docs/algorithms.md §irn): rescale 0.5-1.5 (image bicubic, label nearest) →
     normalise → joint flip → joint crop (image pad 0, label pad 255) → label ↓4 nearest."""
 
     def __init__(self, index: DatasetIndex, split: str, label_dir: str, crop: int,

@@ -92,6 +92,9 @@ class Method(ABC):
     unsaved_modules: ClassVar[tuple[str, ...]] = ()
     #: the method predicts segmentation itself (`segment`); see docs/plugin_contract.md
     single_stage: ClassVar[bool] = False
+    #: the paper's PASCAL VOC 2012 numbers, for reference in `wsss results-table`:
+    #: {"seed": mIoU, "mask": mIoU, "seg": mIoU or None, "source": "paper, table"}
+    published: ClassVar[dict | None] = None
     #: some training steps leave trainable parameters out of the loss (losses that start
     #: later); DistributedDataParallel must then look for unused parameters every step
     partial_losses: ClassVar[bool] = False

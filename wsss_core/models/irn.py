@@ -1,4 +1,4 @@
-"""IRNet inter-pixel relation network (class-boundary + displacement branches), irn.md §2, §5, §7.
+"""IRNet inter-pixel relation network (class-boundary + displacement branches), docs/algorithms.md §irn.
 
 The backbone (`ResNetStages`, strides (2, 2, 2, 1) → stage strides 4, 4, 8, 16, 16) is frozen
 as in the reference: every stage output is detached, it stays in eval mode and only the two
@@ -139,7 +139,7 @@ class IRN(nn.Module):
 
     @torch.no_grad()
     def boundary_map(self, image_pair: torch.Tensor, crop: int = 512) -> torch.Tensor:
-        """Class-boundary probabilities of one image (irn.md §7) → `[1, ⌈H/4⌉, ⌈W/4⌉]`.
+        """Class-boundary probabilities of one image (docs/algorithms.md §irn) → `[1, ⌈H/4⌉, ⌈W/4⌉]`.
 
         Args:
             image_pair: `[2, 3, H, W]` normalised image and its horizontal mirror.
@@ -176,7 +176,7 @@ def pair_displacement(disp: torch.Tensor, path_index: PathIndex) -> torch.Tensor
 def affinity_displacement_loss(edge_logits: torch.Tensor, disp: torch.Tensor, bg_pos: torch.Tensor,
                                fg_pos: torch.Tensor, neg: torch.Tensor, path_index: PathIndex
                                ) -> dict[str, torch.Tensor]:
-    """IRN training loss (irn.md §5), reduced over the whole batch.
+    """IRN training loss (docs/algorithms.md §irn), reduced over the whole batch.
 
     Args:
         edge_logits: `[B, 1, G_h, G_w]`; disp: `[B, 2, G_h, G_w]` (the path-index grid).

@@ -1,8 +1,8 @@
 """Fully supervised segmentation networks (last pipeline stage) built with
 segmentation-models-pytorch.
 
-Paper presets (CoBra Tab. 2): DeepLabV3+ with ResNet-101 (output stride 16) and SegFormer with
-MiT-B2. Tiny CPU presets use the same architectures with resnet18 / mit_b0 encoders.
+Paper presets (the usual WSSS second stage, docs/algorithms.md §segmentation): DeepLabV3+ with
+ResNet-101 (output stride 16) and SegFormer with MiT-B2. Tiny CPU presets use the same architectures with resnet18 / mit_b0 encoders.
 
 Weight policy: `pretrained_file` (an encoder state dict, .pth/.pt via torch.load(weights_only)
 or .safetensors) wins; otherwise `pretrained=True` takes smp's ImageNet encoder weights from the

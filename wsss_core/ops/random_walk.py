@@ -1,4 +1,4 @@
-"""Random-walk propagation of CAMs over an IRN class-boundary map (irn.md §8).
+"""Random-walk propagation of CAMs over an IRN class-boundary map (docs/algorithms.md §irn).
 
 * `transition_matrix_dense` / `random_walk_dense`: the reference `propagate_to_edge` literally
   (dense `(hw)²` matrix, `T^(2^exp_times)` by repeated squaring) — for tests and tiny maps.
@@ -176,7 +176,7 @@ def upsample_rw(rw: torch.Tensor, size: tuple[int, int],
                 mode: Literal["resize", "upsample_crop"] = "resize") -> torch.Tensor:
     """Bring `rw [K, h, w]` to image size `(H, W)` (bilinear, align_corners False).
 
-    `resize`: resize straight to `(H, W)` (CoBra's official `make_sem_seg_labels_npy.py`);
+    `resize`: resize straight to `(H, W)` (official `make_sem_seg_labels_npy.py` of docs/algorithms.md §walk);
     `upsample_crop`: upsample ×4 then crop to `[:H, :W]` (IRN-REPO `make_sem_seg_labels.py`).
     """
     if mode == "resize":

@@ -21,7 +21,7 @@ import numpy as np
 from ..data.palette import IGNORE
 from .crf import FINAL_MASK_CRF, IR_LABEL_CRF, CRFParams, crf_from_labels
 
-#: IRN-REPO fixed confidence thresholds (irn.md §11, `--conf_fg_thres` / `--conf_bg_thres`)
+#: IRN-REPO fixed confidence thresholds (docs/algorithms.md §irn, `--conf_fg_thres` / `--conf_bg_thres`)
 IRN_FG_THRESHOLD = 0.30
 IRN_BG_THRESHOLD = 0.05
 
@@ -128,7 +128,7 @@ def ir_label(image: np.ndarray, seed_maps, keys, fg_thr: float, bg_thr: float,
 
 
 def mask_irn_channels(rw_up, bg: float = 0.25) -> np.ndarray:
-    """IRN rule (irn.md §9.1) → channel labels `[H, W]` (0 = background, i = i-th class)."""
+    """IRN rule (docs/algorithms.md §irn) → channel labels `[H, W]` (0 = background, i = i-th class)."""
     rw = _as_numpy(rw_up).astype(np.float32)
     peak = float(rw.max(initial=0.0))
     if peak > 0:  # an all-zero map has no foreground (the reference would divide by zero)

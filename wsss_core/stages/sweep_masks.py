@@ -1,6 +1,6 @@
 """Stage `sweep_masks`: the mask rule's threshold (per_class_alpha's alpha, global_max's bg)
 swept over a full grid without CRF on the evaluation split, arg-max reported (the [FIX] of
-irn.md §9.3: no stop-at-first-decrease). Reads only rw.h5, so it never re-runs the walk."""
+docs/algorithms.md §irn: no stop-at-first-decrease). Reads only rw.h5, so it never re-runs the walk."""
 from __future__ import annotations
 
 import logging

@@ -1,6 +1,6 @@
 """Stage `train_irn`: train IRN's boundary and displacement branches on the IR labels.
 
-The backbone is frozen (irn.md §2.1): ImageNet weights in the paper presets, or — for presets
+The backbone is frozen (docs/algorithms.md §irn): ImageNet weights in the paper presets, or — for presets
 trained from scratch, where no ImageNet weights exist — the trained classifier's CNN backbone
 (`backbone_from: classifier`), so that the boundary branch reads features that mean something.
 """
