@@ -11,6 +11,8 @@ min_version("9.0")
 
 configfile: "config.yaml"
 
+report: "report/workflow.rst"
+
 # Idle OpenMP threads must not spin: with two jobs on two cores a spinning pool slows every
 # parallel op of the other job by orders of magnitude.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -7,6 +7,8 @@ from wsss_core.codehash import source_hash
 from wsss_core.config import dataset_config, stage_params, method_params
 
 RESULTS = config["results"]
+#: the one software environment of every rule (used with `--sdm conda`), relative to rules/
+CONDA_ENV = "../envs/wsss.yaml"
 THREADS = int(config.get("threads", 2))
 DEFAULT = config.get("default_target", {})
 

@@ -43,6 +43,8 @@ EVAL_SEG_SHELL = (
 
 
 rule train_seg:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         masks=out("masks"),
@@ -65,6 +67,8 @@ rule train_seg:
 
 
 rule train_seg_model:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         masks=out("masks"),
@@ -89,6 +93,8 @@ rule train_seg_model:
 
 
 rule eval_seg:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         model=out("seg/model.pt"),
@@ -111,6 +117,8 @@ rule eval_seg:
 
 
 rule eval_seg_model:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         model=seg_out("model.pt"),
