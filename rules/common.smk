@@ -18,6 +18,22 @@ wildcard_constraints:
     method="|".join(config["methods"]),
 
 
+def method_regex(names):
+    """A wildcard regex for exactly `names` (one that matches nothing when empty)."""
+    return "|".join(names) if names else "(?!)"
+
+
+def single_stage_methods():
+    from wsss_core.methods import method_class
+    return [m for m, c in config["methods"].items()
+            if method_class(c["plugin"], c.get("module")).single_stage]
+
+
+#: methods that predict segmentation themselves (Method.single_stage) and the others
+SINGLE_STAGE = method_regex(single_stage_methods())
+MULTI_STAGE = method_regex([m for m in config["methods"] if m not in single_stage_methods()])
+
+
 def code(stage):
     """Fingerprint of the stage module and the wsss_core code it imports (a rule param), so a
     code change re-runs exactly the stages that use the changed code."""

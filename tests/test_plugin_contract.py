@@ -21,7 +21,8 @@ from wsss_core.metrics import read_miou
 
 PLUGIN = textwrap.dedent('''
     """A throwaway method: a ResNet CAM whose map is called `activation`, with its own
-    settings blocks and a per-image extra input (a grid of cells) it checks in every step."""
+    settings blocks, a per-image extra input (a grid of cells) it checks in every step, and a
+    segmentation head of its own (single-stage): CAMs against a constant background score."""
     from dataclasses import dataclass, field
 
     import numpy as np
@@ -58,6 +59,7 @@ PLUGIN = textwrap.dedent('''
         maps = (MapSpec("activation", strided=True),)
         backbone_module = "cnn"
         extra_inputs = ("cells",)
+        single_stage = True
 
         def build(self):
             m = self.blocks["model"]
@@ -84,6 +86,14 @@ PLUGIN = textwrap.dedent('''
         @torch.no_grad()
         def infer(self, pair):
             return {"activation": merge_flip(self.models["cnn"].cam(pair))}
+
+        @torch.no_grad()
+        def segment(self, images):
+            cam = self.models["cnn"].cam(images)
+            cam = cam / (cam.flatten(2).max(-1).values[..., None, None] + 1e-5)
+            scores = torch.cat([torch.full_like(cam[:, :1], 0.3), cam], dim=1)
+            return torch.nn.functional.interpolate(scores, size=images.shape[-2:], mode="bilinear",
+                                                   align_corners=False)
 ''')
 
 DATA = {"kind": "toy", "preset": "smoke", "seed": 4, "image_size": 48, "num_train_aug": 16,
@@ -112,7 +122,8 @@ def plugin_run(tmp_path_factory, repo_root, cli_env):
                                                         "throwaway": {"cell": 6}}}}}}
     (wd / "plugin.yaml").write_text(yaml.safe_dump(extra))
     env = dict(cli_env, PYTHONPATH=str(wd / "plugins"))
-    targets = [f"results/smoke/toss/{f}" for f in ("seed_miou.txt", "mask_miou.txt", "seg_miou.txt")]
+    targets = [f"results/smoke/toss/{f}" for f in ("seed_miou.txt", "mask_miou.txt", "seg_miou.txt",
+                                                   "seg-multistage/seg_miou.txt")]
     cmd = [sys.executable, "-m", "snakemake", "-s", str(wd / "Snakefile"), "-d", str(wd), "--cores",
            "2", "--configfile", str(wd / "plugin.yaml"), "--", *targets]
     result = subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True, timeout=900)
@@ -123,8 +134,12 @@ def plugin_run(tmp_path_factory, repo_root, cli_env):
 @pytest.mark.slow
 def test_a_method_defined_outside_the_package_runs_the_smoke_dag(plugin_run):
     base = plugin_run
-    for name in ("seed", "mask", "seg"):
+    for name in ("seed", "mask", "seg", "seg-multistage/seg"):
         assert 0.0 <= read_miou(base / f"{name}_miou.txt") <= 100.0
+    # single-stage: seg_miou.txt comes from the method's own head, the shared route has its own
+    assert json.loads((base / "seg_metrics.json").read_text())["model"] == "method:throwaway"
+    assert json.loads((base / "seg-multistage" / "seg_metrics.json").read_text())["model"] == "deeplabv3plus"
+    assert not (base / "seg" / "model.pt").exists()
     with h5py.File(base / "cams.h5", "r") as f:
         assert json.loads(f.attrs["roles"]) == {"walk": "activation", "fuse": ["activation"],
                                                 "agnostic": ""}

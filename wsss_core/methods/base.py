@@ -149,9 +149,9 @@ class Method(ABC):
         becomes a batch entry beside `label` and `index`."""
         return None
 
-    def segment(self, pair: torch.Tensor) -> torch.Tensor:
-        """Single-stage methods: class scores [C, h, w] (background first) of one scale, from
-        `pair` = [2, 3, h, w] (image, mirrored image), mirror merged."""
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """Single-stage methods: class scores [B, C, h, w] (C with background first, softmaxed
+        by the caller) of normalised images [B, 3, h, w]; eval_seg adds scales, flip and CRF."""
         raise NotImplementedError(f"method {self.name!r} is not single-stage")
 
     @abstractmethod
