@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import h5py
 import numpy as np
+
+from .io import atomic_path
 
 
 class MapWriter:
@@ -35,10 +36,9 @@ class MapWriter:
         self._map_names: set[str] = set()
 
     def __enter__(self) -> "MapWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        # io.atomic_path: a temporary file beside the target, renamed into place on success
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
         self._file = h5py.File(self._tmp, "w")
         return self
 
@@ -74,11 +74,10 @@ class MapWriter:
                 self._file.attrs["maps"] = json.dumps(sorted(self._map_names))
                 self._file.attrs["complete"] = True
             self._file.close()
-            if exc_type is None:
-                os.replace(self._tmp, self.path)
-        finally:
-            if self._tmp.exists():
-                self._tmp.unlink()
+        except BaseException as e:
+            self._atomic.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._atomic.__exit__(exc_type, exc, tb)
 
 
 @dataclass(frozen=True)
