@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from conftest import copy_workflow
 
 from wsss_core.io import read_label_png
 from wsss_core.metrics import read_miou
@@ -44,12 +44,7 @@ def smoke_config(repo_root: Path) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, repo_root, cli_env):
     wd = tmp_path_factory.mktemp("e2e")
-    # a copy of the workflow, so tests may edit its sources (the stages' code fingerprints are
-    # read beside the Snakefile; the commands themselves run the installed package)
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy(repo_root / name, wd / name)
-    for folder in ("rules", "wsss_core"):
-        shutil.copytree(repo_root / folder, wd / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_workflow(repo_root, wd)
     (wd / "smoke.yaml").write_text(yaml.safe_dump(smoke_config(repo_root)))
     targets = [f"results/smoke/{m}/{f}" for m in METHODS
                for f in ("seg_miou.txt", "mask_miou.txt", "seed_miou.txt", "mask_sweep.json")]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
+from conftest import copy_workflow
 
 from wsss_core.metrics import read_miou
 
@@ -106,10 +106,7 @@ FAST = {"train_classifier": {"epochs": 1, "crop": 48, "scale_range": [40, 56], "
 @pytest.fixture(scope="module")
 def plugin_run(tmp_path_factory, repo_root, cli_env):
     wd = tmp_path_factory.mktemp("plugin")
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy(repo_root / name, wd / name)
-    for folder in ("rules", "wsss_core"):
-        shutil.copytree(repo_root / folder, wd / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_workflow(repo_root, wd)
     (wd / "plugins").mkdir()
     (wd / "plugins" / "throwaway_plugin.py").write_text(PLUGIN)
     cfg = yaml.safe_load((repo_root / "config.yaml").read_text())
