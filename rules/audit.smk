@@ -19,6 +19,8 @@ AUDIT_INPUTS = {
 
 
 rule audit:
+    conda:
+        CONDA_ENV
     input:
         **AUDIT_INPUTS,
     output:
@@ -60,6 +62,8 @@ def comparison_inputs(wildcards):
 
 
 rule compare:
+    conda:
+        CONDA_ENV
     input:
         comparison_inputs,
     output:

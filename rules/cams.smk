@@ -8,6 +8,8 @@ CAM_SHARD_FILE = f"cams_shards/{{shard}}-of-{CAM_SHARDS}.h5"
 
 
 rule train_classifier:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
     output:
@@ -30,6 +32,8 @@ rule train_classifier:
 
 
 rule export_cams:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         model=out("classifier/model.pt"),
@@ -56,6 +60,8 @@ rule export_cams:
 if CAM_SHARDS > 1:
 
     rule merge_cams:
+        conda:
+            CONDA_ENV
         input:
             index=f"{RESULTS}/{{dataset}}/index.json",
             shards=[out(CAM_SHARD_FILE.format(shard=i)) for i in range(1, CAM_SHARDS + 1)],
@@ -74,6 +80,8 @@ if CAM_SHARDS > 1:
 
 
 rule fuse_seeds:
+    conda:
+        CONDA_ENV
     input:
         out("cams.h5"),
     output:
@@ -92,6 +100,8 @@ rule fuse_seeds:
 
 
 rule eval_seeds:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         seeds=out("seeds.h5"),

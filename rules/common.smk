@@ -10,6 +10,8 @@ from wsss_core.config import check_or_exit, dataset_config, exit_with, stage_par
 from wsss_core.errors import ConfigError
 
 RESULTS = config["results"]
+#: the one software environment of every rule (used with `--sdm conda`), relative to rules/
+CONDA_ENV = "../envs/wsss.yaml"
 THREADS = int(config.get("threads", 2))
 DEFAULT = config.get("default_target", {})
 
@@ -17,6 +19,22 @@ DEFAULT = config.get("default_target", {})
 wildcard_constraints:
     dataset="|".join(config["datasets"]),
     method="|".join(config["methods"]),
+
+
+def method_regex(names):
+    """A wildcard regex for exactly `names` (one that matches nothing when empty)."""
+    return "|".join(names) if names else "(?!)"
+
+
+def single_stage_methods():
+    from wsss_core.methods import method_class
+    return [m for m, c in config["methods"].items()
+            if method_class(c["plugin"], c.get("module")).single_stage]
+
+
+#: methods that predict segmentation themselves (Method.single_stage) and the others
+SINGLE_STAGE = method_regex(single_stage_methods())
+MULTI_STAGE = method_regex([m for m in config["methods"] if m not in single_stage_methods()])
 
 
 def code(stage):
@@ -130,7 +148,7 @@ def logs(name):
 
 def default_target():
     d = DEFAULT.get("dataset", "toy")
-    m = DEFAULT.get("method", "cobra")
+    m = DEFAULT.get("method", next(iter(config["methods"])))
     return [f"{RESULTS}/{d}/{m}/{f}" for f in ("seed_miou.txt", "mask_miou.txt", "mask_sweep.json",
                                                  "seg_miou.txt")]
 

@@ -2,6 +2,8 @@
 
 
 rule make_toy:
+    conda:
+        CONDA_ENV
     output:
         directory(f"{RESULTS}/{{dataset}}/data"),
     params:
@@ -22,6 +24,8 @@ rule make_toy:
 
 
 rule dataset_index:
+    conda:
+        CONDA_ENV
     input:
         dataset_inputs,
     output:

@@ -2,6 +2,8 @@
 
 
 rule ir_labels:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         seeds=out("seeds.h5"),
@@ -24,6 +26,8 @@ rule ir_labels:
 
 
 rule train_irn:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         labels=out("ir_labels"),
@@ -48,6 +52,8 @@ rule train_irn:
 
 
 rule propagate:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         cams=out("cams.h5"),
@@ -71,6 +77,8 @@ rule propagate:
 
 
 rule make_masks:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         rw=out("rw.h5"),
@@ -92,6 +100,8 @@ rule make_masks:
 
 
 rule sweep_masks:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         rw=out("rw.h5"),
@@ -112,6 +122,8 @@ rule sweep_masks:
 
 
 rule eval_masks:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         masks=out("masks"),

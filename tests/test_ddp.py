@@ -144,8 +144,9 @@ def test_only_rank0_writes(classifier_runs):
 @pytest.mark.slow
 def test_irn_and_segmentation_train_under_two_processes(classifier_runs, index_path, toy_root,
                                                          repo_root, tmp_path, cli_env):
-    from wsss_core.stages.train_irn import load_irn
-    from wsss_core.stages.train_seg import load_seg_model, resolve_seg_params
+    from wsss_core.models.irn import load_irn
+    from wsss_core.models.segmentation import load_seg_model
+    from wsss_core.stages.train_seg import resolve_seg_params
 
     single, _, _ = classifier_runs
     cfg = load_config(repo_root / "config.yaml")

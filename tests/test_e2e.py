@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from conftest import copy_workflow
 
 from wsss_core.data.toy import generate_toy
 from wsss_core.io import read_label_png, save_label_png
@@ -69,20 +69,15 @@ def run(tmp_path_factory, repo_root, cli_env):
     # a working folder, a results root and a dataset root whose paths hold spaces
     wd = tmp_path_factory.mktemp("e2e") / "work dir"
     wd.mkdir()
-    # a copy of the workflow, so tests may edit its sources (the stages' code fingerprints are
-    # read beside the Snakefile; the commands themselves run the installed package)
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy(repo_root / name, wd / name)
-    for folder in ("rules", "wsss_core"):
-        shutil.copytree(repo_root / folder, wd / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_workflow(repo_root, wd)
     data, results = wd / "my data" / "smoke voc", wd / "my results"
     smoke_data(data)
     cfg = smoke_config(repo_root)
     cfg["datasets"]["smoke"] = {"kind": "voc", "preset": "smoke", "root": str(data)}
     cfg["results"] = str(results)
-    # the cam run uses the IRN mask rule, the cobra run the CoBra rule: both rules meet the
+    # the cam run uses the global-max mask rule, the cobra run the per-class rule: both rules meet the
     # images without a class
-    cfg["methods"]["cam"]["presets"]["smoke"]["make_masks"] = {"rule": "irn"}
+    cfg["methods"]["cam"]["presets"]["smoke"]["make_masks"] = {"rule": "global_max"}
     (wd / "smoke.yaml").write_text(yaml.safe_dump(cfg))
     targets = [str(results / "smoke" / m / f) for m in METHODS
                for f in ("seg_miou.txt", "mask_miou.txt", "seed_miou.txt", "mask_sweep.json",

@@ -24,7 +24,8 @@ from wsss_core.ops.crf import crf_from_probs
 from wsss_core.seg_engine import predict_multiscale
 from wsss_core.stages import train_seg as train_seg_module
 from wsss_core.stages.eval_seg import eval_seg
-from wsss_core.stages.train_seg import load_seg_model, resolve_seg_params, train_seg
+from wsss_core.models.segmentation import load_seg_model
+from wsss_core.stages.train_seg import resolve_seg_params, train_seg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,14 +215,14 @@ def test_snakemake_dry_run_schedules_default_and_other_architecture(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory) -> Path:
     """A model.pt as train_classifier writes it, with a random resnet_tiny CAM network."""
-    from wsss_core.engine import save_checkpoint
+    from wsss_core.checkpoint import save_model
     from wsss_core.methods import create_method
     cfg = load_config(REPO / "config.yaml")
     torch.manual_seed(4)
-    method = create_method(method_params(cfg, "toy", "cam"), 9,
-                           train_params=stage_params(cfg, "toy", "cam", "train_classifier"))
+    params, train = method_params(cfg, "toy", "cam"), stage_params(cfg, "toy", "cam", "train_classifier")
+    method = create_method(params, 9, train_params=train)
     path = tmp_path_factory.mktemp("cls") / "model.pt"
-    save_checkpoint(path, {"state": method.state_dict()})
+    save_model(path, "classifier", method.state_dict(), method=params, num_classes=9, train_params=train)
     return path
 
 

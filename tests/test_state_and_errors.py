@@ -160,12 +160,13 @@ def test_truncated_classifier_is_one_line_from_the_stage(irn_inputs, tmp_path, c
                                            ("irn_backbone", "train_classifier"),
                                            ("seg", "train_seg")])
 def test_every_model_loader_names_the_damaged_file_and_its_stage(irn_inputs, tmp_path, loader, stage):
-    from wsss_core.stages.train_classifier import load_trained
-    from wsss_core.stages.train_irn import build_irn, load_irn
-    from wsss_core.stages.train_seg import load_seg_model
+    from wsss_core.checkpoint import load_method
+    from wsss_core.models.irn import load_irn
+    from wsss_core.models.segmentation import load_seg_model
+    from wsss_core.stages.train_irn import build_irn
 
     bad = _truncated(irn_inputs["classifier"]["C0"], tmp_path / loader / "model.pt")
-    load = {"classifier": lambda: load_trained(bad, torch.device("cpu")),
+    load = {"classifier": lambda: load_method(bad, torch.device("cpu")),
             "irn": lambda: load_irn(bad, torch.device("cpu")),
             "irn_backbone": lambda: build_irn(irn_inputs["params"], bad),
             "seg": lambda: load_seg_model(bad, "cpu")}[loader]

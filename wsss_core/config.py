@@ -27,8 +27,8 @@ STAGES = (
     "train_classifier", "export_cams", "fuse_seeds", "eval_seeds", "ir_labels", "train_irn",
     "propagate", "make_masks", "train_seg", "eval_seg", "audit",
 )
-#: free-form blocks checked by the method plug-in rather than by a stage schema
-PLUGIN_BLOCKS = ("model", "cobra")
+#: the block every plug-in receives, declared or not
+MODEL_BLOCK = "model"
 
 
 def _key_path(parts) -> str:
@@ -71,12 +71,42 @@ def _explain(error) -> str:
     return f"config key {_key_path(error.absolute_path)}: {error.message}"
 
 
+def config_schema(cfg: dict | None = None) -> dict:
+    """The config schema: config.schema.yaml with the plug-in names and the settings blocks
+    of every registered method (built-in ones, and those `cfg` names by `module`) added, so
+    a new method changes no shared schema file."""
+    from .methods import import_plugin, list_methods, method_class
+    from .methods.settings import settings_schema
+
+    for entry in ((cfg or {}).get("methods") or {}).values():
+        if isinstance(entry, dict):
+            import_plugin(entry.get("module"))
+    schema = copy.deepcopy(_load_schema(SCHEMA_PATH))
+    names = list_methods()
+    method_entry = schema["properties"]["methods"]["additionalProperties"]
+    method_entry["properties"]["plugin"]["enum"] = names
+    declared: dict[str, list[dict]] = {MODEL_BLOCK: []}
+    for name in names:
+        for block, cls in method_class(name).settings_blocks.items():
+            declared.setdefault(block, []).append(settings_schema(cls))
+    blocks = schema["$defs"]["stage_blocks"]["properties"]
+    for block, fragments in declared.items():
+        if block in STAGES:
+            raise ConfigError(f"a method declares a settings block named after stage {block!r}")
+        # plug-ins sharing a block name (`model`) each check their own keys (validate_config)
+        same = fragments and all(f == fragments[0] for f in fragments)
+        blocks[block] = fragments[0] if same else {"type": "object",
+                                                   "description": "settings of the method"}
+    return schema
+
+
 def validate_config(cfg: dict, plugins: bool = True, cache: str | Path | None = None) -> dict:
-    """Check `cfg` against the schema (and, with `plugins`, the method plug-ins' blocks); raise
-    ConfigError naming the first offending key."""
+    """Check `cfg` against the assembled schema (`config_schema`) and, with `plugins`, every
+    method's settings blocks and backbone names (`check_plugin_blocks`, recorded in the folder
+    `cache` once passed); raise ConfigError naming the first offending key."""
     import jsonschema
 
-    schema = dict(_load_schema(SCHEMA_PATH))
+    schema = config_schema(cfg)
     validator = _validator(schema, SCHEMA_DIR)
     # not best_match: it descends into the oneOf context by itself and may report the
     # "wrong kind" error of a branch the entry was never meant for
@@ -142,14 +172,27 @@ def check_plugin_blocks(cfg: dict, cache: str | Path | None = None) -> None:
     if cache is not None and (Path(cache) / key).is_file():
         return
 
-    from .methods import method_class
     from .methods.settings import check_backbone_name
-    for where, (params, irn_backbone) in blocks.items():
-        method_class(params["plugin"]).check_params(params, where)
+    for d in cfg["datasets"]:
+        for m in cfg["methods"]:
+            _check_method_settings(cfg, d, m)
+    for where, (_, irn_backbone) in blocks.items():
         check_backbone_name(irn_backbone, f"{where}.train_irn.backbone")
     if cache is not None:
         Path(cache).mkdir(parents=True, exist_ok=True)
         (Path(cache) / key).touch()
+
+
+def _check_method_settings(cfg: dict, dataset: str, method: str) -> None:
+    """The method's settings blocks for `dataset`'s preset, parsed by the plug-in."""
+    from .methods import method_class
+
+    params = method_params(cfg, dataset, method)
+    try:
+        method_class(params["plugin"], params.get("module")).parse_settings(params)
+    except ConfigError as e:
+        where = f"methods.{method}.presets.{params['preset']}."
+        raise ConfigError(str(e).replace("config key ", f"config key {where}", 1)) from None
 
 
 _DEFAULT_PRESET = {"toy": "tiny", "voc": "paper", "coco": "paper"}
@@ -230,9 +273,16 @@ def stage_params(cfg: dict, dataset: str, method: str, stage: str) -> dict:
 
 
 def method_params(cfg: dict, dataset: str, method: str) -> dict:
-    """Everything a method plug-in needs: its plug-in name and its resolved free-form blocks."""
+    """Everything a method plug-in needs: its plug-in name (and `module`, for one kept outside
+    wsss_core/methods) and the resolved settings blocks it declares (`model` always)."""
+    from .methods import method_class
+
     preset = dataset_config(cfg, dataset)["preset"]
-    out = {"plugin": method_config(cfg, method)["plugin"], "preset": preset}
-    for block in PLUGIN_BLOCKS:
+    entry = method_config(cfg, method)
+    out = {"plugin": entry["plugin"], "preset": preset}
+    if entry.get("module"):
+        out["module"] = entry["module"]
+    cls = method_class(entry["plugin"], entry.get("module"))
+    for block in (MODEL_BLOCK, *cls.settings_blocks):
         out[block] = stage_params(cfg, dataset, method, block)
     return out

@@ -1,6 +1,7 @@
-"""The shared training loop: poly schedule, the stage's `precision` (fp32, or bf16 / fp16
-autocast; wsss_core/precision.py), per-epoch checkpoints with exact
-resume, a CSV log and a progress bar. Classifier, IRN and segmentation training all use it.
+"""The shared training loop: poly schedule (with optional linear warm-up; schedules and
+optimisers come from `optim`), the stage's `precision` (fp32, or bf16 / fp16 autocast;
+wsss_core/precision.py), per-epoch checkpoints with exact resume, a CSV log and a progress bar.
+Classifier, IRN and segmentation training all use it.
 
 Determinism: the shuffling of epoch e comes from a generator seeded with (seed, e), and each
 sample's augmentation from (seed, e, index), so an interrupted run resumed from its last
@@ -19,15 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as tdist
@@ -35,25 +34,14 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 from tqdm import tqdm
 
+from .checkpoint import load_checkpoint, resume_key, save_checkpoint  # noqa: F401  (re-exported)
 from .errors import ConfigError, DataError
 from .io import atomic_path
 from .methods.base import StepContext
+from .optim import set_lr
 from .precision import autocast_factory, grad_scaler
 
 log = logging.getLogger("wsss")
-
-
-def poly_factor(step: int, max_step: int, power: float) -> float:
-    """(1 - t / T)^power, the lr multiplier before step t (IRN/CoBra PolyOptimizer)."""
-    return (1.0 - min(step, max_step) / max_step) ** power if max_step > 0 else 1.0
-
-
-def set_poly_lr(optimizers: list[torch.optim.Optimizer], step: int, max_step: int, power: float) -> float:
-    factor = poly_factor(step, max_step, power)
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * factor
-    return optimizers[0].param_groups[0]["lr"] if optimizers else 0.0
 
 
 @dataclass
@@ -66,6 +54,8 @@ class FitConfig:
     desc: str = "train"
     stage: str = "train"  # config block named in error messages
     precision: str = "fp32"  # fp32 | bf16 | fp16 (wsss_core.precision)
+    warmup_steps: int = 0  # linear warm-up of every group without its own (optim.lr_factor)
+    warmup_ratio: float = 0.0
 
 
 # --- several processes (torchrun) ---------------------------------------------------------
@@ -117,8 +107,8 @@ def data_parallel(module: nn.Module, device: torch.device,
     """`module` wrapped in DistributedDataParallel inside a process group, `module` itself
     otherwise. Training forwards must go through the returned module: DDP averages the
     gradients of what ran through it. `find_unused_parameters` for models whose loss leaves
-    some trainable parameters out in some steps (CoBra's projection heads before its
-    auxiliary losses start)."""
+    some trainable parameters out in some steps (projection heads before auxiliary
+    losses start: `Method.partial_losses`)."""
     if dist_info().world_size == 1 or not any(p.requires_grad for p in module.parameters()):
         return module
     from torch.nn.parallel import DistributedDataParallel
@@ -183,66 +173,6 @@ def _check_in_sync(optimizers: list[torch.optim.Optimizer], epoch: int) -> None:
                            f"a training step bypassed engine.data_parallel (a bug)")
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write `payload` to `path` atomically. Raises DataError when the disk refuses the write
-    (torch reports it as a RuntimeError without the path)."""
-    try:
-        with atomic_path(path, suffix=".pt") as tmp:
-            torch.save(payload, tmp)
-    except RuntimeError as e:
-        if "write" not in str(e).lower():
-            raise
-        raise DataError(f"{path}: cannot write ({str(e).splitlines()[0][:200]}); free space in "
-                        f"{path.parent} and re-run") from None
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", stage: str | None = None) -> dict:
-    """The dict a `save_checkpoint` wrote (weights only, no pickled code). Every reader of a
-    checkpoint or model file goes through here, so a missing, truncated or foreign file is one
-    line naming it and the stage that writes it (`stage`; None for a file the user supplies).
-
-    Raises: DataError (missing, unreadable or not a dict)."""
-    path = Path(path)
-    fix = f"re-run the {stage} stage" if stage else "replace the file"
-    if not path.is_file():
-        raise DataError(f"{path}: model file not found; {fix}")
-    try:
-        ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, bit rot: torch raises many kinds
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"{path}: unreadable or damaged model file ({reason}); delete it and "
-                        f"{fix}") from None
-    if not isinstance(ck, dict):
-        raise DataError(f"{path}: not a wsss model file (holds a {type(ck).__name__}); {fix}")
-    return ck
-
-
-def resume_key(*parts: Any, files: Sequence[str | os.PathLike] = ()) -> str:
-    """SHA-256 naming exactly what a training run is made from: the JSON-able `parts`
-    (parameters, ids) and the content of every file it reads (`files`: files, or folders whose
-    files are read in name order), by content, not by path. A checkpoint is resumed only when
-    its key equals the current one, so a change to any upstream output (IR labels, a
-    classifier, masks, images) starts the run afresh.
-
-    Raises: DataError for a listed path that does not exist."""
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for item in files:
-        item = Path(item)
-        if item.is_dir():
-            members = sorted(p for p in item.rglob("*") if p.is_file())
-        elif item.is_file():
-            members = [item]
-        else:
-            raise DataError(f"{item}: input not found")
-        for member in members:
-            digest.update(str(member.relative_to(item) if item.is_dir() else member.name).encode() + b"\0")
-            with open(member, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            digest.update(b"\0")
-    return digest.hexdigest()
-
-
 def fit(
     dataset: Dataset,
     cfg: FitConfig,
@@ -288,7 +218,7 @@ def fit(
         bar = tqdm(loader, desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2.0,
                    disable=not info.is_main)
         for batch in bar:
-            lr = set_poly_lr(optimizers, step, max_step, cfg.poly_power)
+            lr = set_lr(optimizers, step, max_step, cfg.poly_power, cfg.warmup_steps, cfg.warmup_ratio)
             ctx = StepContext(epoch=epoch, step=step, max_step=max_step, epochs=cfg.epochs,
                               device=device, autocast=autocast)
             for opt in optimizers:

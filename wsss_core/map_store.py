@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -172,6 +173,30 @@ class MapWriter:
         finally:
             if self._tmp.exists():
                 self._tmp.unlink()
+
+
+@dataclass(frozen=True)
+class MapRoles:
+    """Which exported map plays which part downstream (names as in `Method.maps`).
+
+    walk: the class map whose stride-4 copy the random walk propagates ("" = none);
+    fuse: the class maps seed fusion combines, in the order its recipes read them;
+    agnostic: the class-agnostic map per-image IR-label thresholds are read from ("" = none).
+    """
+    walk: str = ""
+    fuse: tuple[str, ...] = ()
+    agnostic: str = ""
+
+
+def map_roles(attrs: Mapping[str, Any]) -> MapRoles:
+    """The MapRoles recorded in a cams.h5's attributes (`roles`, written by export_cams);
+    stores without it name only the walk map (`propagate_map`, stride-4 name)."""
+    roles = attrs.get("roles")
+    if isinstance(roles, dict):
+        return MapRoles(walk=roles.get("walk", ""), fuse=tuple(roles.get("fuse", ())),
+                        agnostic=roles.get("agnostic", ""))
+    walk = str(attrs.get("propagate_map", ""))
+    return MapRoles(walk=walk[:-3] if walk.endswith("_s4") else walk)
 
 
 class MapReader:

@@ -1,4 +1,4 @@
-"""`cobra`: CoBra's complementary branches (../shared/methods/cobra.md §3-6).
+"""`cobra`: CoBra's complementary branches (docs/methods/cobra.md §3-6).
 
 CNN branch (class-aware knowledge) + ViT branch (semantic-aware knowledge), trained together:
 classification on both, then from `aux_start_epoch` the L1 inter-CAM term, SAP (CNN pseudo
@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from ..models.vit_cam import ViTCAM
-from . import register_method
+from ._registry import register_method
 from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
 from .cam import ResNetSettings
 from .cobra_losses import (cap_loss, cnn_pseudo_labels, l1_intercam, l1_positive_term,
                            multilabel_soft_margin, sap_loss)
-from .settings import block, from_dict
+from .settings import block
 
 
 @dataclass
@@ -68,9 +68,17 @@ class CobraLossSettings:
 @register_method
 class CobraMethod(Method):
     name = "cobra"
-    settings = {"model": CobraModelSettings, "cobra": CobraLossSettings}
+    settings_blocks = {"model": CobraModelSettings, "cobra": CobraLossSettings}
     maps = (MapSpec("cnn", strided=True), MapSpec("vit", strided=True),
             MapSpec("attention", kind="agnostic", normalize=False))
+    fuse_maps = ("cnn", "vit")  # the seed recipe max_mean_last reads the ViT CAM last
+    backbone_module = "cnn"
+    published = {"seed": 62.3, "mask": 73.5, "seg": 74.0, "source": "CoBra Tab. 1 / Tab. 2",
+                 "protocol": "seed: per image the θ-th percentile of the attention map as background "
+                             "score, θ searched (CoBra's eval_cam.py; `eval_seeds.background: "
+                             "percentile`), no CRF; mask: random walk of the ViT CAM, per-class "
+                             "0.31·max + min rule + dense CRF (72.5 without); seg: multi-scale "
+                             "testing + dense CRF"}
     partial_losses = True  # the projection heads get no gradient before aux_start_epoch
 
     @classmethod
@@ -81,9 +89,11 @@ class CobraMethod(Method):
             raise ConfigError(f"config key {where}.top_bot_k: needs four counts (SAP+, SAP-, CAP+, CAP-)")
 
     def build(self) -> dict[str, nn.Module]:
-        self.model_settings = from_dict(CobraModelSettings, self.params.get("model"), "model")
-        self.loss_settings = s = from_dict(CobraLossSettings, self.params.get("cobra"), "cobra")
-        self.check_settings("cobra", s, "cobra")
+        self.model_settings = self.blocks["model"]
+        self.loss_settings = s = self.blocks["cobra"]
+        if len(s.top_bot_k) != 4:
+            from ..errors import ConfigError
+            raise ConfigError("config key cobra.top_bot_k: needs four counts (SAP+, SAP-, CAP+, CAP-)")
         self.propagate_map = s.rw_source
         m = self.model_settings
         crop = int(self.train_params.get("crop", 224))

@@ -56,3 +56,14 @@ def check_backbone_name(name: str, key: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
         raise ConfigError(f"config key {key}: {name!r} is not a timm model{hint}")
+
+
+def settings_schema(cls: type) -> dict[str, Any]:
+    """JSON-schema fragment of settings dataclass `cls`: its field names (nested blocks
+    recursively), nothing else; the config schema is assembled from these fragments."""
+    props: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        sub = f.metadata.get("block")
+        props[f.name] = settings_schema(sub) if sub else {}
+    return {"type": "object", "additionalProperties": False, "properties": props,
+            "description": (cls.__doc__ or cls.__name__).splitlines()[0]}

@@ -1,6 +1,6 @@
 """Backbones built through timm, reshaped to the WSSS conventions.
 
-IRN/CoBra ResNets: strides are placed on the first block of a layer (no dilation anywhere);
+IRN-style ResNets: strides are placed on the first block of a layer (no dilation anywhere);
 `strides = (conv1, layer2, layer3, layer4)` with layer1 and the max-pool fixed (1 and 2), so
 (2, 2, 2, 1) gives output stride 16 and (2, 2, 1, 1) stride 8. BatchNorm is "frozen": it
 always normalises with the stored running statistics, while its affine parameters stay

@@ -1,4 +1,4 @@
-"""IRNet inter-pixel relation network (class-boundary + displacement branches), irn.md §2, §5, §7.
+"""IRNet inter-pixel relation network (class-boundary + displacement branches), docs/algorithms.md §irn.
 
 The backbone (`ResNetStages`, strides (2, 2, 2, 1) → stage strides 4, 4, 8, 16, 16) is frozen
 as in the reference: every stage output is detached, it stays in eval mode and only the two
@@ -139,7 +139,7 @@ class IRN(nn.Module):
 
     @torch.no_grad()
     def boundary_map(self, image_pair: torch.Tensor, crop: int = 512) -> torch.Tensor:
-        """Class-boundary probabilities of one image (irn.md §7) → `[1, ⌈H/4⌉, ⌈W/4⌉]`.
+        """Class-boundary probabilities of one image (docs/algorithms.md §irn) → `[1, ⌈H/4⌉, ⌈W/4⌉]`.
 
         Args:
             image_pair: `[2, 3, H, W]` normalised image and its horizontal mirror.
@@ -178,7 +178,7 @@ def pair_displacement(disp: torch.Tensor, path_index: PathIndex) -> torch.Tensor
 def affinity_displacement_loss(edge_logits: torch.Tensor, disp: torch.Tensor, bg_pos: torch.Tensor,
                                fg_pos: torch.Tensor, neg: torch.Tensor, path_index: PathIndex
                                ) -> dict[str, torch.Tensor]:
-    """IRN training loss (irn.md §5), reduced over the whole batch.
+    """IRN training loss (docs/algorithms.md §irn), reduced over the whole batch.
 
     Args:
         edge_logits: `[B, 1, G_h, G_w]`; disp: `[B, 2, G_h, G_w]` (the path-index grid).
@@ -205,3 +205,15 @@ def affinity_displacement_loss(edge_logits: torch.Tensor, disp: torch.Tensor, bg
 
     total = (pos_bg / 2 + pos_fg / 2 + neg_loss) / 2 + (dp_fg + dp_bg) / 2
     return dict(pos_bg=pos_bg, pos_fg=pos_fg, neg=neg_loss, dp_fg=dp_fg, dp_bg=dp_bg, total=total)
+
+
+def load_irn(path, device: torch.device | str = "cpu") -> tuple[IRN, dict]:
+    """The trained IRN (eval mode, on `device`) and its training parameters, from the model
+    file train_irn wrote (checkpoint.read_model: one-line errors)."""
+    from ..checkpoint import read_model
+
+    record = read_model(path, "irn", map_location=device)
+    params = dict(record["params"])
+    model = IRN(params["backbone"], strides=tuple(params["strides"]))
+    model.load_state_dict(record["state"])
+    return model.to(device).eval(), params

@@ -1,9 +1,10 @@
-"""CNN CAM classifier: the IRN-style ResNet CAM and CoBra's class-aware (CNN) branch.
+"""CNN CAM classifier: the IRN-style ResNet CAM, also the CNN branch of two-branch methods.
 
-Layout (cobra.md §3.1, IRN `net/resnet50_cam.py`): a ResNet split into IRN stages
-(stem, layer1 .. layer4), a 1x1 no-bias conv head giving raw class logits per position, and for
-CoBra an optional 1x1 no-bias projection (the CAP embedding). With `detach_early` the output of
-stem+layer1+layer2 is cut from the graph (IRN/CoBra train only layer3, layer4 and the heads)
+Layout (docs/algorithms.md §cam-models, IRN `net/resnet50_cam.py`): a ResNet split into IRN
+stages (stem, layer1 .. layer4), a 1x1 no-bias conv head giving raw class logits per position,
+and optionally a 1x1 no-bias projection (an embedding for contrastive losses). With
+`detach_early` the output of stem+layer1+layer2 is cut from the graph (IRN trains only layer3,
+layer4 and the heads)
 and conv1/bn1 are marked `requires_grad=False`, exactly like the reference code.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ class ResNetCAM(nn.Module):
     """ResNet + 1x1 CAM head (+ optional 1x1 projection head).
 
     Channels of the head: `num_classes + int(with_background)`; with a background channel it is
-    channel 0 (CoBra: 21 for VOC). The `cam` baseline uses `with_background=False` (20, as IRN).
+    channel 0 (21 for VOC). IRN's CAM uses `with_background=False` (20 for VOC).
     """
 
     def __init__(self, backbone: str = "resnet50", num_classes: int = 20, *,
@@ -74,7 +75,7 @@ class ResNetCAM(nn.Module):
         return F.relu(self.classifier(self.features(x)))
 
     def param_groups(self, train_proj: bool = False) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(backbone parameters (1x lr), new parameters (10x lr)), cobra.md §3.3.
+        """(backbone parameters (1x lr), new parameters (10x lr)), docs/algorithms.md §cam-models.
 
         The backbone group holds every backbone parameter, as the reference code does (frozen or
         detached ones never get a gradient, so SGD skips them). [OFFICIAL] `train_proj=False`:

@@ -1,8 +1,8 @@
 """Fully supervised segmentation networks (last pipeline stage) built with
 segmentation-models-pytorch.
 
-Paper presets (CoBra Tab. 2): DeepLabV3+ with ResNet-101 (output stride 16) and SegFormer with
-MiT-B2. Tiny CPU presets use the same architectures with resnet18 / mit_b0 encoders.
+Paper presets (the usual WSSS second stage, docs/algorithms.md §segmentation): DeepLabV3+ with
+ResNet-101 (output stride 16) and SegFormer with MiT-B2. Tiny CPU presets use the same architectures with resnet18 / mit_b0 encoders.
 
 Encoder names carry their weights explicitly, `<smp encoder>.<smp weights name>`
 (`resnet101.imagenet`, `mit_b2.imagenet`) or `tu-<timm model>.<timm tag>`, so no default is ever
@@ -131,25 +131,22 @@ def load_encoder_file(encoder_module: nn.Module, path: str | os.PathLike, encode
     _load_encoder_state(encoder_module, state, encoder_name, source=str(file))
 
 
-def load_classifier_backbone(encoder_module: nn.Module, classifier_state: dict[str, torch.Tensor],
+def load_classifier_backbone(encoder_module: nn.Module, backbone_state: dict[str, torch.Tensor],
                              encoder_name: str, source: str) -> None:
-    """Initialise a `tu-<resnet>` encoder with the trained classifier's CNN backbone.
-
-    The classifier stores `ResNetStages` keys (`backbone.stem.0` = conv1, `backbone.stem.1` =
-    bn1, `backbone.layerN`); smp's timm encoder holds the same modules under `model.`.
+    """Initialise a `tu-<resnet>` encoder with the trained classifier's CNN backbone
+    (`Method.backbone_state()`: `ResNetStages` keys, `stem.0` = conv1, `stem.1` = bn1,
+    `layerN`); smp's timm encoder holds the same modules under `model.`.
     Only weights learnt from the image-level labels are used, so this stays weakly supervised.
     """
-    renamed = {"backbone.stem.0.": "model.conv1.", "backbone.stem.1.": "model.bn1."}
+    renamed = {"stem.0.": "model.conv1.", "stem.1.": "model.bn1."}
     weights = {}
-    for key, value in classifier_state.items():
-        if not key.startswith("backbone."):
-            continue
+    for key, value in backbone_state.items():
         for old, new in renamed.items():
             if key.startswith(old):
                 key = new + key[len(old):]
                 break
         else:
-            key = "model." + key[len("backbone."):]
+            key = "model." + key
         weights[key] = value
     if not encoder_name.startswith("tu-"):
         raise ConfigError(f"config key train_seg.encoder_from: 'classifier' needs the encoder "
@@ -227,13 +224,27 @@ def _hub_reachable(endpoint: str) -> bool:
         return False
 
 
-def param_groups(model: nn.Module, lr: float, decoder_lr_mult: float = 10.0) -> list[dict]:
-    """SGD parameter groups: the encoder at `lr`, everything else (decoder, segmentation head)
-    at `lr * decoder_lr_mult`. Each group carries `lr_mult` so a schedule can rescale it."""
+def param_groups(model: nn.Module, decoder_lr_mult: float = 10.0) -> list[dict]:
+    """Parameter groups (optim.make_optimizer): the encoder at lr_mult 1, everything else
+    (decoder, segmentation head) at `decoder_lr_mult`."""
     encoder_ids = {id(p) for p in model.encoder.parameters()}
     encoder_params = [p for p in model.parameters() if id(p) in encoder_ids and p.requires_grad]
     head_params = [p for p in model.parameters() if id(p) not in encoder_ids and p.requires_grad]
     return [
-        {"params": encoder_params, "lr": lr, "lr_mult": 1.0},
-        {"params": head_params, "lr": lr * decoder_lr_mult, "lr_mult": float(decoder_lr_mult)},
+        {"params": encoder_params, "lr_mult": 1.0},
+        {"params": head_params, "lr_mult": float(decoder_lr_mult)},
     ]
+
+
+def load_seg_model(path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The trained segmentation network (eval mode, on `device`) and its model-file record
+    without weights (checkpoint.read_model: one-line errors)."""
+    from ..checkpoint import read_model
+
+    record = read_model(path, "segmentation", map_location="cpu")
+    # the weights come from the file: never look for ImageNet weights again
+    model = create_seg_model(record["model"], record["encoder"], int(record["num_classes"]),
+                             pretrained=False, output_stride=int(record["output_stride"]))
+    model.load_state_dict(record["state"])
+    meta = {k: v for k, v in record.items() if k != "state"}
+    return model.to(device).eval(), meta

@@ -1,6 +1,5 @@
-"""ViT CAM classifier: CoBra's semantic-aware (ViT) branch, a TS-CAM-style head on a timm ViT.
-
-cobra.md §3.2. The blocks are run by `_block_forward`, which repeats timm's `Block` math with
+"""ViT CAM classifier: a semantic-aware ViT branch, a TS-CAM-style head on a timm ViT
+(docs/algorithms.md §cam-models). The blocks are run by `_block_forward`, which repeats timm's `Block` math with
 the attention probabilities made explicit (timm's fused attention never materialises them);
 `tests/test_cam_models.py` checks it against timm's own `forward_features`. The positional
 embedding is resampled DINO-style for any input size, so the patch grid is
@@ -135,7 +134,7 @@ class ViTCAM(nn.Module):
         return out
 
     def infer(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One forward, both inference maps (cobra.md §3.2/§6): `attention`
+        """One forward, both inference maps (docs/algorithms.md §cam-models): `attention`
         a = Σ_l A[:, l, 0, 1:] as [B, 1, h, w] (class-token row, summed over layers) and
         `cam` = relu(a ⊙ Z_v) [B, C+1, h, w]."""
         tokens, attn, (h, w) = self.tokens(x)
@@ -146,7 +145,7 @@ class ViTCAM(nn.Module):
 
     def param_groups(self, mode: Literal["official", "intended"] = "official"
                      ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(1x-lr parameters, 10x-lr parameters), cobra.md §3.3.
+        """(1x-lr parameters, 10x-lr parameters), docs/algorithms.md §cam-models.
 
         official: 10x = {head.bias, proj.weight} (the reference code's positional slice);
         intended: 10x = {head.weight, head.bias, proj.weight}.

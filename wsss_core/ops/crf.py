@@ -1,6 +1,6 @@
 """Dense CRF (pydensecrf) for label refinement, and a process-pool helper for per-image CPU work.
 
-Parameter sets (cobra.md §8, irn.md §9.2):
+Parameter sets (docs/algorithms.md §ir-labels, §masks):
 * `IR_LABEL_CRF` — ir_label synthesis: Gaussian 3/3, bilateral 50/5/10, 10 iterations;
 * `FINAL_MASK_CRF` — final pseudo masks: Gaussian 2/3, bilateral 45/5/4, 10 iterations.
 Both with `gt_prob = 0.7`, unary from hard labels with `zero_unsure = False`.

@@ -23,18 +23,13 @@ from tqdm import tqdm
 from ..data.index import DatasetIndex
 from ..errors import ConfigError, DataError
 from ..map_store import MapReader
-from ..metrics import ConfusionMatrix, write_metrics
+from ..metrics import ConfusionMatrix, threshold_grid, write_metrics
 from ..seeds import percentile_seed_labels_sweep, seed_labels_sweep
 from . import common
 
 log = logging.getLogger("wsss")
 
 PROTOCOLS = ("constant", "percentile")
-
-
-def threshold_grid(spec: dict) -> list[float]:
-    n = int(np.floor((spec["stop"] - spec["start"]) / spec["step"] + 1e-9)) + 1
-    return [round(spec["start"] + i * spec["step"], 6) for i in range(max(n, 1))]
 
 
 def agnostic_map(cams: MapReader | None, params: dict) -> str | None:

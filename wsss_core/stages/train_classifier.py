@@ -4,12 +4,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from ..data.datasets import ClassificationDataset
 from ..data.index import DatasetIndex
-from ..engine import (FitConfig, data_parallel, distributed, finish, fit, load_checkpoint,
-                      resume_key, save_checkpoint)
+from ..checkpoint import fingerprint, pretrained_blocks, save_model
+from ..engine import FitConfig, data_parallel, distributed, finish, fit, resume_key
 from ..methods import create_method
 from . import common
 
@@ -30,8 +28,15 @@ def train_classifier(index: str | Path, method: dict, params: dict, out: str | P
         optimizers = model.optimizers(params["lr"], params["weight_decay"], params["momentum"],
                                       params["optimizer"])
         model.distribute(lambda m: data_parallel(m, device, model.partial_losses))
+        extra = model.extra_input_fns()
+        if set(extra) != set(model.extra_inputs):
+            raise ValueError(f"method {model.name!r}: extra_input_fns gives {sorted(extra)}, "
+                             f"extra_inputs declares {sorted(model.extra_inputs)} (a bug in the plug-in)")
+        # computed once per image, beside the model, under the settings they were made with
+        cache = out.parent / "extra_inputs" / fingerprint(method)[:16] if extra else None
         dataset = ClassificationDataset(idx, "train_aug", params["crop"], params["scale_range"],
-                                        seed=params["seed"])
+                                        seed=params["seed"], extra=extra, extra_cache=cache,
+                                        views=model.train_views())
         log.info("%s on %s: %d images, %d epochs, batch %d, device %s, %d process(es)",
                  method["plugin"], idx.name, len(dataset), params["epochs"], params["batch_size"],
                  device, dist.world_size)
@@ -44,38 +49,17 @@ def train_classifier(index: str | Path, method: dict, params: dict, out: str | P
             device=device, resume=resume, after_step=model.after_step, train_mode=model.train,
             fingerprint=resume_key(method, params, idx.ids("train_aug"),
                                    files=[index, *idx.image_files("train_aug"),
-                                          *_weight_files(method.get("model", {}))]))
+                                          *_weight_files(method)]))
         if dist.is_main:
-            save_checkpoint(out, {"method": method, "num_classes": idx.num_classes,
-                                  "train_params": params, "state": model.state_dict()})
+            save_model(out, "classifier", model.state_dict(), method=method,
+                       num_classes=idx.num_classes, train_params=params)
         finish(out.with_name("checkpoint.pt"))
     return out
 
 
-def load_trained(path: str | Path, device: torch.device):
-    """The trained method (eval mode) from a model.pt written by this stage."""
-    ck = load_checkpoint(path, map_location=device, stage="train_classifier")
-    method = dict(ck["method"])
-    # weights come from the checkpoint: never fetch ImageNet weights again
-    for block in _model_blocks(method.get("model", {})):
-        block["pretrained"] = False
-    m = create_method(method, int(ck["num_classes"]), train_params=ck.get("train_params"))
-    m.load_state_dict(ck["state"])
-    m.to(device).eval()
-    return m
-
-
-def _model_blocks(model: dict):
-    if "pretrained" in model:
-        yield model
-    for v in model.values():
-        if isinstance(v, dict):
-            yield from _model_blocks(v)
-
-
-def _weight_files(model: dict) -> list[str]:
-    """ImageNet weight files a model block names (`pretrained_file`): the run starts from them."""
-    return [b["pretrained_file"] for b in _model_blocks(model)
+def _weight_files(method: dict) -> list[str]:
+    """ImageNet weight files a method's blocks name (`pretrained_file`): the run starts from them."""
+    return [b["pretrained_file"] for b in pretrained_blocks(method)
             if b.get("pretrained") and b.get("pretrained_file")]
 
 
