@@ -44,6 +44,8 @@ def smoke_config(repo_root: Path) -> dict:
                for m in METHODS}
     for m in METHODS:
         methods[m]["presets"]["smoke"].pop("train_classifier", None)
+    # 64-px crops give 4x4 patch grids: k ~ 10 % of them, as the tiny preset's 20 of 14x14
+    methods["cobra"]["presets"]["smoke"]["cobra"]["top_bot_k"] = [2, 1, 1, 2]
     return {"datasets": {"smoke": SMOKE_DATA}, "presets": {"smoke": smoke}, "methods": methods}
 
 

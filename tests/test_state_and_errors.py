@@ -451,7 +451,7 @@ def test_outputs_get_the_umask_permissions(tmp_path, umask, file_mode, dir_mode)
 
 # --- 6. an image without a foreground class (unit level; the whole DAG is in test_e2e_edge) ----
 
-@pytest.mark.parametrize("rule", ["irn", "cobra"])
+@pytest.mark.parametrize("rule", ["global_max", "per_class_alpha"])
 @pytest.mark.parametrize("crf", [False, True])
 def test_pseudo_mask_of_an_image_without_a_class_is_background(rule, crf):
     from wsss_core.masks import pseudo_mask

@@ -188,6 +188,14 @@ def _check_method_settings(cfg: dict, dataset: str, method: str) -> None:
     from .methods import method_class
 
     params = method_params(cfg, dataset, method)
+    entry = method_config(cfg, method)
+    cls = method_class(entry["plugin"], entry.get("module"))
+    own = ((entry.get("presets") or {}).get(params["preset"]) or {})
+    for name in own:
+        if name not in STAGES and name != MODEL_BLOCK and name not in cls.settings_blocks:
+            raise ConfigError(f"config key methods.{method}.presets.{params['preset']}.{name}: the "
+                              f"{entry['plugin']} plug-in has no {name} block (its blocks: "
+                              f"{', '.join([MODEL_BLOCK, *cls.settings_blocks])}; and the stages)")
     try:
         method_class(params["plugin"], params.get("module")).parse_settings(params)
     except ConfigError as e:

@@ -31,6 +31,8 @@ class ViTSettings:
     embed_dim: int | None = None  # set (with depth, num_heads) for a from-scratch small ViT
     depth: int | None = None
     num_heads: int | None = None
+    hybrid_stem: str | None = None  # a CNN (tf_efficientnet_lite0) as patch embedding: hybrid ViT
+    train_stem: bool = True  # hybrid: fine-tune the stem (false: no gradient, CPU-cheap)
 
 
 @dataclass
@@ -101,7 +103,8 @@ class CobraMethod(Method):
         v = m.vit
         vit = ViTCAM(v.backbone, self.num_classes - 1, proj_dim=m.proj_dim, img_size=crop,
                      patch_size=v.patch_size, embed_dim=v.embed_dim, depth=v.depth,
-                     num_heads=v.num_heads, pretrained=v.pretrained, pretrained_file=v.pretrained_file)
+                     num_heads=v.num_heads, pretrained=v.pretrained, pretrained_file=v.pretrained_file,
+                     hybrid_stem=v.hybrid_stem, train_stem=v.train_stem)
         return {"cnn": cnn, "vit": vit}
 
     def optimizers(self, lr, weight_decay, momentum, kind="sgd"):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.path_index import PathIndex, affinity_from_boundary
-from .backbones import ResNetStages
+from .backbones import cnn_stages
 
 
 def _block(c_in: int, c_out: int, groups: int, upsample: int = 1) -> nn.Sequential:
@@ -55,7 +55,7 @@ class IRN(nn.Module):
                  pretrained_file: str | None = None, train_backbone: bool = False) -> None:
         super().__init__()
         self.train_backbone = train_backbone
-        self.backbone = ResNetStages(backbone, strides=strides, pretrained=pretrained,
+        self.backbone = cnn_stages(backbone, strides=strides, pretrained=pretrained,
                                      pretrained_file=pretrained_file, frozen_bn=True)
         for p in self.backbone.parameters():
             p.requires_grad_(train_backbone)

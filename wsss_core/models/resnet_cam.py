@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import ResNetStages
+from .backbones import cnn_stages
 
 
 class ResNetCAM(nn.Module):
@@ -31,7 +31,7 @@ class ResNetCAM(nn.Module):
                  pretrained: bool = False, pretrained_file: str | None = None,
                  frozen_bn: bool = True) -> None:
         super().__init__()
-        self.backbone = ResNetStages(backbone, strides=strides, pretrained=pretrained,
+        self.backbone = cnn_stages(backbone, strides=strides, pretrained=pretrained,
                                      pretrained_file=pretrained_file, frozen_bn=frozen_bn)
         feat_dim = self.backbone.out_channels[-1]
         self.num_classes = num_classes

