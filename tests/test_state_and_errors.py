@@ -168,7 +168,7 @@ def test_every_model_loader_names_the_damaged_file_and_its_stage(irn_inputs, tmp
     bad = _truncated(irn_inputs["classifier"]["C0"], tmp_path / loader / "model.pt")
     load = {"classifier": lambda: load_method(bad, torch.device("cpu")),
             "irn": lambda: load_irn(bad, torch.device("cpu")),
-            "irn_backbone": lambda: build_irn(irn_inputs["params"], bad),
+            "irn_backbone": lambda: build_irn(dict(irn_inputs["params"], backbone_from="classifier"), bad),
             "seg": lambda: load_seg_model(bad, "cpu")}[loader]
     with pytest.raises(DataError, match=rf"{bad}: unreadable or damaged model file .*re-run the {stage} stage"):
         load()
