@@ -13,19 +13,16 @@ from skimage import measure
 
 from wsss_core.config import method_params, stage_params
 from wsss_core.data.datasets import ClassificationDataset
-from wsss_core.data.superpixels import (PAD_ID, SuperpixelClassificationDataset, SuperpixelStore,
-                                        superpixels)
-from wsss_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from wsss_core.engine import set_poly_lr
+from wsss_core.data.superpixels import PAD_ID, superpixels
+from wsss_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image, scaled_size, to_chw
+from wsss_core.optim import set_lr
 from wsss_core.errors import ConfigError
-from wsss_core.io import write_json
 from wsss_core.methods import StepContext, create_method
 from wsss_core.methods.ssc import drs
 from wsss_core.methods.ssc_losses import (asm_loss, asm_target, erode, max_norm, perceptual_loss,
                                           superpixel_mean)
 from wsss_core.models.ssc_nets import CDRDecoder, DRS, FeatureTaps, LayerNormCDR
 from wsss_core.stages.export_cams import image_maps
-from wsss_core.stages.superpixels import superpixels as superpixel_stage
 
 # the paper config (VOC root unset) and the switch that turns every `pretrained` flag off
 from test_paper_presets import _random_weights, cfg  # noqa: F401  (cfg is a fixture)
@@ -367,33 +364,41 @@ def test_joint_augmentation_keeps_segments_aligned():
     ds = ClassificationDataset.__new__(ClassificationDataset)
     ds.crop, ds.scale_range = 64, (50, 50)  # long side kept: no resampling blur
     for i in range(6):
-        out, s = ds.augment(img, seg, np.random.default_rng(i))
-        red = (out[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255 / 4
+        out, s = ds._augment(img, seg, np.random.default_rng(i))
+        red = (out[..., 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255 / 4
         inside = s != PAD_ID
         assert inside.sum() == seg.size and (~inside).any()
         assert np.allclose(red[inside], s[inside], atol=1e-3)
-        assert (out[:, ~inside] == 0).all()
+        assert (out[~inside] == 0).all()
 
 
-def test_superpixel_stage_and_dataset(toy_index, tmp_path):
-    index = tmp_path / "index.json"
-    write_json(index, toy_index.data)
-    with pytest.raises(ConfigError, match="superpixels.generator"):
-        superpixel_stage(index, {"generator": "watershed"}, tmp_path / "bad.h5")
-    assert not (tmp_path / "bad.h5").exists()
-    out = tmp_path / "superpixels.h5"
-    summary = superpixel_stage(index, {"generator": "slic64", "max_segments": 16}, out)
-    ids = toy_index.ids("train_aug")
-    assert summary["images"] == len(ids) and summary["max"] <= 16
-    store = SuperpixelStore(out)
-    assert all(store[i].shape == toy_index.image(i).shape[:2] for i in ids)
-    ds = SuperpixelClassificationDataset(toy_index, "train_aug", 96, (48, 64), store, seed=0)
+def test_superpixels_through_the_extra_input_hook(cfg, toy_index, tmp_path):
+    """SSC's superpixels reach the batch through the contract's data hook: computed once per
+    image with the configured generator, cached, cropped with the image (PAD_ID padding)."""
+    m = _tiny_method(cfg, superpixel_generator="slic64", max_segments=16, recon_loss="pixel_l1")
+    assert m.extra_inputs == ("superpixels",) and set(m.extra_input_fns()) == {"superpixels"}
+    ds = ClassificationDataset(toy_index, "train_aug", 96, (48, 64), seed=0,
+                               extra=m.extra_input_fns(), extra_cache=tmp_path)
     item = ds[0]
     sp = item["superpixels"]
     assert sp.shape == (96, 96) and sp.dtype == torch.int64
     assert (sp == PAD_ID).any() and int(sp[sp != PAD_ID].max()) < 16  # 64 px image in a 96 crop
+    image_id = toy_index.ids("train_aug")[0]
+    cached = np.load(tmp_path / "superpixels" / f"{image_id}.npy", allow_pickle=False)
+    assert np.array_equal(cached, superpixels(toy_index.image(image_id), "slic64", 16))
     plain = ClassificationDataset(toy_index, "train_aug", 96, (48, 64), seed=0)[0]
     assert torch.equal(item["image"], plain["image"])  # the map does not change the image's draw
+    off = _tiny_method(cfg, asm=False, cdr=False)
+    assert off.extra_inputs == () and off.extra_input_fns() == {} and off.unsaved_modules == ()
+
+
+def test_settings_errors_are_config_errors(cfg):
+    for bad, key in (({"superpixel_generator": "watershed"}, "ssc.superpixel_generator"),
+                     ({"recon_loss": "ssim"}, "ssc.recon_loss"),
+                     ({"max_segments": 300}, "ssc.max_segments"),
+                     ({"tap_weights": [1.0]}, "ssc.tap_weights")):
+        with pytest.raises(ConfigError, match=key):
+            _tiny_method(cfg, **bad)
 
 
 # --- method: schedules and inference ------------------------------------------------------
@@ -401,8 +406,10 @@ def test_superpixel_stage_and_dataset(toy_index, tmp_path):
 def test_asm_absent_in_warmup_and_poly_lr_for_both_optimisers(cfg):
     m = _tiny_method(cfg, asm_start_epoch=2, recon_loss="pixel_l1")
     opts = m.optimizers(0.1, 1e-4, 0.9, "sgd")
-    assert isinstance(opts[1], torch.optim.Adam) and opts[1].defaults["betas"] == (0.5, 0.999)
-    set_poly_lr(opts, 7, 20, 0.9)
+    dec = opts[1].param_groups[0]
+    assert isinstance(opts[1], torch.optim.Adam) and dec["betas"] == (0.5, 0.999)
+    assert dec["weight_decay"] == 0
+    set_lr(opts, 7, 20, 0.9)
     factor = (1 - 7 / 20) ** 0.9
     assert opts[1].param_groups[0]["lr"] == pytest.approx(5e-4 * factor)
     assert opts[0].param_groups[1]["lr"] == pytest.approx(1.0 * factor)
@@ -450,12 +457,15 @@ def test_paper_preset_step_and_cam_export_on_a_375x500_image(cfg):
     img = _smooth_image(375, 500)
     ds = ClassificationDataset.__new__(ClassificationDataset)
     ds.crop, ds.scale_range = train["crop"], (100, 160)
-    x, seg = ds.augment(img, superpixels(img, "slic64"), np.random.default_rng(0))
+    x, seg = ds._augment(img, superpixels(img, "slic64"), np.random.default_rng(0))
+    x = to_chw(x)
     label = torch.zeros(1, VOC_CLASSES - 1)
     label[0, 14] = 1
     batch = {"image": torch.from_numpy(x)[None], "label": label,
              "superpixels": torch.from_numpy(seg.astype(np.int64))[None]}
+    assert m.unsaved_modules == ("loss_net",) and "loss_net" not in m.state_dict()
     m.train()
+    assert not m.models["loss_net"].training
     before = m.models["decoder"].state_dict()["net.0.1.weight"].clone()
     losses = m.training_step(batch, _ctx(epoch=train["epochs"] - 1))
     assert {"cls", "rec", "align"} <= set(losses) and torch.isfinite(losses["total"])
@@ -465,7 +475,7 @@ def test_paper_preset_step_and_cam_export_on_a_375x500_image(cfg):
     assert not torch.equal(before, m.models["decoder"].state_dict()["net.0.1.weight"])
 
     m.eval()
-    from wsss_core.data.transforms import normalize, resize_image, scaled_size, to_chw
+    from wsss_core.data.transforms import normalize, resize_image, scaled_size
     scales = stage_params(cfg, "voc", "ssc", "export_cams")["scales"]
     scaled = [torch.from_numpy(to_chw(normalize(resize_image(img, scaled_size(img.shape[:2], s)))))
               for s in scales]

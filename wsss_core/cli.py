@@ -14,7 +14,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-toy": ("wsss_core.stages.make_toy", "generate the embedded toy dataset in VOC layout"),
     "dataset-index": ("wsss_core.stages.dataset_index", "validate a dataset and write index.json"),
     "convert-coco": ("wsss_core.stages.convert_coco", "convert COCO 2014 instances JSON + images to the VOC layout"),
-    "superpixels": ("wsss_core.stages.superpixels", "superpixel maps of a split to HDF5 (SSC's ASM input)"),
     "train-classifier": ("wsss_core.stages.train_classifier", "train a method's classifier"),
     "export-cams": ("wsss_core.stages.export_cams", "multi-scale + flip CAMs to HDF5"),
     "merge-cams": ("wsss_core.stages.merge_cams", "join the shards of a sharded CAM export"),

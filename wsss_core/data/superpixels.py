@@ -8,25 +8,18 @@ generators rebuild that with scikit-image, once per image:
     `max_segments`;
   * `slic64`: SLIC with `max_segments` seeds, split into 4-connected parts, then the same merging.
 Label maps are uint8 [H, W] with ids 0..S-1 consecutive, S ≤ max_segments ≤ 254, every segment
-4-connected. `SuperpixelStore` reads them from the HDF5 file of stage `superpixels`, and
-`SuperpixelClassificationDataset` augments each map jointly with its image (nearest resize,
-same flip, same crop; the crop's padding gets id `PAD_ID`, used by no segment).
+4-connected. SSC declares them as its extra input (`SSCMethod.extra_input_fns`): the shared
+data layer computes each map once per image, caches it beside the classifier and augments it
+jointly with its image (nearest resize, same flip, same crop; the crop's padding gets id
+`PAD_ID`, used by no segment).
 """
 from __future__ import annotations
 
 import heapq
-import os
-from pathlib import Path
-from typing import Sequence
 
-import h5py
 import numpy as np
-import torch
 from skimage import color, measure, segmentation
 
-from ..errors import DataError
-from .datasets import ClassificationDataset
-from .index import DatasetIndex
 from .palette import IGNORE
 
 #: id of the crop's padding in an augmented superpixel map (random_crop's mask fill)
@@ -135,48 +128,3 @@ def superpixels(image: np.ndarray, generator: str = "fh_ss64", max_segments: int
     # 4-connected parts (felzenszwalb's graph is 8-connected); measure.label numbers from 1
     parts = measure.label(raw, background=-1, connectivity=1) - 1
     return merge_regions(parts, image, max_segments).astype(np.uint8)
-
-
-class SuperpixelStore:
-    """Read-only access to a superpixels.h5 (one uint8 [H, W] dataset per image id). The file
-    is opened lazily in each process (h5py handles do not survive a fork)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(f"{self.path}: superpixel file missing; run the superpixels stage")
-        self._file: h5py.File | None = None
-        self._pid = -1
-
-    def __getitem__(self, image_id: str) -> np.ndarray:
-        if self._file is None or self._pid != os.getpid():
-            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
-        if image_id not in self._file:
-            raise DataError(f"{self.path}: no superpixels for image {image_id!r}; re-run the "
-                            f"superpixels stage for this dataset")
-        return self._file[image_id][()]
-
-    def __getstate__(self) -> dict:
-        return dict(self.__dict__, _file=None, _pid=-1)
-
-
-class SuperpixelClassificationDataset(ClassificationDataset):
-    """ClassificationDataset whose samples also carry `superpixels` [crop, crop] int64: the
-    image's superpixel map under exactly the image's augmentation (PAD_ID on the padding)."""
-
-    def __init__(self, index: DatasetIndex, split: str, crop: int, scale_range: Sequence[int],
-                 store: SuperpixelStore, seed: int = 0) -> None:
-        super().__init__(index, split, crop, scale_range, seed)
-        self.store = store
-
-    def __getitem__(self, i: int) -> dict:
-        image_id = self.ids[i]
-        img = self.index.image(image_id)
-        seg = self.store[image_id]
-        if seg.shape != img.shape[:2]:
-            raise DataError(f"{self.store.path}: superpixels of {image_id!r} are {seg.shape}, the "
-                            f"image is {img.shape[:2]}; re-run the superpixels stage")
-        img, seg = self.augment(img, seg, self.rng(i))
-        return {"image": torch.from_numpy(img),
-                "label": torch.from_numpy(self.index.label_vector(image_id)),
-                "index": i, "superpixels": torch.from_numpy(seg.astype(np.int64))}

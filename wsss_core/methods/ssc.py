@@ -10,24 +10,29 @@ An IRN ResNet CAM classifier with DRS, trained with three terms (`ssc.*` switche
 
 Every difference between the official code and the paper (or a fix) is a switch; the defaults
 reproduce the official code (NUST-Machine-Intelligence-Laboratory/SSC, `step/train_cam.py`).
-The ASM term reads `batch["superpixels"]` [B, H, W] int64: the crop's superpixel ids, augmented
-jointly with the image (data/superpixels.py).
+The ASM term reads `batch["superpixels"]` [B, H, W] int64: the crop's superpixel ids, declared
+as the method's extra input (`extra_input_fns`: computed once per image by the shared data
+layer, cached beside the classifier, augmented jointly with the image; data/superpixels.py).
+The perceptual loss network is an unsaved module: built from its own weights, never trained
+nor written to the classifier file.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data.superpixels import GENERATORS, superpixels
 from ..errors import ConfigError, DataError
 from ..models.ssc_nets import VGG_RELU_K_1, CDRDecoder, DRSResNetCAM, FeatureTaps, drs
-from . import register_method
+from ._registry import register_method
 from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
 from .cam import ResNetSettings
 from .cobra_losses import multilabel_soft_margin
-from .settings import block, from_dict
+from .settings import block, check_backbone_name
 from .ssc_losses import asm_loss, perceptual_loss, pixel_loss
 
 
@@ -77,6 +82,9 @@ class SSCLossSettings:
     erode_kernel: int = 8
     use_ras: bool = True  # off: the "ASM w/o RAS" ablation (target = superpixel map only)
     half_res: bool = True  # [OFFICIAL] ASM at half the crop's resolution
+    # superpixels (paper §IV-B: ICD's at most 64 merged Felzenszwalb segments; data/superpixels.py)
+    superpixel_generator: str = "fh_ss64"  # | "slic64"
+    max_segments: int = 64
 
 
 @register_method
@@ -85,18 +93,36 @@ class SSCMethod(Method):
     maps = (MapSpec("cam", strided=True),)
     propagate_map = "cam"
 
-    def build(self) -> dict[str, nn.Module]:
-        self.model_settings = from_dict(SSCModelSettings, self.params.get("model"), "model")
-        self.loss_settings = s = from_dict(SSCLossSettings, self.params.get("ssc"), "ssc")
-        if s.recon_loss not in ("perceptual", "pixel_l1", "pixel_l2"):
-            raise ConfigError(f"config key ssc.recon_loss: {s.recon_loss!r} is not one of "
-                              f"perceptual, pixel_l1, pixel_l2")
-        if s.recon_range not in ("raw", "imagenet"):
-            raise ConfigError(f"config key ssc.recon_range: {s.recon_range!r} is not raw or imagenet")
+    settings_blocks = {"model": SSCModelSettings, "ssc": SSCLossSettings}
+    backbone_module = "cnn"
+
+    @classmethod
+    def check_settings(cls, name, settings, where) -> None:
+        """Backbone names (Method's check) and the `ssc` block's choices and lengths."""
+        super().check_settings(name, settings, where)
+        if name != "ssc":
+            return
+        s = settings
+        check_backbone_name(s.loss_net.name, "ssc.loss_net.name")
+        choices = {"recon_loss": ("perceptual", "pixel_l1", "pixel_l2"),
+                   "recon_range": ("raw", "imagenet"), "superpixel_generator": GENERATORS}
+        for key, allowed in choices.items():
+            if getattr(s, key) not in allowed:
+                raise ConfigError(f"config key ssc.{key}: {getattr(s, key)!r} is not one of "
+                                  f"{', '.join(allowed)}")
         if s.recon_loss == "perceptual" and len(s.tap_weights) != len(s.loss_net.taps):
             raise ConfigError(f"config key ssc.tap_weights: {len(s.tap_weights)} weights for "
                               f"{len(s.loss_net.taps)} taps in ssc.loss_net.taps")
+        if not 1 <= s.max_segments <= 254:
+            raise ConfigError(f"config key ssc.max_segments: {s.max_segments} is not in 1..254")
+
+    def build(self) -> dict[str, nn.Module]:
+        self.model_settings = self.blocks["model"]
+        self.loss_settings = s = self.blocks["ssc"]
+        # both depend on the settings: no superpixels without ASM, no loss net without it
         self.extra_inputs = ("superpixels",) if s.asm else ()
+        perceptual = s.cdr and s.recon_loss == "perceptual"
+        self.unsaved_modules = ("loss_net",) if perceptual else ()
         cnn = self.model_settings.build_ssc(self.num_classes - 1)
         models: dict[str, nn.Module] = {"cnn": cnn}
         if s.cdr:
@@ -107,28 +133,33 @@ class SSCMethod(Method):
                                   f"the classifier's output stride {stride} (the decoder "
                                   f"rebuilds the crop at {stride}x the CAM size)")
             models["decoder"] = CDRDecoder(self.num_classes - 1, s.decoder_width, stride, s.decoder_norm)
-        self._loss_net: FeatureTaps | None = None  # built at the first training step
+        if perceptual:
+            n = s.loss_net
+            with torch.random.fork_rng(devices=[]):  # random loss-net weights from their own seed
+                torch.manual_seed(n.seed)
+                models["loss_net"] = FeatureTaps(n.name, n.taps, n.pretrained, n.pretrained_file)
         return models
+
+    def extra_input_fns(self):
+        """`superpixels`: uint8 image [H, W, 3] → superpixel ids [H, W] uint8 (ssc.superpixel_generator,
+        ssc.max_segments); none when ASM is off."""
+        s = self.loss_settings
+        if not s.asm:
+            return {}
+        return {"superpixels": partial(superpixels, generator=s.superpixel_generator,
+                                       max_segments=s.max_segments)}
 
     def optimizers(self, lr, weight_decay, momentum, kind="sgd"):
         backbone, new = self.models["cnn"].param_groups()
         opts = [make_optimizer([{"params": backbone, "lr_mult": 1.0}, {"params": new, "lr_mult": 10.0}],
                                lr, weight_decay, momentum, kind)]
         if "decoder" in self.models:
+            # [OFFICIAL] Adam: AdamW without weight decay, its own lr, poly-decayed like the rest
             s = self.loss_settings
-            group = {"params": list(self.models["decoder"].parameters()), "lr": s.decoder_lr,
-                     "base_lr": s.decoder_lr, "lr_mult": 1.0}
-            opts.append(torch.optim.Adam([group], lr=s.decoder_lr, betas=tuple(s.decoder_betas)))
+            opts.append(make_optimizer([{"params": list(self.models["decoder"].parameters()),
+                                         "betas": tuple(s.decoder_betas)}],
+                                       s.decoder_lr, 0.0, 0.0, "adamw"))
         return opts
-
-    def loss_net(self, device: torch.device) -> FeatureTaps:
-        """The frozen perceptual loss network, built once (never at inference)."""
-        if self._loss_net is None:
-            n = self.loss_settings.loss_net
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(n.seed)
-                self._loss_net = FeatureTaps(n.name, n.taps, n.pretrained, n.pretrained_file)
-        return self._loss_net.to(device)
 
     def reconstruction_loss(self, rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         s = self.loss_settings
@@ -138,7 +169,7 @@ class SSCMethod(Method):
             rec = ((rec + 1) / 2 - mean) / std
         if s.recon_loss != "perceptual":
             return pixel_loss(rec, x, s.recon_loss)
-        return perceptual_loss(self.loss_net(x.device), rec, x, s.tap_weights)
+        return perceptual_loss(self.models["loss_net"], rec, x, s.tap_weights)
 
     def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         s = self.loss_settings
@@ -155,8 +186,8 @@ class SSCMethod(Method):
         if s.asm and ctx.epoch >= s.asm_start_epoch:
             if "superpixels" not in batch:
                 raise DataError("ssc: the training batch has no 'superpixels' (the ASM term needs "
-                                "the crop's superpixel ids); run the superpixels stage and train "
-                                "with a dataset that provides them, or set ssc.asm: false")
+                                "the crop's superpixel ids, extra input of the method); train through "
+                                "wsss train-classifier, or set ssc.asm: false")
             seg = batch["superpixels"].to(ctx.device, non_blocking=True)
             align = asm_loss(cams.float(), seg, y, s.theta, s.erode_kernel, s.use_ras, s.half_res)
             total = total + s.beta_asm * align

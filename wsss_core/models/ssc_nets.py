@@ -46,7 +46,8 @@ class DRSResNetCAM(ResNetCAM):
     """IRN ResNet CAM with SSC's two DRS insertion points (docs/methods/ssc.md "Network").
 
     * `drs_layer4`: the activation after the residual addition of every layer-4 block is DRS
-      (train and inference: it is part of the network);
+      (train and inference: it is part of the network); on EfficientNet stages (linear block
+      outputs) DRS follows the head's activation instead;
     * `drs_stage2`: DRS on the (detached) layer-2 output, in `forward` (training) only; `cam`
       (inference) skips it.
     `forward` returns the raw class-map tensor A [B, C, h, w] as `logits` (pre-ReLU).
@@ -57,9 +58,16 @@ class DRSResNetCAM(ResNetCAM):
         super().__init__(*args, **kwargs)
         self.drs_delta, self.drs_stage2 = drs_delta, drs_stage2
         if drs_layer4:
-            for block in self.backbone.layer4:
-                # bottleneck: act3 after the addition; basic block: act2
-                setattr(block, "act3" if hasattr(block, "act3") else "act2", DRS(drs_delta))
+            layer4 = self.backbone.layer4
+            if hasattr(layer4[-1], "act"):
+                # EfficientNet stages: the inverted-residual blocks end linear (no activation
+                # after the addition), so DRS follows the only activation of layer 4's
+                # output, the head BN's ReLU6 ([FIX], docs/methods/ssc.md "Network")
+                layer4[-1].act = nn.Sequential(layer4[-1].act, DRS(drs_delta))
+            else:
+                for block in layer4:
+                    # bottleneck: act3 after the addition; basic block: act2
+                    setattr(block, "act3" if hasattr(block, "act3") else "act2", DRS(drs_delta))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         b = self.backbone
