@@ -21,7 +21,7 @@ from wsss_core.methods import StepContext, create_method
 from wsss_core.methods.ssc import drs
 from wsss_core.methods.ssc_losses import (asm_loss, asm_target, erode, max_norm, perceptual_loss,
                                           superpixel_mean)
-from wsss_core.models.ssc_nets import CDRDecoder, DRS, FeatureTaps, LayerNormCDR
+from wsss_core.models.drs_cam import CDRDecoder, DRS, FeatureTaps, LayerNormCDR
 from wsss_core.stages.export_cams import image_maps
 
 # the paper config (VOC root unset) and the switch that turns every `pretrained` flag off
@@ -77,7 +77,7 @@ def test_drs_gradient_reaches_clipped_argmax():
 @pytest.fixture(scope="module")
 def paper_cnn():
     torch.manual_seed(0)
-    from wsss_core.models.ssc_nets import DRSResNetCAM
+    from wsss_core.models.drs_cam import DRSResNetCAM
     return DRSResNetCAM("resnet50", 20, strides=(2, 2, 2, 1), pretrained=False)
 
 

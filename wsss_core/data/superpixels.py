@@ -1,4 +1,4 @@
-"""Superpixels for SSC's activation self-modulation (docs/methods/ssc.md "Superpixels").
+"""Superpixels for activation self-modulation (ASM) losses (docs/methods/, the "Superpixels" section of the page of a method that uses them).
 
 The official code used ICD's pre-computed VOC superpixels (Felzenszwalb-Huttenlocher segments
 hierarchically merged by selective-search grouping, at most 64 per image; paper §IV-B). These
@@ -8,7 +8,7 @@ generators rebuild that with scikit-image, once per image:
     `max_segments`;
   * `slic64`: SLIC with `max_segments` seeds, split into 4-connected parts, then the same merging.
 Label maps are uint8 [H, W] with ids 0..S-1 consecutive, S ≤ max_segments ≤ 254, every segment
-4-connected. SSC declares them as its extra input (`SSCMethod.extra_input_fns`): the shared
+4-connected. A method declares them as its extra input (`Method.extra_input_fns`): the shared
 data layer computes each map once per image, caches it beside the classifier and augments it
 jointly with its image (nearest resize, same flip, same crop; the crop's padding gets id
 `PAD_ID`, used by no segment).

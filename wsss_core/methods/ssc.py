@@ -27,7 +27,7 @@ from torch import nn
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..data.superpixels import GENERATORS, superpixels
 from ..errors import ConfigError, DataError
-from ..models.ssc_nets import VGG_RELU_K_1, CDRDecoder, DRSResNetCAM, FeatureTaps, drs
+from ..models.drs_cam import VGG_RELU_K_1, CDRDecoder, DRSResNetCAM, FeatureTaps, drs
 from ._registry import register_method
 from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
 from .cam import ResNetSettings

@@ -1,7 +1,8 @@
-"""SSC's networks (docs/methods/ssc.md): DRS, the DRS ResNet CAM classifier, the CAM-driven
-reconstruction (CDR) decoder and the frozen loss network of the perceptual loss.
+"""DRS, the DRS ResNet CAM classifier, the CAM-driven reconstruction (CDR) decoder and the
+frozen loss network of a perceptual loss (formulas: the method page under docs/methods/ of the
+plug-in that uses them).
 
-Official code (NUST-Machine-Intelligence-Laboratory/SSC): `net/resnet50_drs.py`,
+Official code (spatial-structure-constraints repository): `net/resnet50_drs.py`,
 `net/resnet50_cam.py`, `net/decoder.py`, `net/model_util.py`, `misc/loss_util.py`.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .resnet_cam import ResNetCAM
 
 
 def drs(x: torch.Tensor, delta: float) -> torch.Tensor:
-    """Discriminative region suppression (SSC paper §III-A Eq. 3; official `net/resnet50_drs.py`).
+    """Discriminative region suppression (spatial-structure-constraints paper §III-A Eq. 3; official `net/resnet50_drs.py`).
 
     `x` [B, K, h, w] float → [B, K, h, w]: min(ReLU(x), δ · max_ij ReLU(x)) per (b, k). The
     spatial max is *not* detached: clipped positions pass δ times their gradient to the arg-max.
@@ -43,7 +44,7 @@ class DRS(nn.Module):
 
 
 class DRSResNetCAM(ResNetCAM):
-    """IRN ResNet CAM with SSC's two DRS insertion points (docs/methods/ssc.md "Network").
+    """IRN ResNet CAM with two DRS insertion points (the method page's "Network" section).
 
     * `drs_layer4`: the activation after the residual addition of every layer-4 block is DRS
       (train and inference: it is part of the network); on EfficientNet stages (linear block
@@ -62,7 +63,7 @@ class DRSResNetCAM(ResNetCAM):
             if hasattr(layer4[-1], "act"):
                 # EfficientNet stages: the inverted-residual blocks end linear (no activation
                 # after the addition), so DRS follows the only activation of layer 4's
-                # output, the head BN's ReLU6 ([FIX], docs/methods/ssc.md "Network")
+                # output, the head BN's ReLU6 ([FIX], see the method page)
                 layer4[-1].act = nn.Sequential(layer4[-1].act, DRS(drs_delta))
             else:
                 for block in layer4:
