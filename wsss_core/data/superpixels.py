@@ -1,4 +1,5 @@
-"""Superpixels for activation self-modulation (ASM) losses (docs/methods/, the "Superpixels" section of the page of a method that uses them).
+"""Superpixels for activation self-modulation (ASM) losses (docs/methods/: the "Superpixels"
+section of the page of a method that uses them).
 
 The official code used ICD's pre-computed VOC superpixels (Felzenszwalb-Huttenlocher segments
 hierarchically merged by selective-search grouping, at most 64 per image; paper §IV-B). These
