@@ -218,7 +218,9 @@ def tiny_classifier(tmp_path_factory) -> Path:
     from wsss_core.methods import create_method
     cfg = load_config(REPO / "config.yaml")
     torch.manual_seed(4)
-    method = create_method(method_params(cfg, "toy", "cam"), 9,
+    params = method_params(cfg, "toy", "cam")  # the tiny preset's Lite0 swapped for resnet_tiny
+    params["model"] = dict(params["model"], backbone="resnet_tiny", pretrained=False)
+    method = create_method(params, 9,
                            train_params=stage_params(cfg, "toy", "cam", "train_classifier"))
     path = tmp_path_factory.mktemp("cls") / "model.pt"
     save_checkpoint(path, {"state": method.state_dict()})
