@@ -221,8 +221,8 @@ def tiny_classifier(tmp_path_factory) -> Path:
     torch.manual_seed(4)
     params = method_params(cfg, "toy", "cam")  # the tiny preset's Lite0 swapped for resnet_tiny
     params["model"] = dict(params["model"], backbone="resnet_tiny", pretrained=False)
-    method = create_method(params, 9,
-                           train_params=stage_params(cfg, "toy", "cam", "train_classifier"))
+    train = stage_params(cfg, "toy", "cam", "train_classifier")
+    method = create_method(params, 9, train_params=train)
     path = tmp_path_factory.mktemp("cls") / "model.pt"
     save_model(path, "classifier", method.state_dict(), method=params, num_classes=9, train_params=train)
     return path
