@@ -378,30 +378,41 @@ def active_class_distribution(protos: torch.Tensor, present: torch.Tensor, tau_g
     return (p @ p.t() / tau_graph).masked_fill(~allowed, float("-inf")).softmax(dim=1)
 
 
-def if_loss(f: torch.Tensor, query: torch.Tensor, pseudo: torch.Tensor, protos: torch.Tensor,
-            n_neg: int, tau: float, tau_graph: float, generator: torch.Generator) -> torch.Tensor:
-    """Intra-foreground loss with active negative sampling (paper Eq. 8-9), scalar fp32.
-
-    For a query of class c: draw `n_neg` classes from `active_class_distribution`, then for
-    each one pixel uniformly among all batch pixels with that pseudo label; keys = stopgrad(f)
-    there. CE and normalisation as `fb_loss`; 0 when |C_b| ≤ 1 or there are no queries.
-    """
+@torch.no_grad()
+def sample_if_negatives(query: torch.Tensor, pseudo: torch.Tensor, protos: torch.Tensor, n_neg: int,
+                        tau_graph: float, generator: torch.Generator) -> torch.Tensor:
+    """Active sampling (paper Eq. 8): for each query (in `query`'s row-major order) of class c,
+    `n_neg` classes drawn i.i.d. from `active_class_distribution` row c, then for each one pixel
+    uniformly among all batch pixels with that pseudo label. Returns flat pixel indices into
+    B·h·w, [Q, n_neg] long. Needs |C_b| ≥ 2."""
     ch = protos.shape[0]
-    present = _present(pseudo, ch)
-    n_present = int(present.sum())
-    if n_present <= 1 or not bool(query.any()):
-        return f.new_zeros((), dtype=torch.float32)
-    fq = f.float().permute(0, 2, 3, 1)[query]
     cls = pseudo[query]
-    drawn = torch.multinomial(active_class_distribution(protos, present, tau_graph)[cls], n_neg,
-                              replacement=True, generator=generator)  # [Q, n_neg]
+    dist = active_class_distribution(protos, _present(pseudo, ch), tau_graph)
+    drawn = torch.multinomial(dist[cls], n_neg, replacement=True, generator=generator)
     flat = pseudo.flatten()
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=ch)
     starts = counts.cumsum(0) - counts
-    u = torch.rand(drawn.shape, generator=generator, device=f.device)
+    u = torch.rand(drawn.shape, generator=generator, device=pseudo.device)
     offset = torch.minimum((u * counts[drawn]).long(), counts[drawn] - 1)
-    pixels = order[starts[drawn] + offset]
+    return order[starts[drawn] + offset]
+
+
+def if_loss(f: torch.Tensor, query: torch.Tensor, pseudo: torch.Tensor, protos: torch.Tensor,
+            n_neg: int, tau: float, tau_graph: float, generator: torch.Generator) -> torch.Tensor:
+    """Intra-foreground loss with active negative sampling (paper Eq. 8-9), scalar fp32.
+
+    For a query of class c the keys are stopgrad(f) at the pixels `sample_if_negatives` draws;
+    CE and normalisation as `fb_loss` (temperature τ_IF); 0 when |C_b| ≤ 1 or there are no
+    queries.
+    """
+    ch = protos.shape[0]
+    n_present = int(_present(pseudo, ch).sum())
+    if n_present <= 1 or not bool(query.any()):
+        return f.new_zeros((), dtype=torch.float32)
+    pixels = sample_if_negatives(query, pseudo, protos, n_neg, tau_graph, generator)
+    fq = f.float().permute(0, 2, 3, 1)[query]
+    cls = pseudo[query]
     keys = _unit(f.detach().float().permute(0, 2, 3, 1).reshape(-1, f.shape[1]))[pixels]
     ce = _nce(fq, protos.detach()[cls], keys, tau)
     return _class_mean(ce, cls, ch, n_present)
