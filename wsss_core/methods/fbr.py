@@ -316,7 +316,7 @@ def _nce(anchor: torch.Tensor, positive: torch.Tensor, keys: torch.Tensor, tau: 
     """−log softmax([cos(a, p), cos(a, k_1..k_n)] / τ)[0] per row: a, p [Q, d], keys [Q, n, d]."""
     a = _unit(anchor)
     pos = (a * _unit(positive)).sum(-1, keepdim=True)
-    neg = torch.einsum("qd,qnd->qn", a, keys)  # keys are unit vectors already
+    neg = torch.bmm(keys, a[:, :, None])[..., 0]  # keys are unit vectors already
     logits = torch.cat([pos, neg], dim=1) / tau
     return torch.logsumexp(logits, dim=1) - logits[:, 0]
 
