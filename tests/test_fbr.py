@@ -18,7 +18,8 @@ from wsss_core.methods import StepContext, create_method
 from wsss_core.methods.fbr import (FBRNet, NROIBank, active_class_distribution, background_target,
                                    batched_kmeans, cap_queries, class_prototypes,
                                    decorrelation_loss, fb_loss, host_pseudo_labels, if_loss,
-                                   image_nrois, query_mask, sample_if_negatives,
+                                   image_nrois, key_similarities, query_mask,
+                                   sample_if_negatives,
                                    thresholded_avg_pool)
 from wsss_core.models.resnet_cam import ResNetCAM
 from wsss_core.stages.export_cams import image_maps
@@ -298,6 +299,18 @@ def test_fb_loss_matches_loop_oracle_and_gradients():
     bank.requires_grad_(True)
     fb_loss(f, query, pseudo, protos, bank, 6, 0.5, _gen(3)).backward()
     assert f.grad.abs().sum() > 0 and protos.grad is None and bank.grad is None
+
+
+def test_key_similarity_forms_agree_with_a_loop():
+    g = _gen(13)
+    a = F.normalize(torch.randn(5, 4, generator=g), dim=1)
+    rows = torch.randn(30, 4, generator=g)
+    rows[3] = 0  # a zero row: cosine 0
+    idx = torch.randint(0, 30, (5, 7), generator=g)
+    idx[0, 0] = 3
+    want = torch.tensor([[_cos(a[q], rows[j]) for j in idx[q]] for q in range(5)])
+    for dense in (True, False):
+        torch.testing.assert_close(key_similarities(a, rows, idx, dense=dense), want)
 
 
 def test_if_loss_matches_loop_oracle_and_negatives():

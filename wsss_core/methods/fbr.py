@@ -312,12 +312,36 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
 
 
-def _nce(anchor: torch.Tensor, positive: torch.Tensor, keys: torch.Tensor, tau: float) -> torch.Tensor:
-    """−log softmax([cos(a, p), cos(a, k_1..k_n)] / τ)[0] per row: a, p [Q, d], keys [Q, n, d]."""
+def _inv_norm(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 / x.norm(dim=-1).clamp_min(EPS)  # rows are scaled after gathering: no unit copy
+
+
+def key_similarities(a: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
+                     dense: bool | None = None) -> torch.Tensor:
+    """cos(a_q, rows[idx[q, j]]) as [Q, n] for unit anchors a [Q, d], rows [M, d], idx [Q, n].
+
+    Two exact forms: `dense` multiplies a by every row (one [Q, M] matmul) and gathers the
+    needed scalars; otherwise the [Q, n, d] keys are gathered and each query multiplied by its
+    own. The matmul is far faster per multiply-add than the memory-bound gather, so it is chosen
+    while M ≤ 64·n (the IF loss's batch pixels); the 50,000-row bank takes the gather.
+    """
+    if dense is None:
+        dense = rows.shape[0] <= 64 * idx.shape[1]
+    inv = _inv_norm(rows)
+    if dense:
+        return (a @ rows.t()).gather(1, idx) * inv[idx]
+    flat = idx.flatten()
+    keys = rows.index_select(0, flat).view(*idx.shape, rows.shape[1])
+    return torch.bmm(keys, a[:, :, None])[..., 0] * inv.index_select(0, flat).view_as(idx)
+
+
+def _nce(anchor: torch.Tensor, positive: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
+         tau: float) -> torch.Tensor:
+    """−log softmax([cos(a, p), cos(a, k_1..k_n)] / τ)[0] per query: a, p [Q, d]; the keys are
+    rows[idx] (rows [M, d], idx [Q, n])."""
     a = _unit(anchor)
     pos = (a * _unit(positive)).sum(-1, keepdim=True)
-    neg = torch.bmm(keys, a[:, :, None])[..., 0]  # keys are unit vectors already
-    logits = torch.cat([pos, neg], dim=1) / tau
+    logits = torch.cat([pos, key_similarities(a, rows, idx)], dim=1) / tau
     return torch.logsumexp(logits, dim=1) - logits[:, 0]
 
 
@@ -366,7 +390,7 @@ def fb_loss(f: torch.Tensor, query: torch.Tensor, pseudo: torch.Tensor, protos: 
     if axis_bug:
         ce = _nce_axis_bug(fq, pos, bank.detach()[idx], tau)
     else:
-        ce = _nce(fq, pos, _unit(bank.detach())[idx], tau)
+        ce = _nce(fq, pos, bank.detach(), idx, tau)
     return _class_mean(ce, cls, ch, n_present)
 
 
@@ -413,8 +437,8 @@ def if_loss(f: torch.Tensor, query: torch.Tensor, pseudo: torch.Tensor, protos: 
     pixels = sample_if_negatives(query, pseudo, protos, n_neg, tau_graph, generator)
     fq = f.float().permute(0, 2, 3, 1)[query]
     cls = pseudo[query]
-    keys = _unit(f.detach().float().permute(0, 2, 3, 1).reshape(-1, f.shape[1]))[pixels]
-    ce = _nce(fq, protos.detach()[cls], keys, tau)
+    rows = f.detach().float().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    ce = _nce(fq, protos.detach()[cls], rows, pixels, tau)
     return _class_mean(ce, cls, ch, n_present)
 
 
