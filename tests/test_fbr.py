@@ -311,6 +311,9 @@ def test_key_similarity_forms_agree_with_a_loop():
     want = torch.tensor([[_cos(a[q], rows[j]) for j in idx[q]] for q in range(5)])
     for dense in (True, False):
         torch.testing.assert_close(key_similarities(a, rows, idx, dense=dense), want)
+    a64, rows64 = a.double().requires_grad_(True), rows.double()
+    for dense in (True, False):
+        assert torch.autograd.gradcheck(lambda v: key_similarities(v, rows64, idx, dense=dense), (a64,))
 
 
 def test_if_loss_matches_loop_oracle_and_negatives():

@@ -316,23 +316,48 @@ def _inv_norm(x: torch.Tensor) -> torch.Tensor:
     return 1.0 / x.norm(dim=-1).clamp_min(EPS)  # rows are scaled after gathering: no unit copy
 
 
+class _GatheredCosine(torch.autograd.Function):
+    """cos(a[q], rows[idx[q, j]]) for unit a [Q, d]: [Q, n], differentiable in a only, without
+    keeping the [Q, n, d] keys: the forward gathers them a chunk of queries at a time (their
+    norms too, so no pass over all M rows), the backward (∂L/∂a_q = Σ_j g_qj k̂_j) is one
+    `embedding_bag` with per-sample weights."""
+
+    CHUNK = 64  # queries per gathered block (64 x 256 x 128 fp32 = 8 MiB)
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        out = a.new_empty(idx.shape)
+        inv = a.new_empty(idx.shape)
+        for s in range(0, idx.shape[0], _GatheredCosine.CHUNK):
+            i = idx[s:s + _GatheredCosine.CHUNK]
+            keys = rows.index_select(0, i.flatten()).view(*i.shape, rows.shape[1])
+            inv[s:s + i.shape[0]] = _inv_norm(keys)
+            out[s:s + i.shape[0]] = torch.bmm(keys, a[s:s + i.shape[0], :, None])[..., 0]
+        ctx.save_for_backward(rows, idx, inv)
+        return out * inv
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, idx, inv = ctx.saved_tensors
+        return F.embedding_bag(idx, rows, per_sample_weights=(grad * inv).contiguous(), mode="sum"), None, None
+
+
 def key_similarities(a: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
                      dense: bool | None = None) -> torch.Tensor:
-    """cos(a_q, rows[idx[q, j]]) as [Q, n] for unit anchors a [Q, d], rows [M, d], idx [Q, n].
+    """cos(a_q, rows[idx[q, j]]) as [Q, n] for unit anchors a [Q, d], rows [M, d] (treated as
+    constants), idx [Q, n]; the gradient flows to a only.
 
     Two exact forms: `dense` multiplies a by every row (one [Q, M] matmul) and gathers the
-    needed scalars; otherwise the [Q, n, d] keys are gathered and each query multiplied by its
-    own. The matmul is far faster per multiply-add than the memory-bound gather, so it is chosen
-    while M ≤ 64·n (the IF loss's batch pixels); the 50,000-row bank takes the gather.
+    needed scalars; otherwise `_GatheredCosine` gathers each query's own keys. The matmul is far
+    faster per multiply-add than the memory-bound gather, so it is chosen while M ≤ 64·n (the
+    IF loss's batch pixels); the 50,000-row bank takes the gather.
     """
+    rows = rows.detach()
     if dense is None:
         dense = rows.shape[0] <= 64 * idx.shape[1]
-    inv = _inv_norm(rows)
     if dense:
-        return (a @ rows.t()).gather(1, idx) * inv[idx]
-    flat = idx.flatten()
-    keys = rows.index_select(0, flat).view(*idx.shape, rows.shape[1])
-    return torch.bmm(keys, a[:, :, None])[..., 0] * inv.index_select(0, flat).view_as(idx)
+        return (a @ rows.t()).gather(1, idx) * _inv_norm(rows)[idx]
+    return _GatheredCosine.apply(a, rows, idx)
 
 
 def _nce(anchor: torch.Tensor, positive: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
