@@ -585,7 +585,8 @@ class FBRMethod(Method):
             losses["bg"] = F.binary_cross_entropy_with_logits(
                 out["bg_logit"].float(), background_target(cam, labels, s.bg_thresh))
         if s.w_sim:
-            losses["sim"] = decorrelation_loss(f, out.get("bg_post", F.relu(out["bg_pre"])))
+            other = out["bg_post"] if "bg_post" in out else F.relu(out["bg_pre"])  # PPC / AMN form
+            losses["sim"] = decorrelation_loss(f, other)
         return losses
 
     @torch.no_grad()
