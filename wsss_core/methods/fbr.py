@@ -26,12 +26,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.resnet_cam import ResNetCAM
-from . import register_method
+from ._registry import register_method
 from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
 from .cam import ResNetSettings
-from .settings import from_dict
 
 EPS = 1e-8  # cosine similarity (official: torch.cosine_similarity's default)
+QUERY_MODES = ("quantile", "absolute", "all")
 
 
 # ----------------------------------------------------------------------------- TAP (§III-B1)
@@ -165,7 +165,7 @@ def query_mask(scores: torch.Tensor, probs: torch.Tensor, pseudo: torch.Tensor, 
     if mode == "absolute":
         return fg & (own < abs_thresh)
     if mode != "quantile":
-        raise ConfigError(f"config key fbr.query_mode: {mode!r} unknown (quantile, absolute, all)")
+        raise ConfigError(f"config key fbr.query_mode: {mode!r} unknown ({', '.join(QUERY_MODES)})")
     B, ch = scores.shape[:2]
     own_f, lab = own.flatten(1), pseudo.flatten(1)
     cand = fg.flatten(1) & (own_f > sure_floor)
@@ -485,6 +485,7 @@ def decorrelation_loss(f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FBRSettings:
+    """FBR's own block (`fbr:`): heads, pseudo labels, queries, NROI bank, losses (docs/methods/fbr.md)."""
     proj_dim: int = 128
     tap_threshold: float | None = 0.1  # null: GAP logits (ablation)
     bg_score: float = 0.10  # constant background plane Ŝ_0 (PPC host's bg_thres)
@@ -515,15 +516,24 @@ class FBRSettings:
 @register_method
 class FBRMethod(Method):
     name = "fbr"
+    settings_blocks = {"model": ResNetSettings, "fbr": FBRSettings}
     maps = (MapSpec("cam", strided=True),)
     propagate_map = "cam"
+    backbone_module = "cnn"
     partial_losses = True  # a step without queries leaves P_f out of FB/IF
 
+    @classmethod
+    def check_settings(cls, name: str, settings, where: str) -> None:
+        super().check_settings(name, settings, where)
+        if name == "fbr" and settings.query_mode not in QUERY_MODES:
+            raise ConfigError(f"config key fbr.query_mode: {settings.query_mode!r} unknown "
+                              f"({', '.join(QUERY_MODES)})")
+        if name == "fbr" and settings.bank_capacity < 1:
+            raise ConfigError("config key fbr.bank_capacity: must be ≥ 1")
+
     def build(self) -> dict[str, nn.Module]:
-        self.model_settings = m = from_dict(ResNetSettings, self.params.get("model"), "model")
-        self.settings = s = from_dict(FBRSettings, self.params.get("fbr"), "fbr")
-        if s.query_mode not in ("quantile", "absolute", "all"):
-            raise ConfigError(f"config key fbr.query_mode: {s.query_mode!r} unknown (quantile, absolute, all)")
+        m, s = self.blocks["model"], self.blocks["fbr"]
+        self.settings = s
         self.bank = NROIBank(s.bank_capacity)
         self.seed = int(self.train_params.get("seed", 0))
         net = FBRNet(m.backbone, self.num_classes - 1, strides=tuple(m.strides), detach_early=m.detach_early,
