@@ -15,7 +15,8 @@ from scipy.stats import chisquare
 from wsss_core.config import load_config, method_params, stage_params
 from wsss_core.engine import load_checkpoint, save_checkpoint
 from wsss_core.methods import StepContext, create_method
-from wsss_core.methods.fbr import (FBRNet, NROIBank, active_class_distribution, background_target,
+from wsss_core.errors import ConfigError
+from wsss_core.methods.fbr import (FBRMethod, FBRNet, NROIBank, active_class_distribution, background_target,
                                    batched_kmeans, cap_queries, class_prototypes,
                                    decorrelation_loss, fb_loss, host_pseudo_labels, if_loss,
                                    image_nrois, key_similarities, query_mask,
@@ -25,8 +26,9 @@ from wsss_core.models.resnet_cam import ResNetCAM
 from wsss_core.stages.export_cams import image_maps
 
 CPU = torch.device("cpu")
-TINY = {"backbone": "resnet_tiny", "strides": [2, 2, 1, 1], "pretrained": False,
-        "frozen_bn": False, "detach_early": False}
+#: the tiny preset's model block with random weights (config.yaml; checked by the step test)
+TINY = {"backbone": "tf_efficientnet_lite0", "strides": [2, 2, 2, 1], "pretrained": False,
+        "frozen_bn": True, "detach_early": True}
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -77,23 +79,38 @@ def test_tap_matches_loop_oracle_and_invariants():
     torch.testing.assert_close(thresholded_avg_pool(pos, 0.0), pos.mean(dim=(2, 3)))
 
 
-def test_fbr_net_heads_logits_and_unchanged_cam():
+@pytest.mark.parametrize("backbone, strides, frozen", [("resnet_tiny", (2, 2, 1, 1), False),
+                                                       ("tf_efficientnet_lite0", (2, 2, 2, 1), True)])
+def test_fbr_net_heads_logits_and_unchanged_cam(backbone, strides, frozen):
+    """The heads read the final feature map whatever its width (ResNet stages or the Lite0
+    stages' 1280-channel head conv) and leave the inference CAM untouched."""
     torch.manual_seed(0)
-    net = FBRNet("resnet_tiny", 3, strides=(2, 2, 1, 1), detach_early=False, frozen_bn=False,
-                 proj_dim=16, tap_threshold=0.1)
-    x = torch.randn(2, 3, 48, 48)
+    kw = dict(strides=strides, detach_early=frozen, frozen_bn=frozen)
+    net = FBRNet(backbone, 3, proj_dim=16, tap_threshold=0.1, **kw)
+    x = torch.randn(2, 3, 64, 64)
     net.eval()
     out = net(x)
     feat = net.features(x)
-    assert out["fg"].shape == out["bg_pre"].shape == (2, 16, 6, 6)
+    side = 64 // net.output_stride
+    assert net.fg_proj.in_channels == net.bg_proj.in_channels == feat.shape[1] == net.backbone.out_channels[-1]
+    assert out["fg"].shape == out["bg_pre"].shape == (2, 16, side, side)
     assert (out["fg"] >= 0).all() and (out["bg_post"] >= 0).all()
     assert net.fg_proj.bias is None and net.bg_proj.bias is None and net.bg_cls.bias is None
     torch.testing.assert_close(out["logits"], thresholded_avg_pool(feat, 0.1) @ net.classifier.weight.flatten(1).t())
-    plain = ResNetCAM("resnet_tiny", 3, strides=(2, 2, 1, 1), detach_early=False, frozen_bn=False)
+    plain = ResNetCAM(backbone, 3, **kw)
     plain.load_state_dict({k: v for k, v in net.state_dict().items() if k.startswith(("backbone.", "classifier."))})
     plain.eval()
     torch.testing.assert_close(net.cam(x), plain.cam(x))
     torch.testing.assert_close(out["cam"], plain(x)["logits"])
+
+
+def test_settings_checked_at_config_time():
+    with pytest.raises(ConfigError, match="fbr.query_mode"):
+        FBRMethod.parse_settings({"plugin": "fbr", "fbr": {"query_mode": "entropy"}})
+    with pytest.raises(ConfigError, match="fbr.bank_capacity"):
+        FBRMethod.parse_settings({"plugin": "fbr", "fbr": {"bank_capacity": 0}})
+    with pytest.raises(ConfigError, match="fbr.tau"):
+        FBRMethod.parse_settings({"plugin": "fbr", "fbr": {"tau": 0.1}})
 
 
 # ------------------------------------------------------------------------------ pseudo labels
@@ -427,12 +444,14 @@ def test_background_target_and_decorrelation():
 
 # ------------------------------------------------------------------------------ end to end
 
-def test_tiny_step_guard_cases_and_bank_checkpoint(tmp_path):
+def test_tiny_step_guard_cases_and_bank_checkpoint(tmp_path, repo_root):
+    tiny = method_params(load_config(repo_root / "config.yaml"), "toy", "fbr")["model"]
+    assert dict(tiny, pretrained=False) == TINY and tiny["pretrained"]
     torch.manual_seed(0)
     m = _tiny_method()
     opts = m.optimizers(1e-3, 1e-4, 0.9, "adamw")
     m.train()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 64, 64)
     for step, labels in enumerate(([[1.0, 0, 0], [0, 1, 0]],     # one class per image
                                    [[1.0, 1, 1], [1, 1, 1]],     # many classes
                                    [[0.0, 0, 0], [0, 0, 0]])):   # nothing present: no queries
@@ -482,7 +501,7 @@ def test_paper_preset_step_and_cam_export_on_a_voc_sized_image(repo_root):
     assert not torch.equal(before, m.models["cnn"].fg_proj.weight)
     m.eval()
     img = torch.randn(3, *size)
-    scales = stage_params(cfg, "voc", "fbr", "export_cams")["scales"]
+    scales = stage_params(cfg, "voc", "fbr", "export_cams")["scales"][:1]  # 1.0: one export, not four
     scaled = [F.interpolate(img[None], scale_factor=s, mode="bilinear")[0] for s in scales]
     maps = image_maps(m, scaled, size, [5, 15], CPU)
     assert maps["cam"].shape == (2,) + size and np.isfinite(maps["cam"]).all()
