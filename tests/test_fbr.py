@@ -26,9 +26,10 @@ from wsss_core.models.resnet_cam import ResNetCAM
 from wsss_core.stages.export_cams import image_maps
 
 CPU = torch.device("cpu")
-#: the tiny preset's model block with random weights (config.yaml; checked by the step test)
-TINY = {"backbone": "tf_efficientnet_lite0", "strides": [2, 2, 2, 1], "pretrained": False,
-        "frozen_bn": True, "detach_early": True}
+#: a from-scratch stand-in for the steps (the FBR terms do not depend on the backbone; the tiny
+#: preset's Lite0 stages are checked in test_fbr_net_heads_logits_and_unchanged_cam)
+TINY = {"backbone": "resnet_tiny", "strides": [2, 2, 1, 1], "pretrained": False,
+        "frozen_bn": False, "detach_early": False}
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -81,9 +82,14 @@ def test_tap_matches_loop_oracle_and_invariants():
 
 @pytest.mark.parametrize("backbone, strides, frozen", [("resnet_tiny", (2, 2, 1, 1), False),
                                                        ("tf_efficientnet_lite0", (2, 2, 2, 1), True)])
-def test_fbr_net_heads_logits_and_unchanged_cam(backbone, strides, frozen):
+def test_fbr_net_heads_logits_and_unchanged_cam(backbone, strides, frozen, repo_root):
     """The heads read the final feature map whatever its width (ResNet stages or the Lite0
-    stages' 1280-channel head conv) and leave the inference CAM untouched."""
+    stages' 1280-channel head conv, the tiny preset's backbone) and leave the inference CAM
+    untouched; the head gradients reach layer4 and, with `detach_early`, never the stem."""
+    if backbone != TINY["backbone"]:
+        tiny = method_params(load_config(repo_root / "config.yaml"), "toy", "fbr")["model"]
+        assert (tiny["backbone"], tuple(tiny["strides"]), tiny["frozen_bn"], tiny["detach_early"],
+                tiny["pretrained"]) == (backbone, strides, frozen, frozen, True)
     torch.manual_seed(0)
     kw = dict(strides=strides, detach_early=frozen, frozen_bn=frozen)
     net = FBRNet(backbone, 3, proj_dim=16, tap_threshold=0.1, **kw)
@@ -102,6 +108,10 @@ def test_fbr_net_heads_logits_and_unchanged_cam(backbone, strides, frozen):
     plain.eval()
     torch.testing.assert_close(net.cam(x), plain.cam(x))
     torch.testing.assert_close(out["cam"], plain(x)["logits"])
+    (out["fg"].sum() + out["bg_logit"].sum()).backward()
+    assert net.fg_proj.weight.grad.abs().sum() > 0 and net.bg_cls.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.backbone.layer4.parameters())
+    assert (next(net.backbone.stem.parameters()).grad is None) == frozen
 
 
 def test_settings_checked_at_config_time():
@@ -444,14 +454,12 @@ def test_background_target_and_decorrelation():
 
 # ------------------------------------------------------------------------------ end to end
 
-def test_tiny_step_guard_cases_and_bank_checkpoint(tmp_path, repo_root):
-    tiny = method_params(load_config(repo_root / "config.yaml"), "toy", "fbr")["model"]
-    assert dict(tiny, pretrained=False) == TINY and tiny["pretrained"]
+def test_tiny_step_guard_cases_and_bank_checkpoint(tmp_path):
     torch.manual_seed(0)
     m = _tiny_method()
     opts = m.optimizers(1e-3, 1e-4, 0.9, "adamw")
     m.train()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     for step, labels in enumerate(([[1.0, 0, 0], [0, 1, 0]],     # one class per image
                                    [[1.0, 1, 1], [1, 1, 1]],     # many classes
                                    [[0.0, 0, 0], [0, 0, 0]])):   # nothing present: no queries
