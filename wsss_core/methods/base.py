@@ -47,7 +47,9 @@ class MapSpec:
     """A map `infer` returns: class maps are per present class; agnostic maps are one channel."""
     name: str
     kind: str = "class"  # "class" | "agnostic"
-    normalize: bool = True  # class maps: divide by their spatial max after summing scales
+    # class maps, after summing scales: True divides by the spatial max; "minmax" is
+    # TransCAM's per-class min-max normalisation (stages/export_cams.min_max_normalize)
+    normalize: bool | str = True
     strided: bool = False  # also export at stride 4 (for the random walk)
 
 

@@ -3,7 +3,7 @@
 Per image and map: for each scale, one forward of (image, mirrored image) per branch; each
 per-scale map is resized bilinearly straight to the image size (and to stride 4 for maps the
 random walk propagates), summed over scales, restricted to the image's classes and divided by
-its spatial maximum (+1e-5). Class-agnostic maps (CoBra's attention) are summed, not
+its spatial maximum (+1e-5), or min-max normalised as TransCAM does (`normalize="minmax"`). Class-agnostic maps (CoBra's attention) are summed, not
 normalised (their thresholds are read from the raw values).
 
 Sharding (`--shard i/n`): shard i exports the i-th of n contiguous blocks of the split's ids
@@ -61,13 +61,30 @@ def image_maps(method: Method, scaled: list[torch.Tensor], size: tuple[int, int]
             m = sums[key]
             if spec.kind == "class":
                 m = m.index_select(0, idx)
-                if spec.normalize and m.shape[0]:
+                if spec.normalize == "minmax" and m.shape[0]:
+                    m = min_max_normalize(F.relu(m))
+                elif spec.normalize and m.shape[0]:
                     m = F.relu(m)
                     m = m / (m.flatten(1).max(dim=1).values[:, None, None] + 1e-5)
             else:
                 m = m[0]
             out[key] = m.cpu().numpy()
     return out
+
+
+def min_max_normalize(cams: torch.Tensor) -> torch.Tensor:
+    """TransCAM's per-class min-max normalisation of clamped maps [K, H, W], with n and m the
+    class's min and max: (cam - n - 1e-5) / (m - n + 1e-5), at least 0.
+
+    [FIX] TransCAM's `infer_TransCAM.py` first sets entries below n + 1e-5 to 0, which makes
+    them -(n + 1e-5) / (m - n + 1e-5) (about -1000 where n > 0 and the range is small); they
+    are clamped to 0 here instead. Every entry above n + 1e-5 keeps the official value, so
+    seeds from a threshold >= 0 are unchanged, and no map handed to the random walk is
+    negative (docs/methods/bnr.md §Export)."""
+    flat = cams.flatten(1)
+    n = flat.min(dim=1).values[:, None, None]
+    m = flat.max(dim=1).values[:, None, None]
+    return ((cams - n - 1e-5) / (m - n + 1e-5)).clamp_min(0)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
