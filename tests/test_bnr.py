@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_core.config import load_config, method_params, stage_params
-from wsss_core.engine import set_poly_lr
+from wsss_core.optim import set_lr
 from wsss_core.errors import WeightsError
 from wsss_core.methods import StepContext, bnr, create_method
 from wsss_core.methods.cobra_losses import multilabel_soft_margin
@@ -72,7 +72,7 @@ def test_tiny_conformer_is_stride_8_with_six_blocks():
     assert net.output_stride == 8 and out["cam"].shape == (1, VOC, 4, 6)
     assert out["attn"].shape == (1, 6, 25, 25)
     with pytest.raises(WeightsError, match="no pretrained weights"):
-        create_timm("conformer_tiny_toy", pretrained=True)
+        create_timm("conformer_tiny_toy.untrained", pretrained=True)
 
 
 def test_class_token_slot_is_doubled_before_each_coupled_block(monkeypatch):
@@ -119,7 +119,7 @@ def test_official_file_loads_with_strict_key_check(tmp_path):
     assert sorted(heads) == sorted(f"{h}{p}" for h in HEAD_PREFIXES for p in ("weight", "bias"))
     assert all(torch.equal(loaded[k], src[k]) for k in loaded if k not in heads)
     assert loaded["conv_cls_head.weight"].shape[0] == VOC
-    _one_line_weights_error(lambda: create_timm("conformer_small_patch16", pretrained=True),
+    _one_line_weights_error(lambda: create_timm("conformer_small_patch16.in1k", pretrained=True),
                             "pretrained_file")
 
 
@@ -329,7 +329,7 @@ def test_paper_preset_step_and_export_on_a_375x500_image(cfg):
     net = m.models["conformer"]
     assert len(opts) == 1 and len(opts[0].param_groups) == 1
     assert len(opts[0].param_groups[0]["params"]) == len(list(net.parameters()))
-    assert set_poly_lr(opts, 7, 10, train["poly_power"]) == 5e-5  # invariant 23: constant lr
+    assert set_lr(opts, 7, 10, train["poly_power"]) == 5e-5  # invariant 23: constant lr
     assert opts[0].param_groups[0]["weight_decay"] == 5e-4
 
     h, w = 375, 500

@@ -1,4 +1,4 @@
-"""Image/mask transforms shared by the training stages (IRN / CoBra conventions).
+"""Image/mask transforms shared by the training stages (IRN conventions).
 
 All randomness comes from a numpy Generator passed in, so a sample's augmentation depends only
 on (seed, epoch, index) and not on worker count or order.

@@ -18,10 +18,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import conformer  # noqa: F401  (registers the Conformer models with timm)
 from ..models.backbones import create_timm
-from . import register_method
+from ._registry import register_method
 from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
 from .cobra_losses import multilabel_soft_margin
-from .settings import from_dict
 
 
 def refine_cam(attn_sum: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
@@ -49,7 +48,7 @@ def noise_logits(attn: torch.Tensor, cam_refined: torch.Tensor, k_noise: float =
 
 @dataclass
 class ConformerSettings:
-    backbone: str = "conformer_small_patch16"  # or conformer_tiny_toy
+    backbone: str = "conformer_small_patch16.in1k"  # or conformer_tiny_toy
     pretrained: bool = True
     pretrained_file: str | None = None  # the official Conformer_small_patch16.pth
     drop_path_rate: float | None = None  # None: the backbone's default (Conformer-S: 0.1)
@@ -68,13 +67,14 @@ class BNRSettings:
 @register_method
 class BNRMethod(Method):
     name = "bnr"
+    settings_blocks = {"model": ConformerSettings, "bnr": BNRSettings}
     maps = (MapSpec("cam", strided=True, normalize="minmax"),
             MapSpec("attention", kind="agnostic", normalize=False))
     propagate_map = "cam"
 
     def build(self) -> dict[str, nn.Module]:
-        m = self.model_settings = from_dict(ConformerSettings, self.params.get("model"), "model")
-        s = self.settings = from_dict(BNRSettings, self.params.get("bnr"), "bnr")
+        m = self.model_settings = self.blocks["model"]
+        s = self.settings = self.blocks["bnr"]
         if s.infer_shape not in ("square", "keep"):
             raise ConfigError(f"config key bnr.infer_shape: {s.infer_shape!r} is not square or keep")
         extra = {} if m.drop_path_rate is None else {"drop_path_rate": m.drop_path_rate}

@@ -1,5 +1,5 @@
 """Conformer as TransCAM uses it: a ResNet-style CNN branch and a ViT branch coupled by
-feature-coupling units (FCUs), with a CAM head on the CNN branch (docs/methods/bnr.md §Model).
+feature-coupling units (FCUs), with a CAM head on the CNN branch (TransCAM paper §3).
 
 Layout (Peng et al., "Conformer", ICCV 2021; TransCAM `network/conformer.py`): a 7x7 stem and
 max-pool, then `depth` stages of (bottleneck ConvBlock → FCUDown into the tokens → timm ViT
@@ -297,7 +297,7 @@ def conformer_small_patch16(pretrained: bool = False, **kwargs) -> Conformer:
 @register_model
 def conformer_tiny_toy(pretrained: bool = False, **kwargs) -> Conformer:
     """A narrow, shallow Conformer for CPU toy runs (output stride 8, 6 blocks, ~0.9 M
-    parameters); trained from scratch (docs/methods/bnr.md §Presets)."""
+    parameters); trained from scratch."""
     if pretrained:
         raise WeightsError("backbone conformer_tiny_toy: no pretrained weights exist; set pretrained: false")
     args = dict(base_channel=16, channel_ratio=2, stem_channels=16, embed_dim=96, depth=6,
