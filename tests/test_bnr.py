@@ -313,6 +313,38 @@ def test_transcam_entry_is_bnr_without_the_noise_loss(cfg):
         assert b["bnr"]["bnr"] is True and t["bnr"]["bnr"] is False
 
 
+def test_tiny_preset_hybrid_starts_from_frozen_imagenet_lite0(cfg):
+    """The toy preset's hybrid Conformer: the Lite0 stem carries the offline ImageNet weights,
+    stays frozen (no gradient, BN in eval mode while training, left out of the optimiser, not
+    changed by a step), the patches come from its stride-16 features (output stride 16)."""
+    from wsss_core.models.backbones import cnn_stages
+    params = copy.deepcopy(method_params(cfg, "toy", "bnr"))
+    assert params["model"]["backbone"] == "conformer_lite0_hybrid"
+    torch.manual_seed(0)
+    m = create_method(params, VOC)
+    net = m.models["conformer"]
+    lite0 = cnn_stages("tf_efficientnet_lite0", pretrained=True).state_dict()
+    stem = net.stem.state_dict()
+    assert stem and all(torch.equal(v, lite0[k]) for k, v in stem.items())
+    assert not any(p.requires_grad for p in net.stem.parameters())
+    assert net.output_stride == 16 and net.trans_patch_conv.in_channels == 112
+    opts = m.optimizers(5e-4, 0.0, 0.9, "adamw")
+    optimised = {id(p) for g in opts[0].param_groups for p in g["params"]}
+    assert optimised and not optimised & {id(p) for p in net.stem.parameters()}
+    m.train()
+    assert not any(b.training for b in net.stem.modules() if isinstance(b, torch.nn.BatchNorm2d))
+    batch = {"image": torch.randn(2, 3, 64, 64), "label": torch.zeros(2, VOC - 1)}
+    batch["label"][:, 3] = 1
+    out = net(batch["image"])
+    assert out["cam"].shape == (2, VOC, 4, 4) and out["attn"].shape == (2, 6, 17, 17)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    m.training_step(batch, CTX)["total"].backward()
+    opts[0].step()
+    after = net.state_dict()
+    assert all(torch.equal(after[f"stem.{k}"], before[f"stem.{k}"]) for k in stem)
+    assert not torch.equal(after["conv_cls_head.weight"], before["conv_cls_head.weight"])
+
+
 @pytest.mark.slow
 def test_paper_preset_step_and_export_on_a_375x500_image(cfg):
     """The paper preset (Conformer-S, random weights) runs one AdamW step at constant lr and

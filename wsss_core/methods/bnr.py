@@ -52,6 +52,10 @@ class ConformerSettings:
     pretrained: bool = True
     pretrained_file: str | None = None  # the official Conformer_small_patch16.pth
     drop_path_rate: float | None = None  # None: the backbone's default (Conformer-S: 0.1)
+    # hybrid Conformers (conformer_lite0_hybrid): the CNN stem whose stages start both branches
+    hybrid_stem: str | None = None  # e.g. tf_efficientnet_lite0; None: the Conformer's own stem
+    stem_pretrained: bool = True  # hybrid: the stem's ImageNet weights (offline Lite0)
+    train_stem: bool = False  # hybrid: fine-tune the stem (false: frozen, CPU-cheap)
 
 
 @dataclass
@@ -78,6 +82,9 @@ class BNRMethod(Method):
         if s.infer_shape not in ("square", "keep"):
             raise ConfigError(f"config key bnr.infer_shape: {s.infer_shape!r} is not square or keep")
         extra = {} if m.drop_path_rate is None else {"drop_path_rate": m.drop_path_rate}
+        if m.hybrid_stem is not None:
+            extra.update(hybrid_stem=m.hybrid_stem, stem_pretrained=m.stem_pretrained,
+                         train_stem=m.train_stem)
         net = create_timm(m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file,
                           num_classes=self.num_classes, **extra)
         crop = int(self.train_params.get("crop", net.output_stride))

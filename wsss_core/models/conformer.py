@@ -30,6 +30,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..errors import WeightsError
+from .backbones import cnn_stages
 from .vit_cam import _block_forward
 
 #: the heads of the ImageNet file (1000 classes) never load into a WSSS model
@@ -148,7 +149,9 @@ class Conformer(nn.Module):
     def __init__(self, num_classes: int = 21, base_channel: int = 64, channel_ratio: int = 4,
                  stem_channels: int = 64, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path_rate: float = 0.1, stem_stride: int = 2, in_chans: int = 3) -> None:
+                 drop_path_rate: float = 0.1, stem_stride: int = 2, in_chans: int = 3,
+                 hybrid_stem: str | None = None, stem_pretrained: bool = False,
+                 train_stem: bool = True) -> None:
         super().__init__()
         if depth % 3 or depth < 3:
             raise ValueError(f"conformer depth {depth}: must be a positive multiple of 3")
@@ -160,13 +163,27 @@ class Conformer(nn.Module):
         self.output_stride = 8 * stem_stride
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.conv1 = nn.Conv2d(in_chans, stem_channels, 7, stride=stem_stride, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_channels)
-        self.act1 = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.hybrid = hybrid_stem is not None
+        if self.hybrid:
+            if stem_stride != 2:
+                raise ValueError("conformer with a hybrid stem: stem_stride must be 2 (stride 16)")
+            # the CNN stages (stride 4) feed the CNN branch; stages 2-3 (stride 16) embed the
+            # patches as a hybrid ViT does (ViT paper sec. 3.1), so attention starts from
+            # ImageNet features; layer4 is never run
+            lite = cnn_stages(hybrid_stem, strides=(2, 2, 2, 1), pretrained=stem_pretrained,
+                              frozen_bn=True)
+            lite.layer4 = nn.Identity()
+            stem_channels = lite.out_channels[1]
+            patch_in, patch_kernel = lite.out_channels[3], 1
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem_channels, 7, stride=stem_stride, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(stem_channels)
+            self.act1 = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+            patch_in, patch_kernel = stem_channels, 4
         ch = [base_channel * channel_ratio * m for m in (1, 2, 4)]
         self.conv_1 = ConvBlock(stem_channels, ch[0], 1, res_conv=True)
-        self.trans_patch_conv = nn.Conv2d(stem_channels, embed_dim, 4, stride=4)
+        self.trans_patch_conv = nn.Conv2d(patch_in, embed_dim, patch_kernel, stride=patch_kernel)
         self.trans_1 = Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias,
                              drop_path=dpr[0], norm_layer=_LayerNorm)
         per_stage = depth // 3
@@ -185,6 +202,9 @@ class Conformer(nn.Module):
         self.conv_cls_head = nn.Conv2d(ch[2], num_classes, 3, padding=1)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
+        if self.hybrid:  # added after the initialisation: keeps its ImageNet weights
+            self.stem = lite
+            self.stem.requires_grad_(train_stem)
 
     def coupled_blocks(self) -> list[ConvTransBlock]:
         return [getattr(self, f"conv_trans_{i}") for i in range(2, self.depth + 1)]
@@ -196,9 +216,13 @@ class Conformer(nn.Module):
         if x.shape[-2] % s or x.shape[-1] % s:
             raise ValueError(f"conformer input {tuple(x.shape[-2:])}: height and width must be "
                              f"multiples of {s}")
-        base = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        if self.hybrid:
+            base = self.stem.layer1(self.stem.stem(x))
+            patches = self.stem.layer3(self.stem.layer2(base))
+        else:
+            base = patches = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         x, _ = self.conv_1(base)
-        tokens = self.trans_patch_conv(base).flatten(2).transpose(1, 2)
+        tokens = self.trans_patch_conv(patches).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
         tokens, attn = _block_forward(self.trans_1, tokens)
         attns = [attn]
@@ -275,6 +299,7 @@ default_cfgs = generate_default_cfgs({
     "conformer_small_patch16.in1k": {"num_classes": 1000, "custom_load": True,
                                      "classifier": ("trans_cls_head", "conv_cls_head")},
     "conformer_tiny_toy.untrained": {"num_classes": 0, "input_size": (3, 96, 96)},
+    "conformer_lite0_hybrid.untrained": {"num_classes": 0, "input_size": (3, 224, 224)},
 })
 
 
@@ -303,3 +328,19 @@ def conformer_tiny_toy(pretrained: bool = False, **kwargs) -> Conformer:
     args = dict(base_channel=16, channel_ratio=2, stem_channels=16, embed_dim=96, depth=6,
                 num_heads=3, mlp_ratio=2.0, qkv_bias=True, drop_path_rate=0.0, stem_stride=1)
     return _create("conformer_tiny_toy", False, **dict(args, **kwargs))
+
+
+@register_model
+def conformer_lite0_hybrid(pretrained: bool = False, **kwargs) -> Conformer:
+    """A small hybrid Conformer for CPU toy runs: the CNN branch starts from EfficientNet-Lite0's
+    stem and first stage (stride 4), the patches are Lite0's stride-16 features (1x1 embedding),
+    then 6 coupled blocks (embed 192, 3 heads; CNN 32/64/128 channels), output stride 16.
+    `pretrained` must be false (no Conformer weights); `stem_pretrained` loads the offline Lite0
+    ImageNet weights into the stem, `train_stem: false` freezes it."""
+    if pretrained:
+        raise WeightsError("backbone conformer_lite0_hybrid: no Conformer weights exist; set "
+                           "pretrained: false (the Lite0 stem loads its own with stem_pretrained)")
+    args = dict(base_channel=16, channel_ratio=2, embed_dim=192, depth=6, num_heads=3,
+                mlp_ratio=2.0, qkv_bias=True, drop_path_rate=0.0, stem_stride=2,
+                hybrid_stem="tf_efficientnet_lite0")
+    return _create("conformer_lite0_hybrid", False, **dict(args, **kwargs))
