@@ -24,7 +24,7 @@ STAGES = (
     "propagate", "make_masks", "train_seg", "eval_seg", "audit",
 )
 #: free-form blocks checked by the method plug-in rather than by a stage schema
-PLUGIN_BLOCKS = ("model", "cobra")
+PLUGIN_BLOCKS = ("model", "cobra", "seco")
 
 
 def _key_path(parts) -> str:

@@ -30,7 +30,7 @@ def list_methods() -> list[str]:
 
 
 def _import_builtin() -> None:
-    from . import cam, cobra  # noqa: F401  (registration side effect)
+    from . import cam, cobra, seco  # noqa: F401  (registration side effect)
 
 
 __all__ = ["Method", "MapSpec", "StepContext", "register_method", "create_method",
