@@ -127,7 +127,7 @@ def assign_csc_tags(images: Sequence[torch.Tensor], roi: torch.Tensor, num_crops
     ru = r1 + (r0 == UNCERTAIN).long()
     if proportion == "count":
         ru = (ru > 0).long()
-    num_cls = int(r1.max()) + 1
+    num_cls = max(int(r1.max()) + 1, 2)
     tags = torch.empty(B, 2 + num_crops)
     corners = torch.empty(B, num_crops, 2, dtype=torch.long)
     ar = torch.arange(crop)

@@ -154,8 +154,8 @@ class SeCoNet(nn.Module):
         `global_tokens` [B, V, D] (student class tokens of the global views) and `q`
         [B·(V+L), D] unit queries ordered per image (views first, then crops)."""
         cls_token, tok, aux = self.features(x)
-        out = {"cls": F.adaptive_max_pool2d(self.classifier(tok), 1).flatten(1),
-               "cls_aux": F.adaptive_max_pool2d(self.aux_classifier(aux), 1).flatten(1),
+        out = {"cls": self.classifier(F.adaptive_max_pool2d(tok, 1)).flatten(1),
+               "cls_aux": self.aux_classifier(F.adaptive_max_pool2d(aux, 1)).flatten(1),
                "seg": self.decoder(tok), "tokens": tok, "cls_token": cls_token}
         if views is not None and local is not None:
             V, B = views.shape[:2]
