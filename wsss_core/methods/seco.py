@@ -225,7 +225,7 @@ def update_prototypes(prototypes: torch.Tensor, cls_token: torch.Tensor, label_i
 @register_method
 class SeCoMethod(Method):
     name = "seco"
-    maps = (MapSpec("cam"), MapSpec("aux"))
+    maps = (MapSpec("cam", strided=True), MapSpec("aux"))
     propagate_map = "cam"
     partial_losses = True  # the decoder and projection head get no gradient in early stages
 
