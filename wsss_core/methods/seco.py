@@ -120,7 +120,7 @@ def multi_scale_cam(net: SeCoNet, x: torch.Tensor, scales) -> tuple[torch.Tensor
         xs = x if s == 1.0 else F.interpolate(x, size=(int(s * H), int(s * W)), mode="bilinear",
                                               align_corners=False)
         for i, cam in enumerate(net.cams(torch.cat([xs, xs.flip(-1)]))):
-            cam = F.interpolate(cam, size=(H, W), mode="bilinear", align_corners=False)
+            cam = F.interpolate(cam.float(), size=(H, W), mode="bilinear", align_corners=False)
             sums[i] = sums[i] + F.relu(torch.maximum(cam[:B], cam[B:].flip(-1)))
     out = []
     for cam in sums:
@@ -335,29 +335,34 @@ class SeCoMethod(Method):
             bank_tags = torch.cat([tags, self.reservoir.tags])
 
         w = loss_weights(s, it)
-        losses = {"cls": F.multilabel_soft_margin_loss(out["cls"], y),
-                  "cls_aux": F.multilabel_soft_margin_loss(out["cls_aux"], y)}
-        losses["lil"], revised = lil_loss(out["q"], bank, tags, bank_tags, s.temp_lil, s.temp_lil,
-                                          s.lil_impl)
-        losses["lig"] = lig_loss(out["q"], prototypes, revised, s.temp_lig, s.temp_lig)
-        grid = tuple(out["tokens"].shape[-2:])
-        box = img_box
-        if img_box is not None and s.ptc_box_scaling == "scaled":
-            p = net.encoder.patch_size
-            box = [[v // p for v in b] for b in img_box]
-        aff = ptc_affinity_mask(cams_aux, y, grid, s.high_thre, s.low_thre, box)
-        losses["ptc"] = ptc_loss(out["tokens"], aff)
-        seg = F.interpolate(out["seg"], size=x.shape[-2:], mode="bilinear", align_corners=False)
-        losses["seg"] = seg_loss(seg, seg_label)
-        if w["reg"] > 0:  # the dense filter is the costliest term: skipped while its weight is 0
-            roi_mask = None
-            if img_box is not None:
-                roi_mask = torch.zeros_like(seg_label, dtype=seg.dtype)
-                for b, (t, d, l, r) in enumerate(img_box):
-                    roi_mask[b, t:d, l:r] = 1
-            losses["reg"] = dense_energy_loss(image01 * 255, seg.softmax(1), seg_label, roi_mask,
-                                              s.energy_weight, s.energy_sigma_rgb,
-                                              s.energy_sigma_xy, s.energy_scale)
+        # the losses run in float32 even when the encoder ran under fp16 autocast: the energy
+        # sums over every pixel pair and LiL's exp(L) != 1 filter is precision-sensitive
+        out = {k: v.float() for k, v in out.items()}
+        bank = bank.float()
+        with torch.autocast(x.device.type, enabled=False):
+            losses = {"cls": F.multilabel_soft_margin_loss(out["cls"], y),
+                      "cls_aux": F.multilabel_soft_margin_loss(out["cls_aux"], y)}
+            losses["lil"], revised = lil_loss(out["q"], bank, tags, bank_tags, s.temp_lil,
+                                              s.temp_lil, s.lil_impl)
+            losses["lig"] = lig_loss(out["q"], prototypes, revised, s.temp_lig, s.temp_lig)
+            grid = tuple(out["tokens"].shape[-2:])
+            box = img_box
+            if img_box is not None and s.ptc_box_scaling == "scaled":
+                p = net.encoder.patch_size
+                box = [[v // p for v in b] for b in img_box]
+            aff = ptc_affinity_mask(cams_aux, y, grid, s.high_thre, s.low_thre, box)
+            losses["ptc"] = ptc_loss(out["tokens"], aff)
+            seg = F.interpolate(out["seg"], size=x.shape[-2:], mode="bilinear", align_corners=False)
+            losses["seg"] = seg_loss(seg, seg_label)
+            if w["reg"] > 0:  # the dense filter is the costliest term: skipped while its weight is 0
+                roi_mask = None
+                if img_box is not None:
+                    roi_mask = torch.zeros_like(seg_label, dtype=seg.dtype)
+                    for b, (t, d, l, r) in enumerate(img_box):
+                        roi_mask[b, t:d, l:r] = 1
+                losses["reg"] = dense_energy_loss(
+                    image01 * 255, seg.softmax(1), seg_label, roi_mask, s.energy_weight,
+                    s.energy_sigma_rgb, s.energy_sigma_xy, s.energy_scale)
         total = sum(w[k] * v for k, v in losses.items())
         losses["total"] = total
         losses["tags_rectified"] = ((revised == 0) & (tags != 0)).float().sum()
