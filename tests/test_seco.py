@@ -214,6 +214,18 @@ def test_multi_scale_cam_is_min_max_normalised():
         torch.testing.assert_close(c.flatten(2).min(2).values, torch.zeros(2, 4))
 
 
+def test_flip_fusion_is_identity_for_a_flip_equivariant_model():
+    class PixelCAM:  # CAM = the first two image channels: flip-equivariant
+        def cams(self, x):
+            return x[:, :2], x[:, 1:3]
+
+    x = torch.randn(2, 3, 8, 10)
+    cams, _ = multi_scale_cam(PixelCAM(), x, [1.0])
+    want = F.relu(x[:, :2])
+    want = want - want.flatten(2).min(2).values[..., None, None]
+    torch.testing.assert_close(cams, want / (want.flatten(2).max(2).values[..., None, None] + 1e-5))
+
+
 def test_cam_to_label_and_roi_mask():
     cams = torch.zeros(1, 3, 2, 3)
     cams[0, 1, 0, 0], cams[0, 1, 0, 1], cams[0, 1, 0, 2] = 0.8, 0.5, 0.2
@@ -434,6 +446,10 @@ def test_tiny_method_step_state_roundtrip_and_segmentation():
     assert {"cls", "cls_aux", "lig", "lil", "ptc", "seg", "reg"} <= set(losses)
     assert torch.equal(pe, m.net.encoder.vit.pos_embed)
     assert int(m.reservoir.ptr) == 24
+    # invariant 20: queries carry gradients into the projection head, keys and teacher none
+    assert m.net.proj_head.mlp[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.teacher.parameters())
+    assert not m.reservoir.feats.requires_grad
     state = m.state_dict()
     m2 = create_method({"plugin": "seco", "model": TINY_VIT, "seco": seco}, 5, {"crop": 32})
     m2.load_state_dict(state)
