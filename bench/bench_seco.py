@@ -153,7 +153,7 @@ def _median_times(fns, repeats):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=112, help="PAR image side (pixels), official form")
-    p.add_argument("--loop-size", type=int, default=32, help="PAR image side for the formula loop")
+    p.add_argument("--loop-size", type=int, default=48, help="PAR image side for the formula loop")
     p.add_argument("--classes", type=int, default=3, help="PAR mask channels")
     p.add_argument("--anchors", type=int, default=48, help="LiL anchors (12 x batch)")
     p.add_argument("--queue", type=int, default=4608)
