@@ -1,23 +1,30 @@
 # wsss: weakly supervised semantic segmentation as a Snakemake DAG.
-#   snakemake --cores 2                                  # toy data, CoBra, to seg_miou.txt
-#   snakemake --cores 8 results/voc/cobra/seg_miou.txt   # PASCAL VOC 2012 (set datasets.voc.root)
+#   snakemake --cores 2                                   # toy data, config default_target, to seg_miou.txt
+#   snakemake --cores 8 results/voc/METHOD/seg_miou.txt   # PASCAL VOC 2012 (set datasets.voc.root)
 import os
 
-from snakemake.utils import validate
+from snakemake.utils import min_version
 
 from wsss_core import config as wsss_config
 
+min_version("9.0")
+
 configfile: "config.yaml"
+
+report: "report/workflow.rst"
 
 # Idle OpenMP threads must not spin: with two jobs on two cores a spinning pool slows every
 # parallel op of the other job by orders of magnitude.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 wsss_config.apply_defaults(config)
-wsss_config.validate_config(config)  # one-line errors naming the key
-# defaults are already filled by apply_defaults; Snakemake's default-setting validator would
-# also copy the toy branch's defaults into voc entries while trying the oneOf branches
-validate(config, "wsss_core/schemas/config.schema.yaml", set_default=False)
+# the one validation: against config.schema.yaml assembled with the registered methods'
+# settings blocks (wsss_core.config.config_schema), plug-in blocks included, before any job
+# runs or any output is deleted; one line naming the key, exit 2. Plug-in blocks are checked
+# once per content: job processes of cluster executors re-read the Snakefile, and blocks that
+# passed are recorded under .snakemake/
+wsss_config.check_or_exit(lambda: wsss_config.validate_config(
+    config, plugins=workflow.is_main_process, cache=".snakemake/wsss-checked-plugin-blocks"))
 
 
 include: "rules/common.smk"

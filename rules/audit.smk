@@ -19,6 +19,8 @@ AUDIT_INPUTS = {
 
 
 rule audit:
+    conda:
+        CONDA_ENV
     input:
         **AUDIT_INPUTS,
     output:
@@ -48,8 +50,8 @@ rule audit:
     log:
         logs("audit"),
     shell:
-        "wsss audit {params.run_dir:q} --index {input.index} --params {params.stage:q} "
-        "--out {params.run_dir:q}/audit --log {log}"
+        "wsss audit {params.run_dir:q} --index {input.index:q} --params {params.stage:q} "
+        "--out {params.run_dir:q}/audit --log {log:q}"
 
 
 def comparison_inputs(wildcards):
@@ -60,6 +62,8 @@ def comparison_inputs(wildcards):
 
 
 rule compare:
+    conda:
+        CONDA_ENV
     input:
         comparison_inputs,
     output:
@@ -79,4 +83,4 @@ rule compare:
         f"{RESULTS}/{{dataset}}/logs/compare.log",
     shell:
         "wsss compare --results {params.results:q} --dataset {wildcards.dataset} --methods {params.methods} "
-        "--out {output.md} --html {output.html} --log {log}"
+        "--out {output.md:q} --html {output.html:q} --log {log:q}"

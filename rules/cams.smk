@@ -8,6 +8,8 @@ CAM_SHARD_FILE = f"cams_shards/{{shard}}-of-{CAM_SHARDS}.h5"
 
 
 rule train_classifier:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
     output:
@@ -25,11 +27,13 @@ rule train_classifier:
     log:
         logs("train_classifier"),
     shell:
-        wsss("train_classifier") + " train-classifier --index {input.index} --method {params.method:q} "
-        "--params {params.stage:q} --out {output.model} --resume --threads {threads} --log {log}"
+        wsss("train_classifier") + " train-classifier --index {input.index:q} --method {params.method:q} "
+        "--params {params.stage:q} --out {output.model:q} --resume --threads {threads} --log {log:q}"
 
 
 rule export_cams:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         model=out("classifier/model.pt"),
@@ -48,14 +52,16 @@ rule export_cams:
     log:
         logs("export_cams" if CAM_SHARDS == 1 else "export_cams-{shard}"),
     shell:
-        "wsss export-cams --index {input.index} --model {input.model} --params {params.stage:q} "
-        "--out {output} --threads {threads} --log {log}"
+        "wsss export-cams --index {input.index:q} --model {input.model:q} --params {params.stage:q} "
+        "--out {output:q} --threads {threads} --log {log:q}"
         + ("" if CAM_SHARDS == 1 else f" --shard {{wildcards.shard}}/{CAM_SHARDS}")
 
 
 if CAM_SHARDS > 1:
 
     rule merge_cams:
+        conda:
+            CONDA_ENV
         input:
             index=f"{RESULTS}/{{dataset}}/index.json",
             shards=[out(CAM_SHARD_FILE.format(shard=i)) for i in range(1, CAM_SHARDS + 1)],
@@ -70,10 +76,12 @@ if CAM_SHARDS > 1:
         log:
             logs("merge_cams"),
         shell:
-            "wsss merge-cams --index {input.index} --out {output} --log {log} {input.shards}"
+            "wsss merge-cams --index {input.index:q} --out {output:q} --log {log:q} {input.shards:q}"
 
 
 rule fuse_seeds:
+    conda:
+        CONDA_ENV
     input:
         out("cams.h5"),
     output:
@@ -88,13 +96,16 @@ rule fuse_seeds:
     log:
         logs("fuse_seeds"),
     shell:
-        "wsss fuse-seeds --cams {input} --params {params.stage:q} --out {output} --log {log}"
+        "wsss fuse-seeds --cams {input:q} --params {params.stage:q} --out {output:q} --log {log:q}"
 
 
 rule eval_seeds:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         seeds=out("seeds.h5"),
+        cams=out("cams.h5"),  # the class-agnostic map of the per-image percentile protocol
     output:
         miou=out("seed_miou.txt"),
         metrics=out("seed_metrics.json"),
@@ -108,5 +119,5 @@ rule eval_seeds:
     log:
         logs("eval_seeds"),
     shell:
-        "wsss eval-seeds --index {input.index} --seeds {input.seeds} --params {params.stage:q} "
-        "--out {output.miou} --log {log}"
+        "wsss eval-seeds --index {input.index:q} --seeds {input.seeds:q} --cams {input.cams:q} "
+        "--params {params.stage:q} --out {output.miou:q} --log {log:q}"

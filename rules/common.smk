@@ -1,12 +1,17 @@
 # Input functions and helpers shared by all rules (the only place with logic).
 import json
+import re
+import shlex
 
 from pathlib import Path
 
 from wsss_core.codehash import source_hash
-from wsss_core.config import dataset_config, stage_params, method_params
+from wsss_core.config import check_or_exit, dataset_config, exit_with, stage_params, method_params
+from wsss_core.errors import ConfigError
 
 RESULTS = config["results"]
+#: the one software environment of every rule (used with `--sdm conda`), relative to rules/
+CONDA_ENV = "../envs/wsss.yaml"
 THREADS = int(config.get("threads", 2))
 DEFAULT = config.get("default_target", {})
 
@@ -14,6 +19,22 @@ DEFAULT = config.get("default_target", {})
 wildcard_constraints:
     dataset="|".join(config["datasets"]),
     method="|".join(config["methods"]),
+
+
+def method_regex(names):
+    """A wildcard regex for exactly `names` (one that matches nothing when empty)."""
+    return "|".join(names) if names else "(?!)"
+
+
+def single_stage_methods():
+    from wsss_core.methods import method_class
+    return [m for m, c in config["methods"].items()
+            if method_class(c["plugin"], c.get("module")).single_stage]
+
+
+#: methods that predict segmentation themselves (Method.single_stage) and the others
+SINGLE_STAGE = method_regex(single_stage_methods())
+MULTI_STAGE = method_regex([m for m in config["methods"] if m not in single_stage_methods()])
 
 
 def code(stage):
@@ -67,16 +88,26 @@ def toy_datasets():
 
 
 def dataset_root(wildcards):
-    """Where a dataset's VOC-layout files are; toy data lives under results/."""
-    ds = dataset_config(config, wildcards.dataset)
+    """Where a dataset's VOC-layout files are; toy data lives under results/. A root that is
+    not set or not a folder ends the run with one line naming the key."""
+    return check_or_exit(lambda: _dataset_root(wildcards.dataset))
+
+
+def _dataset_root(name):
+    ds = dataset_config(config, name)
     if ds["kind"] == "toy":
-        return f"{RESULTS}/{wildcards.dataset}/data"
+        return f"{RESULTS}/{name}/data"
+    example = (f"e.g. --config 'datasets={{\"{name}\": {{\"root\": \"/data/VOC2012\"}}}}' or "
+               f"edit config.yaml")
     if not ds.get("root"):
-        raise ValueError(
-            f"config key datasets.{wildcards.dataset}.root is not set: point it at your "
-            f"VOC-layout folder, e.g. --config 'datasets={{\"{wildcards.dataset}\": "
-            f"{{\"root\": \"/data/VOC2012\"}}}}' or edit config.yaml")
-    return ds["root"]
+        raise ConfigError(f"config key datasets.{name}.root is not set: point it at your "
+                          f"VOC-layout folder, {example}")
+    root = Path(ds["root"]).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"config key datasets.{name}.root: {root} is not a folder; point it at "
+                          f"your VOC-layout folder (JPEGImages/, SegmentationClassAug/, "
+                          f"ImageSets/Segmentation/), {example}")
+    return str(root)
 
 
 def dataset_inputs(wildcards):
@@ -93,7 +124,8 @@ def dataset_inputs(wildcards):
 def dataset_lists(wildcards):
     ds = dataset_config(config, wildcards.dataset)
     lists = ds.get("lists", {})
-    return " ".join(f"--{s.replace('_', '-')}-list {lists.get(s, s)}" for s in ("train_aug", "train", "val"))
+    return " ".join(f"--{s.replace('_', '-')}-list {shlex.quote(lists.get(s, s))}"
+                    for s in ("train_aug", "train", "val"))
 
 
 def stage_json(stage):
@@ -116,6 +148,45 @@ def logs(name):
 
 def default_target():
     d = DEFAULT.get("dataset", "toy")
-    m = DEFAULT.get("method", "cobra")
+    m = DEFAULT.get("method", next(iter(config["methods"])))
     return [f"{RESULTS}/{d}/{m}/{f}" for f in ("seed_miou.txt", "mask_miou.txt", "mask_sweep.json",
                                                  "seg_miou.txt")]
+
+
+# A target naming a dataset or method the config does not define would otherwise get
+# Snakemake's "No rule to produce": these rules match exactly such targets and say which names
+# exist. (The lookaheads keep them off every path with known names.)
+DATASET_FOLDERS = ("data", "logs", "benchmarks")
+
+
+def _known(names):
+    return "(?!(?:" + "|".join(map(re.escape, names)) + ")/)[^/]+"
+
+
+def unknown_name(kind, known):
+    def fail(wildcards):
+        name = wildcards.get(kind)
+        exit_with(ConfigError(f"config key {kind}s.{name}: no such {kind} in the target (known: "
+                              f"{', '.join(sorted(known))}); fix the target or add it to config.yaml"))
+    return fail
+
+
+rule unknown_dataset:
+    input:
+        unknown_name("dataset", config["datasets"]),
+    output:
+        f"{RESULTS}/{{dataset}}/{{path}}",
+    wildcard_constraints:
+        dataset=_known(config["datasets"]),
+        path=".+",
+
+
+rule unknown_method:
+    input:
+        unknown_name("method", config["methods"]),
+    output:
+        f"{RESULTS}/{{dataset}}/{{method}}/{{path}}",
+    wildcard_constraints:
+        dataset="|".join(config["datasets"]),
+        method=_known([*config["methods"], *DATASET_FOLDERS]),
+        path=".+",

@@ -2,6 +2,8 @@
 
 
 rule make_toy:
+    conda:
+        CONDA_ENV
     output:
         directory(f"{RESULTS}/{{dataset}}/data"),
     params:
@@ -16,12 +18,14 @@ rule make_toy:
     log:
         f"{RESULTS}/{{dataset}}/logs/make_toy.log",
     shell:
-        "wsss make-toy --out {output} --seed {params.ds[seed]} "
+        "wsss make-toy --out {output:q} --seed {params.ds[seed]} "
         "--image-size {params.ds[image_size]} --num-train-aug {params.ds[num_train_aug]} "
-        "--num-train-eval {params.ds[num_train_eval]} --num-val {params.ds[num_val]} 2> {log}"
+        "--num-train-eval {params.ds[num_train_eval]} --num-val {params.ds[num_val]} 2> {log:q}"
 
 
 rule dataset_index:
+    conda:
+        CONDA_ENV
     input:
         dataset_inputs,
     output:
@@ -41,4 +45,4 @@ rule dataset_index:
         f"{RESULTS}/{{dataset}}/logs/dataset_index.log",
     shell:
         "wsss dataset-index --name {wildcards.dataset} --kind {params.kind} --root {params.root:q} "
-        "{params.lists} {params.num_classes} --out {output} --log {log}"
+        "{params.lists} {params.num_classes} --out {output:q} --log {log:q}"

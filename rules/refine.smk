@@ -2,6 +2,8 @@
 
 
 rule ir_labels:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         seeds=out("seeds.h5"),
@@ -19,11 +21,13 @@ rule ir_labels:
     log:
         logs("ir_labels"),
     shell:
-        "wsss ir-labels --index {input.index} --seeds {input.seeds} --cams {input.cams} "
-        "--params {params.stage:q} --out {output} --threads {threads} --log {log}"
+        "wsss ir-labels --index {input.index:q} --seeds {input.seeds:q} --cams {input.cams:q} "
+        "--params {params.stage:q} --out {output:q} --threads {threads} --log {log:q}"
 
 
 rule train_irn:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         labels=out("ir_labels"),
@@ -42,12 +46,14 @@ rule train_irn:
     log:
         logs("train_irn"),
     shell:
-        wsss("train_irn") + " train-irn --index {input.index} --labels {input.labels} "
-        "--classifier {input.classifier} --params {params.stage:q} --out {output.model} "
-        "--resume --threads {threads} --log {log}"
+        wsss("train_irn") + " train-irn --index {input.index:q} --labels {input.labels:q} "
+        "--classifier {input.classifier:q} --params {params.stage:q} --out {output.model:q} "
+        "--resume --threads {threads} --log {log:q}"
 
 
 rule propagate:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         cams=out("cams.h5"),
@@ -66,11 +72,13 @@ rule propagate:
     log:
         logs("propagate"),
     shell:
-        "wsss propagate --index {input.index} --cams {input.cams} --seeds {input.seeds} --irn {input.irn} "
-        "--params {params.stage:q} --out {output} --threads {threads} --log {log}"
+        "wsss propagate --index {input.index:q} --cams {input.cams:q} --seeds {input.seeds:q} --irn {input.irn:q} "
+        "--params {params.stage:q} --out {output:q} --threads {threads} --log {log:q}"
 
 
 rule make_masks:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         rw=out("rw.h5"),
@@ -87,11 +95,13 @@ rule make_masks:
     log:
         logs("make_masks"),
     shell:
-        "wsss make-masks --index {input.index} --rw {input.rw} --params {params.stage:q} "
-        "--out {output} --threads {threads} --log {log}"
+        "wsss make-masks --index {input.index:q} --rw {input.rw:q} --params {params.stage:q} "
+        "--out {output:q} --threads {threads} --log {log:q}"
 
 
 rule sweep_masks:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         rw=out("rw.h5"),
@@ -107,11 +117,13 @@ rule sweep_masks:
     log:
         logs("sweep_masks"),
     shell:
-        "wsss sweep-masks --index {input.index} --rw {input.rw} --params {params.stage:q} "
-        "--out {output} --log {log}"
+        "wsss sweep-masks --index {input.index:q} --rw {input.rw:q} --params {params.stage:q} "
+        "--out {output:q} --log {log:q}"
 
 
 rule eval_masks:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         masks=out("masks"),
@@ -129,5 +141,5 @@ rule eval_masks:
     log:
         logs("eval_masks"),
     shell:
-        "wsss eval-masks --index {input.index} --masks {input.masks} --ir-labels {input.ir_labels} "
-        "--out {output.miou} --ir-out {output.ir} --log {log}"
+        "wsss eval-masks --index {input.index:q} --masks {input.masks:q} --ir-labels {input.ir_labels:q} "
+        "--out {output.miou:q} --ir-out {output.ir:q} --log {log:q}"

@@ -5,6 +5,9 @@
 #                           seg_miou.txt, seg_metrics.json
 #   another model X         seg-X/model.pt, seg-X/train_log.csv, seg-X/pred/<id>.png,
 #   (deeplabv3plus|segformer): seg-X/seg_miou.txt, seg-X/seg_metrics.json
+# A single-stage method (Method.single_stage) gets seg_miou.txt, seg_metrics.json and seg/pred
+# from its own head (eval_method_seg); its shared IRN + segmentation-network route is written
+# under seg-multistage/ (model.pt, train_log.csv, pred/, seg_miou.txt, seg_metrics.json).
 # X's encoder is `train_seg.encoders.X` and its training keys are the shared ones overlaid by
 # `train_seg.per_model.X`; the rule passes the block resolved for X, so changing one
 # architecture's settings re-runs only that architecture.
@@ -34,15 +37,19 @@ def seg_out(path):
 
 
 TRAIN_SEG_SHELL = (
-    wsss("train_seg") + " train-seg --index {input.index} --masks {input.masks} "
-    "--classifier {input.classifier} --params {params.stage:q} --out {output.model} --resume "
-    "--threads {threads} --log {log}")
+    wsss("train_seg") + " train-seg --index {input.index:q} --masks {input.masks:q} "
+    "--classifier {input.classifier:q} --params {params.stage:q} --out {output.model:q} --resume "
+    "--threads {threads} --log {log:q}")
 EVAL_SEG_SHELL = (
-    "wsss eval-seg --index {input.index} --model {input.model} --params {params.stage:q} "
-    "--out {output.miou} --pred {output.pred} --threads {threads} --log {log}")
+    "wsss eval-seg --index {input.index:q} --model {input.model:q} --params {params.stage:q} "
+    "--out {output.miou:q} --pred {output.pred:q} --threads {threads} --log {log:q}")
 
 
 rule train_seg:
+    conda:
+        CONDA_ENV
+    wildcard_constraints:
+        method=MULTI_STAGE,
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         masks=out("masks"),
@@ -65,6 +72,8 @@ rule train_seg:
 
 
 rule train_seg_model:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         masks=out("masks"),
@@ -89,6 +98,10 @@ rule train_seg_model:
 
 
 rule eval_seg:
+    conda:
+        CONDA_ENV
+    wildcard_constraints:
+        method=MULTI_STAGE,
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         model=out("seg/model.pt"),
@@ -111,6 +124,8 @@ rule eval_seg:
 
 
 rule eval_seg_model:
+    conda:
+        CONDA_ENV
     input:
         index=f"{RESULTS}/{{dataset}}/index.json",
         model=seg_out("model.pt"),
@@ -130,5 +145,83 @@ rule eval_seg_model:
         **res("eval_seg"),
     log:
         logs("eval_seg-{seg_model}"),
+    shell:
+        EVAL_SEG_SHELL
+
+
+rule eval_method_seg:
+    conda:
+        CONDA_ENV
+    wildcard_constraints:
+        method=SINGLE_STAGE,
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        model=out("classifier/model.pt"),
+    output:
+        miou=out("seg_miou.txt"),
+        metrics=out("seg_metrics.json"),
+        pred=directory(out("seg/pred")),
+    params:
+        code=code("eval_seg"),
+        stage=stage_json("eval_seg"),
+    threads: THREADS
+    benchmark:
+        out("benchmarks/eval_seg.tsv"),
+    resources:
+        **res("eval_seg"),
+    log:
+        logs("eval_seg"),
+    shell:
+        EVAL_SEG_SHELL + " --from-method"
+
+
+rule train_seg_multistage:
+    conda:
+        CONDA_ENV
+    wildcard_constraints:
+        method=SINGLE_STAGE,
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        masks=out("masks"),
+        classifier=out("classifier/model.pt"),
+    output:
+        model=out("seg-multistage/model.pt"),
+        log_csv=out("seg-multistage/train_log.csv"),
+    params:
+        code=code("train_seg"),
+        stage=seg_train_json,
+    threads: THREADS
+    benchmark:
+        out("benchmarks/train_seg-multistage.tsv"),
+    resources:
+        **res("train_seg"),
+    log:
+        logs("train_seg-multistage"),
+    shell:
+        TRAIN_SEG_SHELL
+
+
+rule eval_seg_multistage:
+    conda:
+        CONDA_ENV
+    wildcard_constraints:
+        method=SINGLE_STAGE,
+    input:
+        index=f"{RESULTS}/{{dataset}}/index.json",
+        model=out("seg-multistage/model.pt"),
+    output:
+        miou=out("seg-multistage/seg_miou.txt"),
+        metrics=out("seg-multistage/seg_metrics.json"),
+        pred=directory(out("seg-multistage/pred")),
+    params:
+        code=code("eval_seg"),
+        stage=stage_json("eval_seg"),
+    threads: THREADS
+    benchmark:
+        out("benchmarks/eval_seg-multistage.tsv"),
+    resources:
+        **res("eval_seg"),
+    log:
+        logs("eval_seg-multistage"),
     shell:
         EVAL_SEG_SHELL

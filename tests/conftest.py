@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VOC_SAMPLE = REPO_ROOT.parent / "shared" / "voc_real" / "voc2012-sample48"
 #: a toy dataset small enough to generate in about a second
 SMALL_TOY = dict(seed=5, image_size=64, num_train_aug=12, num_train_eval=4, num_val=6)
+
+
+def copy_workflow(repo_root: Path, wd: Path) -> None:
+    """A copy of the workflow in `wd`, so tests may edit its sources (the stages' code
+    fingerprints are read beside the Snakefile; the commands themselves run the installed
+    package)."""
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(repo_root / name, wd / name)
+    for folder in ("rules", "wsss_core", "envs", "report"):
+        shutil.copytree(repo_root / folder, wd / folder, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 @pytest.fixture(scope="session")

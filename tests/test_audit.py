@@ -33,7 +33,7 @@ from wsss_core.stages.sweep_masks import sweep_masks
 
 DATASET = "toysmall"
 METHODS = {"cam": ("cam",), "cobra": ("cnn", "vit")}
-MASK_PARAMS = {"rule": "cobra", "alpha": 0.3, "bg": 0.25, "crf": False, "crf_params": {},
+MASK_PARAMS = {"rule": "per_class_alpha", "alpha": 0.3, "bg": 0.25, "crf": False, "crf_params": {},
                "sweep": {"start": 0.1, "stop": 0.5, "step": 0.1}}
 AUDIT_PARAMS = {"worst": 1, "best": 1, "random": 1, "val": 2, "pairs": 3, "seed": 0}
 
@@ -59,7 +59,7 @@ def _make_run(results: Path, index, method: str, seed: int) -> Path:
     names = METHODS[method]
     train_aug = index.ids("train_aug")
     with MapWriter(base / "cams.h5", {"method": method}) as cams, \
-            MapWriter(base / "seeds.h5", {"recipe": "cobra" if method == "cobra" else "cam"}) as seeds, \
+            MapWriter(base / "seeds.h5", {"recipe": "max_mean_last" if method == "cobra" else "max"}) as seeds, \
             MapWriter(base / "rw.h5", {"source": names[0] + "_s4"}) as rw:
         for i in train_aug:
             gt, keys, size = index.mask(i), index.labels(i), index.size(i)
@@ -68,7 +68,7 @@ def _make_run(results: Path, index, method: str, seed: int) -> Path:
             if method == "cobra":
                 maps["attention"] = rng.random(size).astype(np.float32)
             cams.add(i, keys, size, maps)
-            seed_map = fuse("cobra", maps) if method == "cobra" else maps["cam"]
+            seed_map = fuse("max_mean_last", [maps["cnn"], maps["vit"]]) if method == "cobra" else maps["cam"]
             seeds.add(i, keys, size, {"seed": seed_map})
             propagated = _class_maps(gt, keys, rng, 5) * 3.0
             rw.add(i, keys, size, {"rw": propagated, "boundary": rng.random((size[0] // 4, size[1] // 4))})

@@ -17,7 +17,7 @@ import yaml
 
 from wsss_core.config import load_config, method_params, stage_params
 from wsss_core.data.index import build_index
-from wsss_core.engine import save_checkpoint
+from wsss_core.checkpoint import save_model
 from wsss_core.errors import ConfigError, DataError
 from wsss_core.map_store import MapReader
 from wsss_core.methods import create_method
@@ -40,8 +40,8 @@ def exported(repo_root, toy_root, tmp_path_factory):
     train = dict(stage_params(cfg, "toy", "cobra", "train_classifier"), crop=64)
     torch.manual_seed(0)
     model = create_method(method, 9, train_params=train)
-    save_checkpoint(d / "model.pt", {"method": method, "num_classes": 9, "train_params": train,
-                                     "state": model.state_dict()})
+    save_model(d / "model.pt", "classifier", model.state_dict(), method=method, num_classes=9,
+               train_params=train)
     export_cams(d / "index.json", d / "model.pt", SCALES, d / "whole.h5", threads=2)
     shards = [d / f"{i}-of-3.h5" for i in (1, 2, 3)]
     for i, path in enumerate(shards, 1):

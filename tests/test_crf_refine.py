@@ -8,8 +8,8 @@ import pytest
 from wsss_core.ops.crf import (FINAL_MASK_CRF, IR_LABEL_CRF, crf_from_labels, crf_from_probs,
                                map_pool)
 from wsss_core.ops.refine import (IRN_BG_THRESHOLD, IRN_FG_THRESHOLD, attention_thresholds,
-                                  cobra_class_thresholds, crf_mask, full_keys, grid_bounds,
-                                  ir_label, mask_cobra, mask_cobra_channels, mask_irn,
+                                  per_class_alpha_thresholds, crf_mask, full_keys, grid_bounds,
+                                  ir_label, mask_per_class_alpha, mask_per_class_alpha_channels, mask_irn,
                                   to_class_ids)
 
 
@@ -161,7 +161,7 @@ def test_ir_label_fixed_irn_thresholds_and_no_classes():
     assert (empty == 0).all()
 
 
-def test_mask_cobra_thresholds_and_ties():
+def test_mask_per_class_alpha_thresholds_and_ties():
     rw = np.zeros((2, 4, 5), np.float32)
     rw[0] = 0.1                     # class 0: min 0.1, max 1.0 → thr = 0.31 + 0.1 = 0.41
     rw[0, 0, :] = [1.0, 0.5, 0.41, 0.40, 0.2]
@@ -169,14 +169,14 @@ def test_mask_cobra_thresholds_and_ties():
     rw[1, 0, :] = [0.6, 0.6, 0.3, 0.6, 0.39]
     rw[1, 1, 0] = 0.5
     rw[0, 1, 0] = 0.5               # exact tie between classes → first class wins
-    assert cobra_class_thresholds(rw).tolist() == pytest.approx([0.41, 0.386], abs=1e-6)
-    channels = mask_cobra_channels(rw)
+    assert per_class_alpha_thresholds(rw).tolist() == pytest.approx([0.41, 0.386], abs=1e-6)
+    channels = mask_per_class_alpha_channels(rw)
     assert channels[0].tolist() == [1, 2, 1, 2, 2]
     assert channels[1, 0] == 1
     assert (channels[2:] == 0).all()   # every class zeroed → background
-    assert mask_cobra(rw, [4, 9])[0].tolist() == [4, 9, 4, 9, 9]
+    assert mask_per_class_alpha(rw, [4, 9])[0].tolist() == [4, 9, 4, 9, 9]
     # a constant class map: thr = 1.31·c > c → zeroed everywhere → background
-    assert (mask_cobra(np.full((1, 3, 3), 0.5, np.float32), [7]) == 0).all()
+    assert (mask_per_class_alpha(np.full((1, 3, 3), 0.5, np.float32), [7]) == 0).all()
 
 
 def test_mask_irn_global_normalisation():
@@ -192,7 +192,7 @@ def test_crf_mask_chain():
     img, labels = _two_region_image()
     rw = np.stack([(labels == 0) * 0.9, (labels == 1) * 0.7]).astype(np.float32)
     rw[0, 5, 5] = 0.0
-    channels = mask_cobra_channels(rw)
+    channels = mask_per_class_alpha_channels(rw)
     out = crf_mask(img, channels, [2, 17])
     assert out.dtype == np.uint8
     assert np.array_equal(out, np.where(labels == 0, 2, 17))

@@ -1,5 +1,9 @@
-"""End to end: a smoke-sized toy dataset through every rule to seg_miou.txt with Snakemake,
-for the baseline and for CoBra; every artifact readable; a second invocation has nothing to do.
+"""End to end: a smoke-sized toy dataset through every rule to seg_miou.txt and the audit with
+Snakemake, for the baseline (IRN mask rule) and for CoBra (CoBra mask rule); every artifact
+readable; a second invocation has nothing to do. The run also carries what users' data and
+machines bring (issue 11): train images whose mask holds no class, and a working folder,
+results root and dataset root whose paths contain spaces; and workflow-level mistakes (a
+plug-in typo, a missing dataset root, an unknown name in a target) are one line each.
 
 The `smoke` preset is the `tiny` preset with a few dozen images and one or two epochs per
 training stage, built here from config.yaml so it can never drift from the real preset.
@@ -8,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +21,10 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from conftest import copy_workflow
 
-from wsss_core.io import read_label_png
+from wsss_core.data.toy import generate_toy
+from wsss_core.io import read_label_png, save_label_png
 from wsss_core.metrics import read_miou
 
 SMOKE_DATA = {"kind": "toy", "preset": "smoke", "seed": 3, "image_size": 64, "num_train_aug": 24,
@@ -38,21 +44,46 @@ def smoke_config(repo_root: Path) -> dict:
                for m in METHODS}
     for m in METHODS:
         methods[m]["presets"]["smoke"].pop("train_classifier", None)
+    # 64-px crops give 4x4 patch grids: k ~ 10 % of them, as the tiny preset's 20 of 14x14
+    methods["cobra"]["presets"]["smoke"]["cobra"]["top_bot_k"] = [2, 1, 1, 2]
     return {"datasets": {"smoke": SMOKE_DATA}, "presets": {"smoke": smoke}, "methods": methods}
+
+
+#: train images whose mask holds no foreground class: all background, and all 'ignore' (both
+#: happen in users' data and in COCO); every stage and the audit must handle them
+NO_CLASS = {0: 0, 1: 255}  # position in the train list → the mask's only value
+
+
+def smoke_data(folder: Path) -> dict[str, int]:
+    """The smoke toy set in VOC layout under `folder`, with the NO_CLASS masks blanked; the
+    blanked ids → their value."""
+    generate_toy(folder, **{k: v for k, v in SMOKE_DATA.items() if k not in ("kind", "preset")})
+    train = (folder / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    blanked = {train[i]: value for i, value in NO_CLASS.items()}
+    for image_id, value in blanked.items():
+        path = folder / "SegmentationClassAug" / f"{image_id}.png"
+        save_label_png(path, np.full_like(read_label_png(path), value))
+    return blanked
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, repo_root, cli_env):
-    wd = tmp_path_factory.mktemp("e2e")
-    # a copy of the workflow, so tests may edit its sources (the stages' code fingerprints are
-    # read beside the Snakefile; the commands themselves run the installed package)
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy(repo_root / name, wd / name)
-    for folder in ("rules", "wsss_core"):
-        shutil.copytree(repo_root / folder, wd / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (wd / "smoke.yaml").write_text(yaml.safe_dump(smoke_config(repo_root)))
-    targets = [f"results/smoke/{m}/{f}" for m in METHODS
-               for f in ("seg_miou.txt", "mask_miou.txt", "seed_miou.txt", "mask_sweep.json")]
+    # a working folder, a results root and a dataset root whose paths hold spaces
+    wd = tmp_path_factory.mktemp("e2e") / "work dir"
+    wd.mkdir()
+    copy_workflow(repo_root, wd)
+    data, results = wd / "my data" / "smoke voc", wd / "my results"
+    smoke_data(data)
+    cfg = smoke_config(repo_root)
+    cfg["datasets"]["smoke"] = {"kind": "voc", "preset": "smoke", "root": str(data)}
+    cfg["results"] = str(results)
+    # the cam run uses the global-max mask rule, the cobra run the per-class rule: both rules meet the
+    # images without a class
+    cfg["methods"]["cam"]["presets"]["smoke"]["make_masks"] = {"rule": "global_max"}
+    (wd / "smoke.yaml").write_text(yaml.safe_dump(cfg))
+    targets = [str(results / "smoke" / m / f) for m in METHODS
+               for f in ("seg_miou.txt", "mask_miou.txt", "seed_miou.txt", "mask_sweep.json",
+                         "audit/index.html")]
 
     def snakemake(*flags: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "snakemake", "-s", str(wd / "Snakefile"), "-d", str(wd),
@@ -61,7 +92,7 @@ def run(tmp_path_factory, repo_root, cli_env):
 
     first = snakemake()
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
-    return wd / "results" / "smoke", snakemake
+    return results / "smoke", snakemake
 
 
 @pytest.mark.slow
@@ -131,7 +162,7 @@ def _dry_run_with(run, tmp_path, override: dict) -> set[str]:
 
 
 #: what follows each stage in the DAG of one method (the e2e targets)
-AFTER_MASKS = {"make_masks", "sweep_masks", "eval_masks", "train_seg", "eval_seg"}
+AFTER_MASKS = {"make_masks", "sweep_masks", "eval_masks", "train_seg", "eval_seg", "audit"}
 AFTER_IRN = {"propagate"} | AFTER_MASKS
 AFTER_SEEDS = {"fuse_seeds", "eval_seeds", "ir_labels", "train_irn"} | AFTER_IRN
 
@@ -141,7 +172,7 @@ AFTER_SEEDS = {"fuse_seeds", "eval_seeds", "ir_labels", "train_irn"} | AFTER_IRN
     ("fuse_seeds", {"recipe": "max"}, AFTER_SEEDS),
     ("propagate", {"beta": 8}, AFTER_IRN),
     ("make_masks", {"alpha": 0.4}, AFTER_MASKS),
-    ("train_seg", {"lr": 0.002}, {"train_seg", "eval_seg"}),
+    ("train_seg", {"lr": 0.002}, {"train_seg", "eval_seg", "audit"}),
 ], ids=["fusion-recipe", "irn-beta", "alpha", "seg-lr"])
 def test_changing_one_stage_parameter_reruns_exactly_it_and_what_follows(run, tmp_path, stage, change,
                                                                          expected):
@@ -228,3 +259,87 @@ def test_editing_shared_mask_code_reruns_its_users_only(run):
 @pytest.mark.slow
 def test_editing_an_unrelated_module_reruns_nothing(run):
     assert _dry_run_after_editing(run, "stages/convert_coco.py") == set()
+
+
+# --- issue 11: images without a class, paths with spaces, one-line workflow errors -------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_images_without_a_class_get_background_masks_through_every_stage_and_the_audit(run, method):
+    root, _ = run
+    base = root / method
+    index = json.loads((root / "index.json").read_text())
+    train = index["splits"]["train"]
+    no_class = [train[i] for i in NO_CLASS]
+    assert set(no_class) <= set(index["train_aug_without_foreground"])
+    for image_id in no_class:
+        assert index["images"][image_id]["labels"] == []
+        assert (read_label_png(base / "masks" / f"{image_id}.png") == 0).all()
+        assert (base / "audit" / "panels" / f"{image_id}.png").is_file()
+    assert "<html" in (base / "audit" / "index.html").read_text().lower()
+
+
+@pytest.mark.slow
+def test_results_and_dataset_roots_with_spaces(run):
+    root, _ = run
+    assert " " in str(root) and " " in json.loads((root / "index.json").read_text())["root"]
+    for method in METHODS:  # every stage ran on paths with spaces: the last one's output is there
+        assert read_miou(root / method / "seg_miou.txt") >= 0.0
+
+
+def _workflow(run, tmp_path, override: dict | None, *args: str) -> subprocess.CompletedProcess:
+    """Snakemake on the run's workflow with `override` merged over its config."""
+    root, _ = run
+    wd = root.parent.parent
+    configs = [str(wd / "smoke.yaml")]
+    if override is not None:
+        (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+        configs.append(str(tmp_path / "override.yaml"))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(wd / "Snakefile"), "-d", str(wd),
+           "--cores", "2", "--configfile", *configs, *args]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("WSSS_DEBUG", None)
+    return subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _one_line(result: subprocess.CompletedProcess, *must: str) -> str:
+    text = result.stdout + result.stderr
+    assert result.returncode != 0, text[-3000:]
+    assert "Traceback" not in text and "Exception" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if line.startswith("wsss: error:")]
+    assert len(errors) == 1, text[-3000:]
+    for word in must:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_missing_dataset_root_is_one_line_naming_the_key(run, tmp_path):
+    root, _ = run
+    missing = tmp_path / "no such folder"
+    result = _workflow(run, tmp_path, {"datasets": {"other": {"kind": "voc", "preset": "smoke",
+                                                              "root": str(missing)}}},
+                       "-n", "--", str(root.parent / "other" / "index.json"))
+    _one_line(result, "config key datasets.other.root", str(missing))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, words", [
+    ("smoke/nomethod/seed_miou.txt", ("nomethod", "cam, cobra")),
+    ("nodata/cam/seed_miou.txt", ("nodata", "smoke")),
+], ids=["method", "dataset"])
+def test_unknown_name_in_a_target_is_one_line_listing_the_known_ones(run, tmp_path, target, words):
+    root, _ = run
+    _one_line(_workflow(run, tmp_path, None, "-n", "--", str(root.parent / target)), *words)
+
+
+@pytest.mark.slow
+def test_plugin_block_typo_fails_at_load_and_deletes_nothing(run, tmp_path):
+    """Last in this module: on a workflow without the check it would delete the classifier."""
+    root, _ = run
+    model = root / "cam" / "classifier" / "model.pt"
+    before = model.stat().st_mtime_ns
+    result = _workflow(run, tmp_path, {"methods": {"cam": {"presets": {"smoke": {
+        "model": {"backbon": "resnet_tiny"}}}}}}, "--forcerun", "train_classifier", "--", str(model))
+    _one_line(result, "config key methods.cam.presets.smoke.model.backbon")
+    assert model.stat().st_mtime_ns == before

@@ -117,6 +117,7 @@ def test_sigkill_midway_leaves_no_complete_output_and_reruns_only_that_job(tmp_p
     with h5py.File(store, "r") as f:
         assert f.attrs["complete"]
     assert (base / "seed_miou.txt").is_file()
+    assert not list(base.glob(".cams.h5.*.tmp"))  # the re-run removed the killed job's temporary
     now = time.monotonic()
     print(f"\nSIGKILL scenario: {VICTIM} killed midway after {killed_at - started:.1f} s; dry run, "
           f"unlock and the rerun of {len(DOWNSTREAM) + 1} jobs {now - killed_at:.1f} s")

@@ -10,12 +10,16 @@ import pytest
 import torch
 
 from wsss_core.config import load_config, method_params, stage_params
+from wsss_core.errors import WeightsError
+from wsss_core.models.backbones import create_timm, pretrained_source
+from wsss_core.models.segmentation import create_seg_model, pretrained_encoder_source
 from wsss_core.masks import pseudo_mask
 from wsss_core.methods import StepContext, create_method
 from wsss_core.models.irn import IRN, affinity_displacement_loss
 from wsss_core.ops.path_index import PathIndex, affinity_labels
 from wsss_core.ops.random_walk import random_walk, upsample_rw
 from wsss_core.stages.export_cams import image_maps, strided_size
+from wsss_core.stages.train_seg import resolve_seg_params
 
 VOC_CLASSES = 21
 
@@ -107,3 +111,73 @@ def test_paper_irn_step_and_one_real_size_mask(cfg):
     rw_up = upsample_rw(rw, (h, w), mode=prop["upsample"]).numpy()
     mask = pseudo_mask(image, rw_up, np.array([3, 12]), stage_params(cfg, "voc", "cobra", "make_masks"))
     assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 3, 12}
+
+
+#: the weights the official code loads (cobra.md §3, irn.md §2), as timm tags / smp names, with
+#: the file timm or smp downloads for them
+OFFICIAL_WEIGHTS = {
+    "resnet50.tv_in1k": "resnet50-0676ba61.pth",
+    "resnet152.tv_in1k": "resnet152-394f9c45.pth",
+    "deit_small_patch16_224.fb_in1k": "deit_small_patch16_224-cd65a155.pth",
+}
+SEG_WEIGHTS = {"resnet101.imagenet": "smp-hub/resnet101.imagenet",
+               "mit_b2.imagenet": "smp-hub/mit_b2.imagenet"}
+
+
+def _pretrained_names(cfg, dataset: str) -> dict[str, set[str]]:
+    """Every model of a dataset's preset that starts from pretrained weights, by library."""
+    timm_names, seg_names = set(), set()
+    for method in cfg["methods"]:
+        def walk(block):
+            if isinstance(block, dict):
+                if block.get("pretrained") and "backbone" in block:
+                    timm_names.add(block["backbone"])
+                for v in block.values():
+                    walk(v)
+        walk(method_params(cfg, dataset, method)["model"])
+        irn = stage_params(cfg, dataset, method, "train_irn")
+        if irn["backbone_from"] == "imagenet":
+            timm_names.add(irn["backbone"])
+        seg = stage_params(cfg, dataset, method, "train_seg")
+        for arch in seg["encoders"]:
+            flat = resolve_seg_params(seg, arch)
+            if flat["encoder_from"] == "weights" and flat["pretrained"]:
+                seg_names.add(flat["encoder"])
+    return {"timm": timm_names, "smp": seg_names}
+
+
+@pytest.mark.parametrize("dataset", ["voc", "coco"])
+def test_every_paper_backbone_names_the_official_weights(cfg, dataset):
+    """Each pretrained model of the paper presets carries an explicit tag that timm / smp
+    resolve (no download) to the weights the official code loads — never a default tag."""
+    names = _pretrained_names(cfg, dataset)
+    assert names["timm"] == set(OFFICIAL_WEIGHTS)
+    for name in names["timm"]:
+        arch, tag, source = pretrained_source(name)
+        assert f"{arch}.{tag}" == name and source.endswith(OFFICIAL_WEIGHTS[name]), (name, source)
+    assert names["smp"] == set(SEG_WEIGHTS)
+    for name in names["smp"]:
+        assert pretrained_encoder_source(name)[2] == SEG_WEIGHTS[name]
+
+
+def test_untagged_pretrained_names_are_refused_before_any_download():
+    with pytest.raises(WeightsError, match=r"resnet152\.tv_in1k.*resnet152\.a1h_in1k"):
+        create_timm("resnet152", pretrained=True)
+    with pytest.raises(WeightsError, match="Invalid pretrained tag"):
+        pretrained_source("resnet152.no_such_tag")
+    with pytest.raises(WeightsError, match=r"resnet101\.imagenet"):
+        create_seg_model("deeplabv3plus", "resnet101", VOC_CLASSES, pretrained=True)
+    with pytest.raises(WeightsError, match="no weights 'in22k'"):
+        create_seg_model("segformer", "mit_b2.in22k", VOC_CLASSES, pretrained=True)
+
+
+def test_paper_seed_protocol_and_precision(cfg):
+    """CoBra's seed number comes from its per-image percentile protocol over θ = 50 … 95, the
+    IRN baseline's from the constant sweep; every paper training stage runs in fp32 as the
+    official code does."""
+    cobra = stage_params(cfg, "voc", "cobra", "eval_seeds")
+    assert cobra["background"] == "percentile" and cobra["percentiles"] == {"start": 50, "stop": 95, "step": 5}
+    assert stage_params(cfg, "voc", "cam", "eval_seeds")["background"] == "constant"
+    for method in ("cam", "cobra"):
+        for stage in ("train_classifier", "train_irn", "train_seg"):
+            assert stage_params(cfg, "voc", method, stage)["precision"] == "fp32"

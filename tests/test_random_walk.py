@@ -119,8 +119,8 @@ def test_voc_size_runs_fast_without_dense_matrix():
 
 def test_upsample_rw_modes():
     rw = torch.rand(2, 4, 5)
-    assert upsample_rw(rw, (15, 18), "cobra").shape == (2, 15, 18)
-    irn = upsample_rw(rw, (15, 18), "irn")
+    assert upsample_rw(rw, (15, 18), "resize").shape == (2, 15, 18)
+    irn = upsample_rw(rw, (15, 18), "upsample_crop")
     assert irn.shape == (2, 15, 18)
     full = torch.nn.functional.interpolate(rw[None], scale_factor=4, mode="bilinear",
                                            align_corners=False)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from wsss_core.methods import create_method
 from wsss_core.methods.base import StepContext
 from wsss_core.methods.seco import (Reservoir, SeCoSettings, loss_weights, multi_scale_cam,
-                                    predict_segmentation, seco_lr_factor, update_prototypes)
+                                    seco_views, update_prototypes)
+from wsss_core.optim import set_lr
 from wsss_core.methods.seco_losses import (assign_csc_tags, bilateral_filter, cam_to_label,
                                            lig_loss, lil_loss, ptc_affinity_mask, ptc_loss,
                                            refine_cams_with_bkg, seg_loss)
@@ -202,6 +204,12 @@ def test_cam_logits_decoder_and_projection():
     torch.testing.assert_close(out["seg"], sum(c(tok) for c in net.decoder.branches))
     q = net.proj_head(torch.randn(7, 32))
     torch.testing.assert_close(q.norm(dim=1), torch.ones(7), atol=1e-6, rtol=0)
+    # the first global view is x itself: its class token is the main pass's, as a second pass
+    views, local = torch.randn(1, 2, 3, 32, 40), torch.randn(3, 2, 3, 16, 16)
+    out = net(x, views, local)
+    assert out["global_tokens"].shape == (2, 2, 32) and out["q"].shape == (2 * 5, 32)
+    torch.testing.assert_close(out["global_tokens"][:, 0], net.encoder(x)[0])
+    torch.testing.assert_close(out["global_tokens"][:, 1], net.encoder(views[0])[0])
 
 
 # --- CAM and labels (§21.6-12) ---------------------------------------------------------------
@@ -417,21 +425,39 @@ def test_loss_and_lr_schedules():
     assert loss_weights(s, 1000)["lig"] == 0 and loss_weights(s, 1001)["lig"] == 0.5
     assert loss_weights(s, 1001)["lil"] == 0.5 and loss_weights(s, 2000)["seg"] == 0
     assert loss_weights(s, 2001)["seg"] == 0.12 and loss_weights(s, 2001)["reg"] == 0.05
-    f = lambda g: seco_lr_factor(g, 20000, 1500, 1e-6, 0.9)  # noqa: E731
+    # §16 through the shared schedule: every group warms up from 1e-6 over 1500 steps
+    m = create_method({"plugin": "seco", "model": TINY_VIT, "seco": {"local_crop": 16}}, 5, {"crop": 32})
+    opts = m.optimizers(6e-5, 0.01, 0.9, "adamw")
+    assert [g["lr_mult"] for g in opts[0].param_groups] == [1.0, 1.0, 10.0, 10.0]
+    f = lambda g: set_lr(opts, g, 20000, 0.9) / 6e-5  # noqa: E731
     assert f(0) == pytest.approx(1e-6)
-    assert f(750) == pytest.approx(0.5, abs=1e-6)
+    assert f(750) == pytest.approx(0.5 * (1 - 750 / 20000) ** 0.9, abs=1e-6)
     assert f(1500) == pytest.approx(0.925 ** 0.9)
     assert 6e-5 * f(10000) == pytest.approx(3.216e-5, rel=1e-3)
+    assert opts[0].param_groups[2]["lr"] == pytest.approx(10 * 3.216e-5, rel=1e-3)
+
+
+def test_views_deterministic_shapes_and_global_view_from_full_image():
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, 30:] = 255  # a white right half: a global view of the full image may show both halves
+    views = [seco_views(img, np.random.default_rng(k), 24, (20, 30)) for k in (0, 0, 1)]
+    assert set(views[0]) == {"image", "strong", "glob"}
+    assert all(v.shape == (3, 24, 24) and v.dtype == torch.float32 for v in views[0].values())
+    assert all(torch.equal(views[0][k], views[1][k]) for k in views[0])
+    assert not torch.equal(views[0]["glob"], views[2]["glob"])
 
 
 # --- the method end to end ---------------------------------------------------------------------
 
-def _step(m, x, y, step=0, max_step=10):
+def _step(m, x, y, step=0, max_step=10, glob=None, update=True):
+    """One training step on x (strong view: x mirrored; global view: `glob` or x upside down);
+    `update` false stops after the backward pass (the optimiser update is the engine's)."""
     opts = m.optimizers(6e-5, 0.01, 0.9, "adamw")
     ctx = StepContext(epoch=0, step=step, max_step=max_step, epochs=1, device=torch.device("cpu"))
-    losses = m.training_step({"image": x, "label": y}, ctx)
+    glob = x.flip(-2) if glob is None else glob
+    losses = m.training_step({"image": x, "label": y, "strong": x.flip(-1), "glob": glob}, ctx)
     losses["total"].backward()
-    for o in opts:
+    for o in opts if update else ():
         o.step()
     return losses
 
@@ -448,36 +474,50 @@ def test_tiny_method_step_state_roundtrip_and_segmentation():
     assert int(m.reservoir.ptr) == 24
     # invariant 20: queries carry gradients into the projection head, keys and teacher none
     assert m.net.proj_head.mlp[0].weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in m.teacher.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in m.models["teacher"].parameters())
     assert not m.reservoir.feats.requires_grad
     state = m.state_dict()
     m2 = create_method({"plugin": "seco", "model": TINY_VIT, "seco": seco}, 5, {"crop": 32})
     m2.load_state_dict(state)
     torch.testing.assert_close(m2.reservoir.feats, m.reservoir.feats)
     torch.testing.assert_close(m2.prototypes, m.prototypes)
+    torch.testing.assert_close(m2.models["teacher"].state_dict(), m.models["teacher"].state_dict())
     m.eval()
-    seg = predict_segmentation(m, torch.randn(3, 20, 28), scales=(1.0, 1.5), base_size=(32, 32))
-    assert seg.shape == (5, 20, 28)
+    assert m.single_stage
+    seg = m.segment(torch.randn(2, 3, 20, 28))
+    assert seg.shape == (2, 5, 20, 28)
 
 
 @pytest.mark.slow
 def test_paper_preset_step_and_cam_export_on_cpu(repo_root):
-    """ViT-B/16 with random weights: one step on one 448 crop, CAMs of one 375x500 image."""
+    """ViT-B/16 with random weights, built once: one step on one 448 crop (every loss on), the
+    CAMs of one 375x500 image at one scale."""
     from wsss_core.config import load_config, method_params
     cfg = load_config(repo_root / "config.yaml")
     cfg["datasets"]["toy"]["preset"] = "paper"
     params = method_params(cfg, "toy", "seco")
     params["model"]["pretrained"] = False
-    params["seco"]["cam_scales"] = [1.0]  # the paper's four scales cost 7x more on a CPU
+    # one CAM scale (the paper's four cost 4x), two local crops, the loss stages all on, the
+    # dense energy filter on a 1/8 grid, the second global view at 224 and no optimiser update
+    # (AdamW over 86M parameters is the engine's): the test checks wiring and shapes
+    params["seco"].update(cam_scales=[1.0], num_local=2, queue_size=8, cls_only_until=-1,
+                          contrast_until=-1, update_prototype=0, par_iterations=2,
+                          energy_scale=0.125)
     torch.manual_seed(0)
     m = create_method(params, 21, {"crop": 448, "seed": 0})
     assert m.net.encoder.embed_dim == 768 and len(m.net.encoder.vit.blocks) == 12
+    assert m.net.encoder.patch_size == 16 and m.settings.local_crop == 64
     y = torch.zeros(1, 20)
     y[0, 14] = 1
-    losses = _step(m, torch.randn(1, 3, 448, 448), y, step=0, max_step=20000)
-    assert torch.isfinite(losses["total"])
+    losses = _step(m, torch.randn(1, 3, 448, 448), y, step=0, max_step=20000,
+                   glob=torch.randn(1, 3, 224, 224), update=False)
+    assert {"lig", "lil", "seg", "reg"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    grads = [m.net.encoder.vit.blocks[0].attn.qkv.weight.grad, m.net.decoder.branches[0].weight.grad,
+             m.net.proj_head.mlp[0].weight.grad]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
     m.eval()
-    img = F.interpolate(torch.randn(1, 3, 375, 500), size=(448, 448), mode="bilinear")[0]
+    img = torch.randn(3, 375, 500)
     maps = m.infer(torch.stack([img, img.flip(-1)]))
-    assert maps["cam"].shape == (20, 448, 448) and maps["aux"].shape == (20, 448, 448)
+    assert maps["cam"].shape == (20, 375, 500) and maps["aux"].shape == (20, 375, 500)
     assert maps["cam"].min() >= 0

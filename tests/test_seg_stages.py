@@ -24,15 +24,16 @@ from wsss_core.ops.crf import crf_from_probs
 from wsss_core.seg_engine import predict_multiscale
 from wsss_core.stages import train_seg as train_seg_module
 from wsss_core.stages.eval_seg import eval_seg
-from wsss_core.stages.train_seg import load_seg_model, resolve_seg_params, train_seg
+from wsss_core.models.segmentation import load_seg_model
+from wsss_core.stages.train_seg import resolve_seg_params, train_seg
 
 REPO = Path(__file__).resolve().parents[1]
 
 TRAIN_PARAMS = dict(model="deeplabv3plus", encoder="resnet18", encoder_from="weights", pretrained=False,
                     pretrained_file=None, output_stride=16, crop=64, batch_size=8, epochs=1,
                     optimizer="sgd", lr=0.01, decoder_lr_mult=10.0, momentum=0.9,
-                    weight_decay=1e-4, poly_power=0.9, scale_range=[0.5, 2.0], flip=True, seed=0,
-                    num_workers=0)
+                    weight_decay=1e-4, poly_power=0.9, scale_range=[0.5, 2.0], flip=True,
+                    precision="fp32", seed=0, num_workers=0)
 EVAL_PARAMS = dict(scales=[1.0, 0.75], flip=True, crf=False,
                    crf_params=dict(gauss_sxy=1, gauss_compat=3, bi_sxy=67, bi_srgb=3, bi_compat=4,
                                    iterations=5))
@@ -80,7 +81,7 @@ def test_train_then_eval_end_to_end_and_miou_rescored_from_pngs(toy, trained, tm
     with open(trained.with_name("train_log.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and np.isfinite(float(rows[0]["total"]))
-    assert trained.with_name("checkpoint.pt").is_file()
+    assert not trained.with_name("checkpoint.pt").exists()  # finished: nothing to resume
 
     miou_path, pred_dir = tmp_path / "seg_miou.txt", tmp_path / "seg" / "pred"
     eval_seg(toy["index"], trained, EVAL_PARAMS, miou_path, pred_dir, threads=1)
@@ -185,7 +186,7 @@ def test_resolve_params_per_architecture_and_config_presets():
         assert resolve_seg_params(default) == default  # already resolved: unchanged
     paper = resolve_seg_params(stage_params(cfg, "voc", "cobra", "train_seg"))
     assert (paper["encoder"], paper["lr"], paper["decoder_lr_mult"], paper["crop"],
-            paper["batch_size"], paper["scale_range"]) == ("resnet101", 0.01, 10, 512, 16, [0.5, 2.0])
+            paper["batch_size"], paper["scale_range"]) == ("resnet101.imagenet", 0.01, 10, 512, 16, [0.5, 2.0])
     with pytest.raises(ConfigError, match="unknown"):
         resolve_seg_params(block, "unet")
     bad = copy.deepcopy(cfg)
@@ -214,14 +215,14 @@ def test_snakemake_dry_run_schedules_default_and_other_architecture(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory) -> Path:
     """A model.pt as train_classifier writes it, with a random resnet_tiny CAM network."""
-    from wsss_core.engine import save_checkpoint
+    from wsss_core.checkpoint import save_model
     from wsss_core.methods import create_method
     cfg = load_config(REPO / "config.yaml")
     torch.manual_seed(4)
-    method = create_method(method_params(cfg, "toy", "cam"), 9,
-                           train_params=stage_params(cfg, "toy", "cam", "train_classifier"))
+    params, train = method_params(cfg, "toy", "cam"), stage_params(cfg, "toy", "cam", "train_classifier")
+    method = create_method(params, 9, train_params=train)
     path = tmp_path_factory.mktemp("cls") / "model.pt"
-    save_checkpoint(path, {"state": method.state_dict()})
+    save_model(path, "classifier", method.state_dict(), method=params, num_classes=9, train_params=train)
     return path
 
 

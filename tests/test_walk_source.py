@@ -13,14 +13,13 @@ from wsss_core.data.index import DatasetIndex
 from wsss_core.errors import ConfigError
 from wsss_core.io import write_json
 from wsss_core.map_store import MapReader, MapWriter
-from wsss_core.models.irn import IRN
+from wsss_core.models.irn import IRN, load_irn
 from wsss_core.ops.random_walk import random_walk, upsample_rw
 from wsss_core.stages.fuse_seeds import fuse_seeds
 from wsss_core.stages.propagate import propagate
-from wsss_core.engine import save_checkpoint
-from wsss_core.stages.train_irn import load_irn
+from wsss_core.checkpoint import save_model
 
-WALK = {"radius": 5, "beta": 10, "exp_times": 3, "upsample": "cobra"}
+WALK = {"radius": 5, "beta": 10, "exp_times": 3, "upsample": "resize"}
 
 
 def strided(size: tuple[int, int]) -> tuple[int, int]:
@@ -40,7 +39,8 @@ def cams(tmp_path_factory, toy_index: DatasetIndex):
     rng = np.random.default_rng(0)
     path = tmp_path_factory.mktemp("walk") / "cams.h5"
     ids = toy_index.ids("train_aug")[:4]
-    with MapWriter(path, {"method": "cobra", "propagate_map": "vit_s4"}) as writer:
+    with MapWriter(path, {"method": "cobra", "propagate_map": "vit_s4",
+                                  "roles": {"walk": "vit", "fuse": ["cnn", "vit"], "agnostic": ""}}) as writer:
         for image_id in ids:
             size = toy_index.image(image_id).shape[:2]
             keys = np.array([k for k in np.unique(toy_index.mask(image_id)) if 0 < k < 255])
@@ -57,13 +57,13 @@ def irn_model(tmp_path_factory) -> str:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("irn") / "model.pt"
     params = {"backbone": "resnet_tiny", "strides": [2, 2, 2, 1], "crop": 64}
-    save_checkpoint(path, {"params": params, "state": IRN("resnet_tiny").state_dict()})
+    save_model(path, "irn", IRN("resnet_tiny").state_dict(), params=params)
     return str(path)
 
 
 def test_fused_stride4_seed_follows_the_recipe_pixel_by_pixel(cams, tmp_path):
     path, ids = cams
-    fuse_seeds(path, {"recipe": "cobra"}, tmp_path / "seeds.h5")
+    fuse_seeds(path, {"recipe": "max_mean_last"}, tmp_path / "seeds.h5")
     with MapReader(path) as c, MapReader(tmp_path / "seeds.h5") as s:
         assert "seed_s4" in s.map_names and s.attrs["strided"] == 1
         for image_id in ids:
@@ -80,10 +80,11 @@ def test_no_stride4_maps_means_no_stride4_seed_and_a_clear_fused_walk_error(cams
     path, _ = cams
     # "cnn" has cnn_s4, so drop it by fusing from a store that only has full-resolution maps
     bare = tmp_path / "bare.h5"
-    with MapReader(path) as c, MapWriter(bare, {"method": "cam", "propagate_map": "cam_s4"}) as w:
+    with MapReader(path) as c, MapWriter(bare, {"method": "cam", "propagate_map": "cam_s4",
+                                                         "roles": {"walk": "cam", "fuse": ["cam"]}}) as w:
         for image_id in c.ids():
             w.add(image_id, c.keys(image_id), c.size(image_id), {"cam": c.get(image_id, "cnn")})
-    fuse_seeds(bare, {"recipe": "cam"}, tmp_path / "seeds.h5")
+    fuse_seeds(bare, {"recipe": "max"}, tmp_path / "seeds.h5")
     with MapReader(tmp_path / "seeds.h5") as s:
         assert "seed_s4" not in s.map_names
     with pytest.raises(ConfigError, match="propagate.source: 'fused'.*no stride-4 seed"):
@@ -106,5 +107,5 @@ def test_propagate_walks_the_chosen_map(cams, irn_model, index_json, toy_index, 
         img = torch.from_numpy(T.to_chw(T.normalize(toy_index.image(image_id))))
         boundary = model.boundary_map(torch.stack([img, img.flip(-1)]), crop=64)
         want = upsample_rw(random_walk(torch.from_numpy(m.get(image_id, name)), boundary, radius=5,
-                                       beta=10, exp_times=3), m.size(image_id), mode="cobra")
+                                       beta=10, exp_times=3), m.size(image_id), mode="resize")
         np.testing.assert_allclose(rw.get(image_id, "rw"), want.numpy(), rtol=2e-3, atol=2e-3)

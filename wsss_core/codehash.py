@@ -12,6 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = "wsss_core"
+#: a package's registry module (methods/_registry.py): it depends on every module beside it
+REGISTRY = "_registry.py"
 
 
 def _module_file(root: Path, dotted: str) -> Path | None:
@@ -58,6 +60,10 @@ def _imports(root: Path, path: Path) -> set[Path]:
                 f = _module_file(root, ".".join(parts[:i]))
                 if f is not None:
                     found.add(f)
+    if path.name == REGISTRY:
+        # a registry imports the modules of its package by discovery, not by name: they are
+        # its dependencies all the same (editing a method re-runs the stages that run it)
+        found.update(f for f in path.parent.glob("*.py") if not f.name.startswith("_"))
     return found
 
 

@@ -8,12 +8,16 @@ as a param, so changing any value re-runs exactly that stage and what depends on
 from __future__ import annotations
 
 import copy
+import os
+import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Callable, NoReturn
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, WSSSError
+from .io import read_user_text
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
@@ -23,8 +27,8 @@ STAGES = (
     "train_classifier", "export_cams", "fuse_seeds", "eval_seeds", "ir_labels", "train_irn",
     "propagate", "make_masks", "train_seg", "eval_seg", "audit",
 )
-#: free-form blocks checked by the method plug-in rather than by a stage schema
-PLUGIN_BLOCKS = ("model", "cobra", "seco")
+#: the block every plug-in receives, declared or not
+MODEL_BLOCK = "model"
 
 
 def _key_path(parts) -> str:
@@ -67,11 +71,42 @@ def _explain(error) -> str:
     return f"config key {_key_path(error.absolute_path)}: {error.message}"
 
 
-def validate_config(cfg: dict) -> dict:
-    """Check `cfg` against the schema; raise ConfigError naming the first offending key."""
+def config_schema(cfg: dict | None = None) -> dict:
+    """The config schema: config.schema.yaml with the plug-in names and the settings blocks
+    of every registered method (built-in ones, and those `cfg` names by `module`) added, so
+    a new method changes no shared schema file."""
+    from .methods import import_plugin, list_methods, method_class
+    from .methods.settings import settings_schema
+
+    for entry in ((cfg or {}).get("methods") or {}).values():
+        if isinstance(entry, dict):
+            import_plugin(entry.get("module"))
+    schema = copy.deepcopy(_load_schema(SCHEMA_PATH))
+    names = list_methods()
+    method_entry = schema["properties"]["methods"]["additionalProperties"]
+    method_entry["properties"]["plugin"]["enum"] = names
+    declared: dict[str, list[dict]] = {MODEL_BLOCK: []}
+    for name in names:
+        for block, cls in method_class(name).settings_blocks.items():
+            declared.setdefault(block, []).append(settings_schema(cls))
+    blocks = schema["$defs"]["stage_blocks"]["properties"]
+    for block, fragments in declared.items():
+        if block in STAGES:
+            raise ConfigError(f"a method declares a settings block named after stage {block!r}")
+        # plug-ins sharing a block name (`model`) each check their own keys (validate_config)
+        same = fragments and all(f == fragments[0] for f in fragments)
+        blocks[block] = fragments[0] if same else {"type": "object",
+                                                   "description": "settings of the method"}
+    return schema
+
+
+def validate_config(cfg: dict, plugins: bool = True, cache: str | Path | None = None) -> dict:
+    """Check `cfg` against the assembled schema (`config_schema`) and, with `plugins`, every
+    method's settings blocks and backbone names (`check_plugin_blocks`, recorded in the folder
+    `cache` once passed); raise ConfigError naming the first offending key."""
     import jsonschema
 
-    schema = dict(_load_schema(SCHEMA_PATH))
+    schema = config_schema(cfg)
     validator = _validator(schema, SCHEMA_DIR)
     # not best_match: it descends into the oneOf context by itself and may report the
     # "wrong kind" error of a branch the entry was never meant for
@@ -93,7 +128,79 @@ def validate_config(cfg: dict) -> dict:
         for m in cfg["methods"]:
             for stage in STAGES:
                 stage_params(cfg, d, m, stage)
+    if plugins:
+        check_plugin_blocks(cfg, cache)
     return cfg
+
+
+def check_or_exit(check: Callable[[], Any]) -> Any:
+    """Run a check of the workflow's config or inputs; a WSSSError ends the run with its one
+    line (no traceback) and exit status 2. Used where Snakemake would print a traceback."""
+    try:
+        return check()
+    except WSSSError as e:
+        if os.environ.get("WSSS_DEBUG") == "1":
+            raise
+        exit_with(e)
+
+
+def exit_with(error: WSSSError) -> NoReturn:
+    """Print the error's one line and end the workflow run with exit status 2."""
+    print(f"wsss: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
+
+def check_plugin_blocks(cfg: dict, cache: str | Path | None = None) -> None:
+    """The method plug-ins' own blocks (`model`, `cobra`, ...) of every (method, preset) in
+    use, and the backbone names of the stage blocks: what the schema leaves to the plug-ins.
+    This imports the plug-ins (torch, timm: seconds), so blocks that passed once are recorded
+    in the folder `cache` (with the plug-in code's fingerprint) and not checked again.
+
+    Raises: ConfigError naming the first offending key."""
+    import hashlib
+    import json
+
+    from .codehash import source_hash
+
+    blocks = {}
+    for d, ds in cfg["datasets"].items():
+        for m in cfg["methods"]:
+            where = f"methods.{m}.presets.{ds['preset']}"
+            blocks[where] = (method_params(cfg, d, m), stage_params(cfg, d, m, "train_irn")["backbone"])
+    code = source_hash(str(Path(__file__).parent.parent), "wsss_core.methods")
+    key = hashlib.sha256(json.dumps([blocks, code], sort_keys=True).encode()).hexdigest()
+    if cache is not None and (Path(cache) / key).is_file():
+        return
+
+    from .methods.settings import check_backbone_name
+    for d in cfg["datasets"]:
+        for m in cfg["methods"]:
+            _check_method_settings(cfg, d, m)
+    for where, (_, irn_backbone) in blocks.items():
+        check_backbone_name(irn_backbone, f"{where}.train_irn.backbone")
+    if cache is not None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        (Path(cache) / key).touch()
+
+
+def _check_method_settings(cfg: dict, dataset: str, method: str) -> None:
+    """The method's settings blocks for `dataset`'s preset, parsed by the plug-in."""
+    from .methods import method_class
+
+    params = method_params(cfg, dataset, method)
+    entry = method_config(cfg, method)
+    cls = method_class(entry["plugin"], entry.get("module"))
+    own = ((entry.get("presets") or {}).get(params["preset"]) or {})
+    for name in own:
+        if name not in STAGES and name != MODEL_BLOCK and name not in cls.settings_blocks:
+            raise ConfigError(f"config key methods.{method}.presets.{params['preset']}.{name}: the "
+                              f"{entry['plugin']} plug-in has no {name} block (its blocks: "
+                              f"{', '.join([MODEL_BLOCK, *cls.settings_blocks])}; and the stages)")
+    try:
+        method_class(params["plugin"], params.get("module")).parse_settings(params)
+    except ConfigError as e:
+        where = f"methods.{method}.presets.{params['preset']}."
+        raise ConfigError(str(e).replace("config key ", f"config key {where}", 1)) from None
 
 
 _DEFAULT_PRESET = {"toy": "tiny", "voc": "paper", "coco": "paper"}
@@ -122,8 +229,7 @@ def load_config(path: str | Path, *extra: str | Path) -> dict:
     cfg: dict = {}
     for p in (path, *extra):
         try:
-            with open(p) as f:
-                cfg = deep_merge(cfg, yaml.safe_load(f) or {})
+            cfg = deep_merge(cfg, yaml.safe_load(read_user_text(p)) or {})
         except FileNotFoundError:
             raise ConfigError(f"{p}: config file not found") from None
         except yaml.YAMLError as e:
@@ -175,9 +281,16 @@ def stage_params(cfg: dict, dataset: str, method: str, stage: str) -> dict:
 
 
 def method_params(cfg: dict, dataset: str, method: str) -> dict:
-    """Everything a method plug-in needs: its plug-in name and its resolved free-form blocks."""
+    """Everything a method plug-in needs: its plug-in name (and `module`, for one kept outside
+    wsss_core/methods) and the resolved settings blocks it declares (`model` always)."""
+    from .methods import method_class
+
     preset = dataset_config(cfg, dataset)["preset"]
-    out = {"plugin": method_config(cfg, method)["plugin"], "preset": preset}
-    for block in PLUGIN_BLOCKS:
+    entry = method_config(cfg, method)
+    out = {"plugin": entry["plugin"], "preset": preset}
+    if entry.get("module"):
+        out["module"] = entry["module"]
+    cls = method_class(entry["plugin"], entry.get("module"))
+    for block in (MODEL_BLOCK, *cls.settings_blocks):
         out[block] = stage_params(cfg, dataset, method, block)
     return out

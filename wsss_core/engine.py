@@ -1,5 +1,7 @@
-"""The shared training loop: poly schedule, AMP on CUDA, per-epoch checkpoints with exact
-resume, a CSV log and a progress bar. Classifier, IRN and segmentation training all use it.
+"""The shared training loop: poly schedule (with optional linear warm-up; schedules and
+optimisers come from `optim`), the stage's `precision` (fp32, or bf16 / fp16 autocast;
+wsss_core/precision.py), per-epoch checkpoints with exact resume, a CSV log and a progress bar.
+Classifier, IRN and segmentation training all use it.
 
 Determinism: the shuffling of epoch e comes from a generator seeded with (seed, e), and each
 sample's augmentation from (seed, e, index), so an interrupted run resumed from its last
@@ -24,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as tdist
@@ -32,24 +34,14 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 from tqdm import tqdm
 
-from .errors import ConfigError
+from .checkpoint import load_checkpoint, resume_key, save_checkpoint  # noqa: F401  (re-exported)
+from .errors import ConfigError, DataError
 from .io import atomic_path
 from .methods.base import StepContext
+from .optim import set_lr
+from .precision import autocast_factory, grad_scaler
 
 log = logging.getLogger("wsss")
-
-
-def poly_factor(step: int, max_step: int, power: float) -> float:
-    """(1 - t / T)^power, the lr multiplier before step t (IRN/CoBra PolyOptimizer)."""
-    return (1.0 - min(step, max_step) / max_step) ** power if max_step > 0 else 1.0
-
-
-def set_poly_lr(optimizers: list[torch.optim.Optimizer], step: int, max_step: int, power: float) -> float:
-    factor = poly_factor(step, max_step, power)
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * factor
-    return optimizers[0].param_groups[0]["lr"] if optimizers else 0.0
 
 
 @dataclass
@@ -61,6 +53,9 @@ class FitConfig:
     num_workers: int = 0
     desc: str = "train"
     stage: str = "train"  # config block named in error messages
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (wsss_core.precision)
+    warmup_steps: int = 0  # linear warm-up of every group without its own (optim.lr_factor)
+    warmup_ratio: float = 0.0
 
 
 # --- several processes (torchrun) ---------------------------------------------------------
@@ -112,8 +107,8 @@ def data_parallel(module: nn.Module, device: torch.device,
     """`module` wrapped in DistributedDataParallel inside a process group, `module` itself
     otherwise. Training forwards must go through the returned module: DDP averages the
     gradients of what ran through it. `find_unused_parameters` for models whose loss leaves
-    some trainable parameters out in some steps (CoBra's projection heads before its
-    auxiliary losses start)."""
+    some trainable parameters out in some steps (projection heads before auxiliary
+    losses start: `Method.partial_losses`)."""
     if dist_info().world_size == 1 or not any(p.requires_grad for p in module.parameters()):
         return module
     from torch.nn.parallel import DistributedDataParallel
@@ -178,15 +173,6 @@ def _check_in_sync(optimizers: list[torch.optim.Optimizer], epoch: int) -> None:
                            f"a training step bypassed engine.data_parallel (a bug)")
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
 def fit(
     dataset: Dataset,
     cfg: FitConfig,
@@ -211,19 +197,15 @@ def fit(
     steps_per_epoch = n // cfg.batch_size if drop_last else 1
     max_step = steps_per_epoch * cfg.epochs
     start_epoch, step, rows = 0, 0, []
-    ck = load_checkpoint(checkpoint) if resume and checkpoint.is_file() else None
-    if ck is not None and ck.get("fingerprint") != fingerprint:
-        log.info("ignoring %s: it was written with other settings", checkpoint)
-        ck = None
+    ck = _resumable(checkpoint, fingerprint) if resume else None
     if ck is not None:
         set_state(ck["state"])
         for opt, s in zip(optimizers, ck["optimizers"]):
             opt.load_state_dict(s)
         start_epoch, step, rows = int(ck["epoch"]), int(ck["step"]), list(ck.get("log", []))
         log.info("resuming after epoch %d (step %d of %d)", start_epoch, step, max_step)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else contextlib.nullcontext
+    scaler = grad_scaler(cfg.precision, device)
+    autocast = autocast_factory(cfg.precision, device)
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
@@ -236,7 +218,7 @@ def fit(
         bar = tqdm(loader, desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2.0,
                    disable=not info.is_main)
         for batch in bar:
-            lr = set_poly_lr(optimizers, step, max_step, cfg.poly_power)
+            lr = set_lr(optimizers, step, max_step, cfg.poly_power, cfg.warmup_steps, cfg.warmup_ratio)
             ctx = StepContext(epoch=epoch, step=step, max_step=max_step, epochs=cfg.epochs,
                               device=device, autocast=autocast)
             for opt in optimizers:
@@ -275,11 +257,34 @@ def fit(
             save_checkpoint(checkpoint, {"state": get_state(), "optimizers": [o.state_dict() for o in optimizers],
                                          "epoch": epoch + 1, "step": step, "log": rows,
                                          "fingerprint": fingerprint})
-    # once, at the end (also when resuming a finished run, whose outputs Snakemake deleted):
-    # a job killed midway must leave no declared output behind; the per-epoch rows live in
-    # the checkpoint and the stage log
+    # once, at the end: a job killed midway must leave no declared output behind; the
+    # per-epoch rows live in the checkpoint and the stage log
     if info.is_main:
         write_csv(log_csv, rows)
+
+
+def finish(checkpoint: Path) -> None:
+    """Remove the per-epoch checkpoint once the stage has written its model: a finished run
+    leaves nothing that a later run with other inputs could resume."""
+    if dist_info().is_main:
+        checkpoint.unlink(missing_ok=True)
+
+
+def _resumable(checkpoint: Path, fingerprint: str) -> dict | None:
+    """The checkpoint of an interrupted run made from exactly the current inputs, else None
+    (a damaged checkpoint, as a kill during its write can leave on some file systems, is
+    ignored too: it only saves time)."""
+    if not checkpoint.is_file():
+        return None
+    try:
+        ck = load_checkpoint(checkpoint)
+    except DataError as e:
+        log.info("ignoring %s", e)
+        return None
+    if ck.get("fingerprint") != fingerprint:
+        log.info("ignoring %s: it was made from other inputs or settings", checkpoint)
+        return None
+    return ck
 
 
 def _mean_over_processes(sums: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -81,7 +81,7 @@ class ConfusionMatrix:
             return np.where(denom > 0, self.tp / denom, np.nan)
 
     def fp_tp_ratio(self) -> np.ndarray:
-        """False positives over true positives per class (SeCo's confusion ratio)."""
+        """False positives over true positives per class (the confusion ratio, docs/algorithms.md §audit)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.tp > 0, self.fp / np.where(self.tp > 0, self.tp, 1), np.nan)
 
@@ -126,3 +126,10 @@ def write_metrics(miou_path: str | Path, report: dict) -> None:
 
 def read_miou(path: str | Path) -> float:
     return float(Path(path).read_text().strip())
+
+
+def threshold_grid(spec: dict) -> list[float]:
+    """The thresholds start, start + step, … ≤ stop of a `{start, stop, step}` block, rounded
+    to 6 decimals (swept by eval_seeds and sweep_masks)."""
+    n = int(np.floor((spec["stop"] - spec["start"]) / spec["step"] + 1e-9)) + 1
+    return [round(spec["start"] + i * spec["step"], 6) for i in range(max(n, 1))]

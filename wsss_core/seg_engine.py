@@ -1,7 +1,8 @@
-"""Training and inference helpers for the fully supervised segmentation stage.
+"""Training and inference helpers for the fully supervised segmentation stage (its training
+loop, schedule and optimiser are the shared ones: engine.fit, optim).
 
 Training: random scale (0.5-2.0), horizontal flip, padded random crop, cross-entropy with the
-ignore label 255, SGD with a poly schedule, mixed precision on CUDA only.
+ignore label 255.
 Inference: multi-scale (+ flip) softmax averaging at the image's own size, then an optional
 dense-CRF callable.
 """
@@ -50,23 +51,6 @@ class SegTrainAugment:
         return to_chw(image), mask.astype(np.int64)
 
 
-def poly_lr(base_lr: float, step: int, max_step: int, power: float = 0.9) -> float:
-    """base_lr · (1 − step/max_step)^power, with step clamped to [0, max_step]."""
-    if max_step <= 0:
-        raise ValueError(f"max_step must be positive, got {max_step}")
-    frac = min(max(step, 0), max_step) / max_step
-    return base_lr * (1.0 - frac) ** power
-
-
-def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max_step: int,
-                power: float = 0.9) -> float:
-    """Set every group's lr to poly_lr(...) × its `lr_mult` (1 when absent); returns the base value."""
-    lr = poly_lr(base_lr, step, max_step, power)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
-    return lr
-
-
 def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the labelled (≠255) pixels; exactly 0 when none is labelled
     (torch's mean reduction would give 0/0 = NaN there)."""
@@ -75,31 +59,6 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE, reduction="sum")
     labelled = (masks != IGNORE).sum()
     return total / labelled.clamp(min=1)
-
-
-def seg_train_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
-                   optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                   device: torch.device | str) -> float:
-    """One SGD step on a batch (images float [B,3,h,w] normalised, masks int [B,h,w], 255 =
-    ignore); returns the loss. A batch without labelled pixels leaves the weights unchanged."""
-    device = torch.device(device)
-    model.train()
-    images = images.to(device, non_blocking=True)
-    masks = masks.to(device, dtype=torch.long, non_blocking=True)
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-        logits = model(images)
-    loss = segmentation_loss(logits, masks)
-    if not bool((masks != IGNORE).any()):
-        return float(loss.detach())  # nothing to learn; skip so momentum/decay do not move weights
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    return float(loss.detach())
 
 
 def _pad_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:

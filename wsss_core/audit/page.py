@@ -6,7 +6,7 @@ relative image links (opens from disk):
 - per-class IoU (and FP/TP) of seeds, IR labels, masks and segmentation side by side;
 - the seed background-threshold sweep and the mask alpha / bg sweep;
 - the confusion matrices as images;
-- the FP/TP confusion ratio of the most co-occurring class pairs (SeCo Table 3): for the pair
+- the FP/TP confusion ratio of the most co-occurring class pairs (docs/algorithms.md §audit): for the pair
   (a, b), the pixels of ground-truth b predicted as a over a's true positives, and vice versa.
 """
 from __future__ import annotations
@@ -143,7 +143,7 @@ def page_html(run: RunArtifacts, sample: list[SampleItem], reports: dict[str, di
              '<a href="#panels">panels</a></nav>',
              '<h2 id="metrics">Summary</h2>', summary_table(MethodRecord.read(run.dir), names, per_class=False).html(""),
              "<h2>Per-class IoU (%) and FP/TP</h2>",
-             "<p>FP/TP: a class's false-positive pixels over its true positives (SeCo's confusion "
+             "<p>FP/TP: a class's false-positive pixels over its true positives (the confusion "
              "ratio); seeds, IR labels and masks on the evaluated train split, segmentation on val. "
              "The mIoU row's FP/TP is the foreground total.</p>",
              per_class_table(reports, names).html("class"),
@@ -157,7 +157,7 @@ def page_html(run: RunArtifacts, sample: list[SampleItem], reports: dict[str, di
              '<h2 id="pairs">Co-occurring class pairs</h2>',
              f"<p>The class pairs labelled together most often ({e(pair_split)} image labels). "
              "<i>a on b</i>: pixels of ground-truth b predicted as a, over a's true positives "
-             "(SeCo Table 3); high values mean a's activation spills onto its usual companion.</p>",
+             "(docs/algorithms.md); high values mean a's activation spills onto its usual companion.</p>",
              pairs.html("pair") if pairs.rows else "<p>No class pair occurs together.</p>",
              '<h2 id="panels">Panels</h2>',
              "<p>Each panel: image, ground truth, fused seed at the evaluated threshold, IR label "

@@ -113,6 +113,8 @@ class PanelBuilder:
         size = idx.size(image_id)
         rows, agnostic = [], []
         for name in names:
+            if not reader.has(image_id, name):
+                continue  # e.g. no boundary map for an image without a foreground class
             arr = reader.get(image_id, name)
             if arr.ndim != 3:
                 agnostic.append(name)

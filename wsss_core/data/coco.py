@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
 from ..io import atomic_dir, label_image, write_json
+from ..ops.crf import die_with
 from .palette import IGNORE
 from .voc import check_id
 
@@ -249,7 +250,8 @@ def _jobs(coco, json_path: Path, images_dir: Path, out: Path, flag: str,
 def _run_jobs(jobs: list[dict], workers: int, desc: str) -> list[bool]:
     if workers <= 1 or len(jobs) < 2:
         return [_convert_image(j) for j in tqdm(jobs, desc=desc, unit="img")]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=die_with,
+                             initargs=(os.getpid(),)) as pool:
         return list(tqdm(pool.map(_convert_image, jobs, chunksize=64), total=len(jobs),
                          desc=desc, unit="img"))
 

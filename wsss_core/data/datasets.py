@@ -1,15 +1,16 @@
 """torch Datasets over a DatasetIndex: classification training and multi-scale inference."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..io import read_label_png
+from ..io import atomic_path, read_label_png
 from . import transforms as T
 from .index import DatasetIndex
 
@@ -39,27 +40,71 @@ class EpochDataset(Dataset):
 
 
 class ClassificationDataset(EpochDataset):
-    """Random long-side resize → normalise → flip → crop (IRN/CoBra order); multi-hot labels."""
+    """Random long-side resize → normalise → flip → crop (IRN order); multi-hot labels.
+
+    Method data hooks (methods/base.py): `extra` maps a name to a picklable function
+    uint8 image [H, W, 3] → integer map [H, W] (e.g. superpixel ids), computed once per image
+    and cached as `<extra_cache>/<name>/<id>.npy` (in memory without a cache folder); each
+    extra map goes through the image's resize (nearest), flip and crop (padded with 255) and
+    is batched as int64 [crop, crop] under its name. `views` replaces the one augmented crop
+    by the method's own views of the image: `views(uint8 image, rng) → {name: array}`.
+    """
 
     def __init__(self, index: DatasetIndex, split: str, crop: int, scale_range: Sequence[int],
-                 seed: int = 0) -> None:
+                 seed: int = 0, extra: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+                 extra_cache: str | Path | None = None,
+                 views: Callable[[np.ndarray, np.random.Generator], dict] | None = None) -> None:
         super().__init__(index, split, seed)
         self.crop = crop
         self.scale_range = tuple(scale_range)
+        self.extra = dict(extra or {})
+        self.extra_cache = Path(extra_cache) if extra_cache else None
+        self.views = views
+        self._memory: dict[tuple[str, str], np.ndarray] = {}
+
+    def _augment(self, img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+        return T.classification_crop(img, mask, self.crop, self.scale_range, rng)
+
+    def extra_input(self, name: str, image_id: str, image: np.ndarray) -> np.ndarray:
+        """The extra map `name` of one image as int32 [H, W], computed at most once."""
+        if self.extra_cache is None:
+            key = (name, image_id)
+            if key not in self._memory:
+                self._memory[key] = np.asarray(self.extra[name](image), dtype=np.int32)
+            return self._memory[key]
+        path = self.extra_cache / name / f"{image_id}.npy"
+        if path.is_file():
+            return np.load(path, allow_pickle=False)
+        value = np.asarray(self.extra[name](image), dtype=np.int32)
+        if value.shape != image.shape[:2]:
+            raise ValueError(f"extra input {name!r} of {image_id}: shape {value.shape}, expected "
+                             f"{image.shape[:2]} (a bug in the method's extra_input_fns)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, value, allow_pickle=False)
+        return value
 
     def __getitem__(self, i: int) -> dict:
         image_id = self.ids[i]
         rng = self.rng(i)
         img = self.index.image(image_id)
-        img, _ = T.random_resize_long(img, None, *self.scale_range, rng)
-        img = T.normalize(img)
-        img, _ = T.random_hflip(img, None, rng)
-        img, _ = T.random_crop(img, None, self.crop, rng)
-        return {
-            "image": torch.from_numpy(T.to_chw(img)),
-            "label": torch.from_numpy(self.index.label_vector(image_id)),
-            "index": i,
-        }
+        if self.views is not None:
+            item = {k: torch.as_tensor(v) for k, v in self.views(img, rng).items()}
+        elif self.extra:
+            # every extra map sees the image's random draws: a copy of the generator each
+            start = copy.deepcopy(rng)
+            out, _ = self._augment(img, None, rng)
+            item = {"image": torch.from_numpy(T.to_chw(out))}
+            for name in self.extra:
+                _, m = self._augment(img, self.extra_input(name, image_id, img), copy.deepcopy(start))
+                item[name] = torch.from_numpy(m.astype(np.int64))
+        else:
+            out, _ = self._augment(img, None, rng)
+            item = {"image": torch.from_numpy(T.to_chw(out))}
+        item["label"] = torch.from_numpy(self.index.label_vector(image_id))
+        item["index"] = i
+        return item
 
 
 class MultiScaleDataset(Dataset):
@@ -91,7 +136,7 @@ def collate_single(batch: list[dict]) -> dict:
 
 
 class IRNDataset(EpochDataset):
-    """IRN training pairs (irn.md §6): rescale 0.5-1.5 (image bicubic, label nearest) →
+    """IRN training pairs (docs/algorithms.md §irn): rescale 0.5-1.5 (image bicubic, label nearest) →
     normalise → joint flip → joint crop (image pad 0, label pad 255) → label ↓4 nearest."""
 
     def __init__(self, index: DatasetIndex, split: str, label_dir: str, crop: int,

@@ -93,6 +93,10 @@ class DatasetIndex:
         h, w = self.data["images"][image_id]["size"]
         return int(h), int(w)
 
+    def image_files(self, split: str) -> list[Path]:
+        """The image file of every id of `split` (what a stage reading the images depends on)."""
+        return [self.layout.image_path(i) for i in self.ids(split)]
+
     def image(self, image_id: str) -> np.ndarray:
         return self.layout.read_image(image_id)
 

@@ -1,4 +1,4 @@
-"""Image/mask transforms shared by the training stages (IRN / CoBra conventions).
+"""Image/mask transforms shared by the training stages (IRN conventions).
 
 All randomness comes from a numpy Generator passed in, so a sample's augmentation depends only
 on (seed, epoch, index) and not on worker count or order.
@@ -79,6 +79,15 @@ def random_crop(img: np.ndarray, mask: np.ndarray | None, crop: int, rng: np.ran
         out_mask = np.full((crop, crop), mask_fill, dtype=mask.dtype)
         out_mask[ty:ty + ey, tx:tx + ex] = mask[sy:sy + ey, sx:sx + ex]
     return out, out_mask
+
+
+def classification_crop(img: np.ndarray, mask: np.ndarray | None, crop: int,
+                        scale_range: tuple[int, int], rng: np.random.Generator):
+    """The classifier's training crop (IRN order): random long-side resize in `scale_range` →
+    normalise → flip → crop x crop. uint8 HWC → (float32 HWC, mask or None)."""
+    img, mask = random_resize_long(img, mask, *scale_range, rng)
+    img, mask = random_hflip(normalize(img), mask, rng)
+    return random_crop(img, mask, crop, rng)
 
 
 def to_chw(img: np.ndarray) -> np.ndarray:

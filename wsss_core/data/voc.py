@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from ..io import read_user_text
 from .palette import IGNORE, VOC_CLASSES
 
 MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
@@ -41,7 +42,7 @@ def read_list(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: list file not found; create it or fix the list name in config.yaml")
     ids: list[str] = []
-    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(read_user_text(path).splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -62,7 +63,7 @@ def read_list(path: str | os.PathLike) -> list[str]:
 def read_class_names(root: Path, num_classes: int | None = None) -> list[str]:
     f = root / "class_names.txt"
     if f.is_file():
-        names = [line.strip() for line in f.read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in read_user_text(f).splitlines() if line.strip()]
         if len(names) < 2:
             raise DataError(f"{f}: needs background plus at least one class, one name per line")
         return names
@@ -130,13 +131,27 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """RGB uint8 [H, W, 3]; a missing or corrupt file raises a DataError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: image not found; restore it or remove its id from the list")
+        raise _not_found(path, "image", "restore it or remove its id from the list")
     try:
         with Image.open(path) as img:
             img.load()
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{path}: unreadable or corrupt image ({e}); replace the file") from None
+
+
+def _not_found(path: Path, what: str, fix: str) -> DataError:
+    """A missing image or mask; when the same id is there with another extension or case
+    (`<id>.JPG`, `<id>.png` where `<id>.jpg` is read), the error names that file."""
+    folder = path.parent
+    stem = path.stem.lower()
+    there = sorted(p.name for p in folder.iterdir()
+                   if p.stem.lower() == stem and p.is_file()) if folder.is_dir() else []
+    if there:
+        return DataError(f"{path}: {what} not found, but {folder / there[0]} is there; wsss reads "
+                         f"{what}s named exactly <id>{path.suffix}: rename it to {path.name} (convert "
+                         f"it first if it is not a {path.suffix[1:].upper()} file)")
+    return DataError(f"{path}: {what} not found; {fix}")
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -148,7 +163,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: mask not found; add it (labels come from the masks)")
+        raise _not_found(path, "mask", "add it (labels come from the masks)")
     try:
         with Image.open(path) as img:
             img.load()

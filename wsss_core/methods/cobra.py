@@ -1,4 +1,4 @@
-"""`cobra`: CoBra's complementary branches (../shared/methods/cobra.md §3-6).
+"""`cobra`: CoBra's complementary branches (docs/methods/cobra.md §3-6).
 
 CNN branch (class-aware knowledge) + ViT branch (semantic-aware knowledge), trained together:
 classification on both, then from `aux_start_epoch` the L1 inter-CAM term, SAP (CNN pseudo
@@ -14,23 +14,25 @@ import torch
 from torch import nn
 
 from ..models.vit_cam import ViTCAM
-from . import register_method
+from ._registry import register_method
 from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
 from .cam import ResNetSettings
 from .cobra_losses import (cap_loss, cnn_pseudo_labels, l1_intercam, l1_positive_term,
                            multilabel_soft_margin, sap_loss)
-from .settings import block, from_dict
+from .settings import block
 
 
 @dataclass
 class ViTSettings:
-    backbone: str = "deit_small_patch16_224"
+    backbone: str = "deit_small_patch16_224.fb_in1k"  # DeiT-S, the official ViT weights
     pretrained: bool = True
-    pretrained_file: str | None = None
+    pretrained_file: str | None = None  # fb_in1k: DeiT's deit_small_patch16_224-cd65a155.pth
     patch_size: int | None = None
     embed_dim: int | None = None  # set (with depth, num_heads) for a from-scratch small ViT
     depth: int | None = None
     num_heads: int | None = None
+    hybrid_stem: str | None = None  # a CNN (tf_efficientnet_lite0) as patch embedding: hybrid ViT
+    train_stem: bool = True  # hybrid: fine-tune the stem (false: no gradient, CPU-cheap)
 
 
 @dataclass
@@ -42,6 +44,15 @@ class CobraModelSettings:
 
 @dataclass
 class CobraLossSettings:
+    """The `cobra:` config block (cobra.md §4-5); defaults are the [OFFICIAL] code's values.
+
+    total = cls + l1_weight · L1 + phi_c2t · SAP + phi_t2c · CAP from epoch `aux_start_epoch`.
+    `tau` is the temperature of both SAP and CAP; `sap_temperature_bug: true` reproduces the
+    official SAP, whose negatives miss the 1/τ (cobra.md §4.7; false = the [FIX], both terms
+    scaled by 1/τ). `train_cnn_proj: false` keeps the official frozen random CNN projection
+    that CAP trains against; true lets CAP train it ([FIX]). `l1_weight: 0` drops the L1
+    inter-CAM term.
+    """
     top_bot_k: list[int] = field(default_factory=lambda: [20, 5, 5, 20])  # SAP+, SAP-, CAP+, CAP-
     tau: float = 0.1
     phi_c2t: float = 0.1  # SAP weight
@@ -59,13 +70,29 @@ class CobraLossSettings:
 @register_method
 class CobraMethod(Method):
     name = "cobra"
+    settings_blocks = {"model": CobraModelSettings, "cobra": CobraLossSettings}
     maps = (MapSpec("cnn", strided=True), MapSpec("vit", strided=True),
             MapSpec("attention", kind="agnostic", normalize=False))
+    fuse_maps = ("cnn", "vit")  # the seed recipe max_mean_last reads the ViT CAM last
+    backbone_module = "cnn"
+    published = {"seed": 62.3, "mask": 73.5, "seg": 74.0, "source": "CoBra Tab. 1 / Tab. 2",
+                 "protocol": "seed: per image the θ-th percentile of the attention map as background "
+                             "score, θ searched (CoBra's eval_cam.py; `eval_seeds.background: "
+                             "percentile`), no CRF; mask: random walk of the ViT CAM, per-class "
+                             "0.31·max + min rule + dense CRF (72.5 without); seg: multi-scale "
+                             "testing + dense CRF"}
     partial_losses = True  # the projection heads get no gradient before aux_start_epoch
 
+    @classmethod
+    def check_settings(cls, name: str, settings, where: str) -> None:
+        super().check_settings(name, settings, where)
+        if name == "cobra" and len(settings.top_bot_k) != 4:
+            from ..errors import ConfigError
+            raise ConfigError(f"config key {where}.top_bot_k: needs four counts (SAP+, SAP-, CAP+, CAP-)")
+
     def build(self) -> dict[str, nn.Module]:
-        self.model_settings = from_dict(CobraModelSettings, self.params.get("model"), "model")
-        self.loss_settings = s = from_dict(CobraLossSettings, self.params.get("cobra"), "cobra")
+        self.model_settings = self.blocks["model"]
+        self.loss_settings = s = self.blocks["cobra"]
         if len(s.top_bot_k) != 4:
             from ..errors import ConfigError
             raise ConfigError("config key cobra.top_bot_k: needs four counts (SAP+, SAP-, CAP+, CAP-)")
@@ -76,7 +103,8 @@ class CobraMethod(Method):
         v = m.vit
         vit = ViTCAM(v.backbone, self.num_classes - 1, proj_dim=m.proj_dim, img_size=crop,
                      patch_size=v.patch_size, embed_dim=v.embed_dim, depth=v.depth,
-                     num_heads=v.num_heads, pretrained=v.pretrained, pretrained_file=v.pretrained_file)
+                     num_heads=v.num_heads, pretrained=v.pretrained, pretrained_file=v.pretrained_file,
+                     hybrid_stem=v.hybrid_stem, train_stem=v.train_stem)
         return {"cnn": cnn, "vit": vit}
 
     def optimizers(self, lr, weight_decay, momentum, kind="sgd"):

@@ -1,4 +1,4 @@
-"""CoBra training losses (cobra.md §4), vectorised over batch and patches.
+"""CoBra training losses (docs/methods/cobra.md §4), vectorised over batch and patches.
 
 Conventions: logit maps are [B, ch, h, w]; `labels` are the [B, C] 0/1 image labels of the
 foreground classes; when a map has C+1 channels, channel 0 is background. Positions are the
@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..precision import float32
+
 PseudoLabelMode = Literal["official", "neginf"]
 
 
@@ -39,7 +41,7 @@ def multilabel_soft_margin(logits_map: torch.Tensor, labels: torch.Tensor) -> to
 
     The background channel is excluded here, decided from the shapes: a map with
     `labels.shape[1] + 1` channels has background at channel 0, which is dropped (it gets no
-    gradient from this loss, cobra.md §4.1); a map with `labels.shape[1]` channels is used whole.
+    gradient from this loss, docs/methods/cobra.md §4.1); a map with `labels.shape[1]` channels is used whole.
     """
     fg = _foreground_logits(logits_map, labels.shape[1])
     scores = fg.flatten(2).mean(dim=2)
@@ -77,7 +79,7 @@ def l1_positive_term(z_cnn: torch.Tensor, z_vit: torch.Tensor, labels: torch.Ten
 def cnn_pseudo_labels(z_cnn: torch.Tensor, labels: torch.Tensor,
                       mode: PseudoLabelMode = "official") -> torch.Tensor:
     """Per-position pseudo class ℓ [B, P] (int64, 0 = background) from the CNN logits
-    [B, C+1, h, w] (cobra.md §4.3): argmax over channels of Z_c masked by m = [1, y].
+    [B, C+1, h, w] (docs/methods/cobra.md §4.3): argmax over channels of Z_c masked by m = [1, y].
 
     official: absent classes are multiplied by 0 and keep logit 0, so they win where every
     present and background logit is negative (ties: first index, torch.argmax's rule);
@@ -108,12 +110,17 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (e,) = ctx.saved_tensors
-        return e @ (grad + grad.transpose(1, 2))
+        # a backward called inside an autocast region would run this matmul in low precision
+        with torch.autocast(e.device.type, enabled=False):
+            return e @ (grad + grad.transpose(1, 2)).to(e.dtype)
 
 
+@float32
 def _contrastive(embedding: torch.Tensor, pos_idx: torch.Tensor, neg_idx: torch.Tensor,
                  tau: float, temperature_bug: bool = False) -> torch.Tensor:
-    """Mean over [B, P, K⁺] of softplus(log N - s_pos/τ).
+    """Mean over [B, P, K⁺] of softplus(log N - s_pos/τ), always in fp32 (Gram matrix, norms,
+    cosines, log-sum-exp): under bf16/fp16 autocast a cosine near 1 divided by τ = 0.1 would
+    lose the differences the loss is made of (wsss_core/precision.py).
 
     embedding [B, D, h, w]; indices [B, P, K] name positions q for each query p. The cosine
     s_pq = G_pq / (n_p n_q) with G = eᵀe ([B, P, P], one matmul) and n_p = max(‖e_p‖, 1e-12)
@@ -138,7 +145,7 @@ def _contrastive(embedding: torch.Tensor, pos_idx: torch.Tensor, neg_idx: torch.
 
 def sap_loss(z_cnn: torch.Tensor, pseudo: torch.Tensor, e_vit: torch.Tensor, k_pos: int,
              k_neg: int, tau: float, temperature_bug: bool = True) -> torch.Tensor:
-    """SAP loss (cobra.md §4.4, REPO `cll_v1`): CNN class knowledge → ViT projection.
+    """SAP loss (docs/methods/cobra.md §4.4, REPO `cll_v1`): CNN class knowledge → ViT projection.
 
     z_cnn [B, C+1, h, w] raw CNN logits (no gradient taken), pseudo [B, P] from
     `cnn_pseudo_labels`, e_vit [B, D, h, w] ViT projection. For query p, positives/negatives
@@ -159,7 +166,7 @@ def sap_loss(z_cnn: torch.Tensor, pseudo: torch.Tensor, e_vit: torch.Tensor, k_p
 
 def cap_loss(attn: torch.Tensor, e_cnn: torch.Tensor, k_pos: int, k_neg: int,
              tau: float) -> torch.Tensor:
-    """CAP loss (cobra.md §4.5, REPO `cll_v2`): ViT patch affinity → CNN projection.
+    """CAP loss (docs/methods/cobra.md §4.5, REPO `cll_v2`): ViT patch affinity → CNN projection.
 
     attn [B, L, T, T] head-averaged attention per layer (T = 1 + P, class token first; no
     gradient taken), e_cnn [B, D, h, w] CNN projection. Affinity = Σ_l A[:, l, 1:, 1:]; for

@@ -8,30 +8,32 @@ of an EMA local teacher's embeddings with a tag pool (LiL, with tag rectificatio
 patch-token contrast, the balanced segmentation CE and the dense energy loss complete the
 objective, switched on in stages (§15). Defaults reproduce the official code (SeCo on ToCo).
 
-Under the current plug-in contract the method makes its own views from the batch's crop
-(strong view; a second global view by a random resized crop of the crop, not of the full
-image), sets its own warm-up learning rate inside the step, runs the EMA inside the step
-(before the teacher forward, as the reference does) and keeps teacher, prototypes and
-reservoir in `extra_state`.
+Plug-in hooks used: `train_views` (the crop, its strong view and a second global view cut
+from the full image), `frozen_modules` (the EMA local teacher; the EMA runs inside the step,
+before the teacher forward, as the reference does), optimiser groups with their own warm-up,
+`extra_state` (prototypes, reservoir) and `single_stage` + `segment` (the decoder gives
+`seg_miou.txt`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import nn
 
+from ..data import transforms as T
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError
 from ..models.seco_vit import SeCoEncoder, SeCoNet, SeCoTeacher
 from ..ops.par import par_refine
-from . import register_method
+from ._registry import register_method
 from .base import MapSpec, Method, StepContext, make_optimizer
 from .seco_losses import (assign_csc_tags, cam_to_label, dense_energy_loss, lig_loss, lil_loss,
                           ptc_affinity_mask, ptc_loss, refine_cams_with_bkg, seg_loss)
-from .settings import from_dict
 
 
 @dataclass
@@ -43,6 +45,8 @@ class SeCoModelSettings:
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
+    hybrid_stem: str | None = None  # a CNN (tf_efficientnet_lite0) as patch embedding: hybrid ViT
+    train_stem: bool = False  # hybrid: fine-tune the stem
     aux_layer: int = -3
     proj_hidden: int = 2048  # the projection's output is the encoder width (prototypes are class tokens)
 
@@ -88,15 +92,6 @@ class SeCoSettings:
     head_lr_mult: float = 10.0
     use_lig: bool = True  # ablation switches (seed mIoU without LiG / LiL)
     use_lil: bool = True
-
-
-def seco_lr_factor(step: int, max_step: int, warmup_iters: int, warmup_ratio: float,
-                   power: float) -> float:
-    """PolyWarmupAdamW (seco.md §16): linear warm-up from `warmup_ratio` over `warmup_iters`
-    steps, then (1 − g/max)^power (not re-based after warm-up)."""
-    if step < warmup_iters:
-        return 1 - (1 - step / warmup_iters) * (1 - warmup_ratio)
-    return (1 - step / max_step) ** power if step < max_step else 0.0
 
 
 def loss_weights(s: SeCoSettings, it: int) -> dict[str, float]:
@@ -166,26 +161,32 @@ def _color(img: torch.Tensor, g: torch.Generator, p_jitter: float, p_gray: float
     return img
 
 
-def make_views(image01: torch.Tensor, g: torch.Generator, flip_whole: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(strong view, second global view), both normalised [B, 3, H, W] (seco.md §3 steps 4-5;
-    the global view is a RandomResizedCrop(0.4-1) of the crop: the data layer has no full image)."""
-    strong, glob = [], []
-    H, W = image01.shape[-2:]
-    for img in image01:
-        s = img.flip(-1) if flip_whole and _u(g) < 0.5 else img
-        strong.append(_color(s, g, 0.8, 0.2, 0.5, 0.0))
-        area = _u(g, 0.4, 1.0) * H * W
-        ratio = torch.exp(torch.empty(()).uniform_(-0.2877, 0.2877, generator=g)).item()  # 3/4-4/3
-        h = min(H, max(1, round((area / ratio) ** 0.5)))
-        w = min(W, max(1, round((area * ratio) ** 0.5)))
-        top, left = int(_u(g) * (H - h + 1)), int(_u(g) * (W - w + 1))
-        v = TF.resized_crop(img, top, left, h, w, [H, W],
-                            interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
-        if _u(g) < 0.5:
-            v = v.flip(-1)
-        glob.append(_color(v, g, 0.8, 0.2, 0.1, 0.2))
-    return normalize(torch.stack(strong)), normalize(torch.stack(glob))
+def seco_views(image: np.ndarray, rng: np.random.Generator, crop: int,
+               scale_range: tuple[int, int], flip_whole: bool = True) -> dict[str, torch.Tensor]:
+    """The training views of one uint8 image [H, W, 3] (seco.md §3 steps 1-5), each a
+    normalised float32 [3, crop, crop]: `image` the shared classifier crop (resize, flip,
+    crop); `strong` that crop flipped w.p. 0.5 (Q3) and colour-augmented; `glob` a second
+    global view, RandomResizedCrop(scale 0.4-1, ratio 3/4-4/3, bicubic) of the full image,
+    flipped w.p. 0.5, colour-augmented with solarize. The colour draws come from a torch
+    generator seeded by `rng`, so the views are a function of the dataset's seed."""
+    g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    out, _ = T.classification_crop(image, None, crop, scale_range, rng)
+    x = torch.from_numpy(T.to_chw(out))
+    img01 = denormalize(x[None])[0]
+    strong = img01.flip(-1) if flip_whole and _u(g) < 0.5 else img01
+    full = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255
+    H, W = full.shape[-2:]
+    area = _u(g, 0.4, 1.0) * H * W
+    ratio = torch.exp(torch.empty(()).uniform_(-0.2877, 0.2877, generator=g)).item()  # 3/4-4/3
+    h = min(H, max(1, round((area / ratio) ** 0.5)))
+    w = min(W, max(1, round((area * ratio) ** 0.5)))
+    top, left = int(_u(g) * (H - h + 1)), int(_u(g) * (W - w + 1))
+    glob = TF.resized_crop(full, top, left, h, w, [crop, crop],
+                           interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+    if _u(g) < 0.5:
+        glob = glob.flip(-1)
+    return {"image": x, "strong": normalize(_color(strong, g, 0.8, 0.2, 0.5, 0.0)),
+            "glob": normalize(_color(glob, g, 0.8, 0.2, 0.1, 0.2))}
 
 
 class Reservoir(nn.Module):
@@ -225,44 +226,53 @@ def update_prototypes(prototypes: torch.Tensor, cls_token: torch.Tensor, label_i
 @register_method
 class SeCoMethod(Method):
     name = "seco"
+    settings_blocks = {"model": SeCoModelSettings, "seco": SeCoSettings}
     maps = (MapSpec("cam", strided=True), MapSpec("aux"))
     propagate_map = "cam"
+    fuse_maps = ("cam",)
+    frozen_modules = ("teacher",)
+    single_stage = True
     partial_losses = True  # the decoder and projection head get no gradient in early stages
+    published = {"seed": 74.8, "mask": 76.5, "seg": 74.0, "source": "SeCo Tab. 1",
+                 "protocol": "seed: the final CAM with a background threshold (train); mask: "
+                             "SeCo's pseudo masks (train); seg: its own decoder on val"}
 
     def build(self) -> dict[str, nn.Module]:
-        self.model_settings = m = from_dict(SeCoModelSettings, self.params.get("model"), "model")
-        self.settings = s = from_dict(SeCoSettings, self.params.get("seco"), "seco")
+        m = self.model_settings = self.blocks["model"]
+        s = self.settings = self.blocks["seco"]
         if s.lil_impl not in ("reference", "clean"):
             raise ConfigError(f"config key seco.lil_impl: {s.lil_impl!r} is not reference or clean")
         crop = int(self.train_params.get("crop", 224))
         enc = SeCoEncoder(m.backbone, aux_layer=m.aux_layer, img_size=crop, patch_size=m.patch_size,
                           embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
-                          pretrained=m.pretrained, pretrained_file=m.pretrained_file)
+                          pretrained=m.pretrained, pretrained_file=m.pretrained_file,
+                          hybrid_stem=m.hybrid_stem, train_stem=m.train_stem)
         if s.local_crop % enc.patch_size:
             raise ConfigError(f"config key seco.local_crop: {s.local_crop} is not a multiple of the "
                               f"patch size {enc.patch_size}")
         net = SeCoNet(enc, self.num_classes - 1, m.proj_hidden, enc.embed_dim)
         g = torch.Generator().manual_seed(int(self.train_params.get("seed", 0)))
-        self.teacher = SeCoTeacher(net)
         self.reservoir = Reservoir(s.queue_size, enc.embed_dim, g)
         self.prototypes = torch.randn(self.num_classes - 1, enc.embed_dim, generator=g)
-        self.view_seed = int(self.train_params.get("seed", 0))
-        return {"net": net}
+        return {"net": net, "teacher": SeCoTeacher(net)}
 
-    # --- state beyond the optimised modules --------------------------------------------------
+    def train_views(self):
+        """`seco_views` with the stage's crop and scale range (picklable partial)."""
+        return functools.partial(seco_views, crop=int(self.train_params.get("crop", 224)),
+                                 scale_range=tuple(self.train_params.get("scale_range", (250, 1000))),
+                                 flip_whole=self.settings.strong_flip_whole_image)
+
+    # --- state beyond the saved modules ------------------------------------------------------
     def to(self, device: torch.device) -> "SeCoMethod":
         super().to(device)
-        self.teacher.to(device)
         self.reservoir.to(device)
         self.prototypes = self.prototypes.to(device)
         return self
 
     def extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict(), "reservoir": self.reservoir.state_dict(),
-                "prototypes": self.prototypes}
+        return {"reservoir": self.reservoir.state_dict(), "prototypes": self.prototypes}
 
     def load_extra_state(self, state: dict) -> None:
-        self.teacher.load_state_dict(state["teacher"])
         self.reservoir.load_state_dict(state["reservoir"])
         self.prototypes = state["prototypes"].to(self.prototypes.device)
 
@@ -273,41 +283,33 @@ class SeCoMethod(Method):
 
     # --- optimisation ------------------------------------------------------------------------
     def optimizers(self, lr, weight_decay, momentum, kind="adamw"):
-        net, mult = self.net, self.settings.head_lr_mult
+        """AdamW groups of PolyWarmupAdamW (seco.md §16): encoder (norm and other weights apart),
+        CAM/projection heads and decoder at `head_lr_mult`; every group warms up linearly from
+        `warmup_ratio` over `warmup_iters` steps (optim.lr_factor)."""
+        net, s = self.net, self.settings
         enc = list(net.encoder.named_parameters())
         heads = [net.classifier.weight, net.aux_classifier.weight, *net.proj_head.parameters()]
-        self._optimizers = [make_optimizer([
-            {"params": [p for n, p in enc if "norm" not in n], "lr_mult": 1.0},
-            {"params": [p for n, p in enc if "norm" in n], "lr_mult": 1.0},
-            {"params": heads, "lr_mult": mult},
-            {"params": list(net.decoder.parameters()), "lr_mult": mult}],
+        warm = {"warmup_steps": s.warmup_iters, "warmup_ratio": s.warmup_ratio}
+        return [make_optimizer([
+            {"params": [p for n, p in enc if "norm" not in n], "lr_mult": 1.0, **warm},
+            {"params": [p for n, p in enc if "norm" in n], "lr_mult": 1.0, **warm},
+            {"params": heads, "lr_mult": s.head_lr_mult, **warm},
+            {"params": list(net.decoder.parameters()), "lr_mult": s.head_lr_mult, **warm}],
             lr, weight_decay, momentum, kind)]
-        return self._optimizers
-
-    def _set_warmup_lr(self, ctx: StepContext) -> None:
-        """The engine set poly lr; SeCo's schedule has a linear warm-up first (§16)."""
-        s = self.settings
-        power = float(self.train_params.get("poly_power", 0.9))
-        factor = seco_lr_factor(ctx.step, ctx.max_step, s.warmup_iters, s.warmup_ratio, power)
-        for opt in self._optimizers:
-            for grp in opt.param_groups:
-                grp["lr"] = grp["base_lr"] * factor
 
     # --- one training iteration (seco.md §15.1) --------------------------------------------
     def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         s, it = self.settings, ctx.step
-        if getattr(self, "_optimizers", None):
-            self._set_warmup_lr(ctx)
         x = batch["image"].to(ctx.device, non_blocking=True)
         y = batch["label"].to(ctx.device, non_blocking=True)
         img_box = batch.get("img_box")
         single = y.sum(1) == 1
         label_idx = torch.where(single, y.argmax(1) + 1, torch.full_like(single, -1, dtype=torch.long))
         image01 = denormalize(x)
-        g = torch.Generator().manual_seed(self.view_seed * 1_000_003 + it)
-        strong, glob = make_views(image01, g, s.strong_flip_whole_image)
+        strong = batch["strong"].to(ctx.device, non_blocking=True)
+        glob = batch["glob"].to(ctx.device, non_blocking=True)
 
-        net = self.net
+        net, teacher = self.net, self.models["teacher"]
         cams, cams_aux = multi_scale_cam(net, x, s.cam_scales)
         valid_cam, _ = cam_to_label(cams, y, s.high_thre, s.low_thre, s.bkg_thre, img_box)
         refine = lambda im, m: par_refine(im, m, s.par_dilations, s.par_iterations)  # noqa: E731
@@ -320,16 +322,16 @@ class SeCoMethod(Method):
                                                   s.tag_threshold, s.tag_proportion)
         tags = tags.reshape(-1)
 
-        out = self.models["net"](x, torch.stack([x, glob]), q_crops)
+        out = self.models["net"](x, glob[None], q_crops)
         if it >= s.update_prototype:
             update_prototypes(self.prototypes, out["cls_token"].detach(), label_idx, s.proto_m)
         prototypes = self.prototypes.clone()
         with torch.no_grad():
-            self.teacher.ema_encoder(net, s.momentum)
+            teacher.ema_encoder(net, s.momentum)
             L, B = k_crops.shape[:2]
-            lk = self.teacher.encoder(k_crops.flatten(0, 1))[0].reshape(L, B, -1).transpose(0, 1)
-            self.teacher.ema_proj(net, s.momentum)
-            keys = self.teacher.proj_head(torch.cat([out["global_tokens"].detach(), lk], 1).flatten(0, 1))
+            lk = teacher.encoder(k_crops.flatten(0, 1))[0].reshape(L, B, -1).transpose(0, 1)
+            teacher.ema_proj(net, s.momentum)
+            keys = teacher.proj_head(torch.cat([out["global_tokens"].detach(), lk], 1).flatten(0, 1))
             self.reservoir.push(keys, tags)
             bank = torch.cat([keys, self.reservoir.feats])
             bank_tags = torch.cat([tags, self.reservoir.tags])
@@ -380,23 +382,10 @@ class SeCoMethod(Method):
             out[name] = F.relu(torch.maximum(cam[0], cam[1].flip(-1)))
         return out
 
-
-@torch.no_grad()
-def predict_segmentation(method: SeCoMethod, image: torch.Tensor, scales=(1.0, 1.25, 1.5),
-                         base_size: tuple[int, int] | None = (448, 448)) -> torch.Tensor:
-    """SeCo's own segmentation (seco.md §17.3): image [3, H, W] normalised → logits
-    [C+1, H, W]. Per scale s the image is resized to s·base_size (VOC) or s·(H, W) when
-    `base_size` is None (COCO); [x; flip x] → decoder → bilinear to (H, W) → logits + the
-    un-flipped mirror's; scales fused by element-wise max. Argmax (or CRF on the softmax) gives
-    the prediction."""
-    H, W = image.shape[-2:]
-    base = base_size or (H, W)
-    fused = None
-    for s in scales:
-        x = F.interpolate(image[None], size=(int(base[0] * s), int(base[1] * s)), mode="bilinear",
-                          align_corners=False)
-        seg = method.net.segment(torch.cat([x, x.flip(-1)]))
-        seg = F.interpolate(seg, size=(H, W), mode="bilinear", align_corners=False)
-        logits = seg[0] + seg[1].flip(-1)
-        fused = logits if fused is None else torch.maximum(fused, logits)
-    return fused
+    @torch.no_grad()
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """SeCo's own segmentation (seco.md §17.3): the decoder's logits [B, C, h, w]
+        (background first) of normalised images [B, 3, h, w], bilinear from the patch grid to
+        the input size. eval_seg adds scales, flip (summed logits per scale) and CRF."""
+        seg = self.net.segment(images)
+        return F.interpolate(seg, size=images.shape[-2:], mode="bilinear", align_corners=False)

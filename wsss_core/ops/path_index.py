@@ -1,12 +1,12 @@
 """IRN path index: which pixel pairs are related and which pixels lie between them.
 
-Reimplements `misc/indexing.py::PathIndex` of IRNet (Ahn et al., CVPR 2019) exactly (irn.md §3):
+Reimplements `misc/indexing.py::PathIndex` of IRNet (Ahn et al., CVPR 2019) exactly (docs/algorithms.md §irn):
 same direction order, same paths, same grouping by path length, same flat source/destination
 indices. On top of it:
 
 * `affinity_from_boundary` — `aff = 1 − max_{path} b` for every (direction, source) pair;
 * `affinity_labels` — the bg-positive / fg-positive / negative pair masks of
-  `GetAffinityLabelFromIndices` (irn.md §4), computed in torch on the label's device from the
+  `GetAffinityLabelFromIndices` (docs/algorithms.md §irn), computed in torch on the label's device from the
   ↓4 label instead of in the data loader ([FIX] of §4).
 
 Index convention: a grid `(G_h, G_w)` is flattened row-major; a source is `(i, j)` with
@@ -181,7 +181,7 @@ def affinity_from_boundary(boundary_flat: torch.Tensor, path_index: PathIndex) -
 
 def affinity_labels(label_lowres: torch.Tensor, path_index: PathIndex, num_valid: int = 21
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Affinity pair masks from a ↓4 label map (irn.md §4), on the label's device.
+    """Affinity pair masks from a ↓4 label map (docs/algorithms.md §irn), on the label's device.
 
     Args:
         label_lowres: `[B, G_h, G_w]` (or `[G_h, G_w]`) uint8/int label; 0 = background,

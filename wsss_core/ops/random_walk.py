@@ -1,4 +1,4 @@
-"""Random-walk propagation of CAMs over an IRN class-boundary map (irn.md §8).
+"""Random-walk propagation of CAMs over an IRN class-boundary map (docs/algorithms.md §irn).
 
 * `transition_matrix_dense` / `random_walk_dense`: the reference `propagate_to_edge` literally
   (dense `(hw)²` matrix, `T^(2^exp_times)` by repeated squaring) — for tests and tiny maps.
@@ -7,7 +7,7 @@
   stored as a sparse CSR matrix (scipy on CPU, torch elsewhere) and applied `2**exp_times`
   times as `v ← v·T`. Memory is `O(69·hw)`; a VOC image (94×125 at stride 4) takes about a
   second on one CPU core.
-* `upsample_rw`: the two ways of bringing `rw` back to image size (CoBra vs IRN, §9).
+* `upsample_rw`: the two ways of bringing `rw` back to image size (`resize`, `upsample_crop`).
 
 All functions run on the device of their inputs.
 """
@@ -173,15 +173,15 @@ def random_walk(cams: torch.Tensor, boundary: torch.Tensor, radius: int = 5, bet
 
 
 def upsample_rw(rw: torch.Tensor, size: tuple[int, int],
-                mode: Literal["cobra", "irn"] = "cobra") -> torch.Tensor:
+                mode: Literal["resize", "upsample_crop"] = "resize") -> torch.Tensor:
     """Bring `rw [K, h, w]` to image size `(H, W)` (bilinear, align_corners False).
 
-    `cobra`: resize straight to `(H, W)` (REPO `make_sem_seg_labels_npy.py`);
-    `irn`: upsample ×4 then crop to `[:H, :W]` (IRN-REPO `make_sem_seg_labels.py`).
+    `resize`: resize straight to `(H, W)` (official `make_sem_seg_labels_npy.py` of docs/algorithms.md §walk);
+    `upsample_crop`: upsample ×4 then crop to `[:H, :W]` (IRN-REPO `make_sem_seg_labels.py`).
     """
-    if mode == "cobra":
+    if mode == "resize":
         return F.interpolate(rw[None], size=size, mode="bilinear", align_corners=False)[0]
-    if mode == "irn":
+    if mode == "upsample_crop":
         up = F.interpolate(rw[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
         return up[:, :size[0], :size[1]]
-    raise ValueError(f"upsample_rw mode must be 'cobra' or 'irn', got {mode!r}")
+    raise ValueError(f"upsample_rw mode must be 'resize' or 'upsample_crop', got {mode!r}")

@@ -1,10 +1,10 @@
-"""IRN training-label synthesis and pseudo-mask rules (cobra.md §8, irn.md §9).
+"""IRN training-label synthesis and pseudo-mask rules (docs/algorithms.md §ir-labels, §masks).
 
-* `attention_thresholds` — CoBra's per-image dynamic fg/bg thresholds from the attention map;
+* `attention_thresholds` — per-image fg/bg thresholds from a class-agnostic (attention) map;
 * `ir_label` — strict + lenient CRF passes combined into an ir_label (0 bg, ids, 255 ignore);
   IRN's fixed thresholds are `IRN_FG_THRESHOLD` / `IRN_BG_THRESHOLD`;
-* `mask_irn` / `mask_cobra` — propagated maps `rw_up` → uint8 ids without CRF; with CRF the
-  stage chains `crf_mask(image, mask_cobra_channels(rw_up), keys)` (CRF on the K+1 channel
+* `mask_irn` / `mask_per_class_alpha` — propagated maps `rw_up` → uint8 ids without CRF; with CRF the
+  stage chains `crf_mask(image, mask_per_class_alpha_channels(rw_up), keys)` (CRF on the K+1 channel
   labels with `FINAL_MASK_CRF`, then keys).
 
 `keys` everywhere: either the K segmentation ids of the K foreground channels (1..20 for VOC),
@@ -21,7 +21,7 @@ import numpy as np
 from ..data.palette import IGNORE
 from .crf import FINAL_MASK_CRF, IR_LABEL_CRF, CRFParams, crf_from_labels
 
-#: IRN-REPO fixed confidence thresholds (irn.md §11, `--conf_fg_thres` / `--conf_bg_thres`)
+#: IRN-REPO fixed confidence thresholds (docs/algorithms.md §irn, `--conf_fg_thres` / `--conf_bg_thres`)
 IRN_FG_THRESHOLD = 0.30
 IRN_BG_THRESHOLD = 0.05
 
@@ -54,7 +54,7 @@ def to_class_ids(channel_labels, keys) -> np.ndarray:
 
 
 def grid_bounds(t: float, grid: float = 0.05) -> tuple[float, float]:
-    """The multiples of `grid` around `t` (cobra.md §8 step 3, Python float arithmetic).
+    """The multiples of `grid` around `t` (docs/algorithms.md §ir-labels, Python float arithmetic).
 
     `r = round(t/grid)·grid` with Python's banker's `round`; `t == r` → `(r − grid, r + grid)`,
     `t < r` → `(r − grid, r)`, else `(r, r + grid)`. The lower bound is the largest multiple of
@@ -74,7 +74,8 @@ def grid_bounds(t: float, grid: float = 0.05) -> tuple[float, float]:
 
 def attention_thresholds(attention_hr, percentile: float = 93.0, grid: float = 0.05,
                          gap: float = 0.5) -> tuple[float, float]:
-    """CoBra's dynamic IRN thresholds `(bg_thr, fg_thr)` from a full-res attention map [H, W].
+    """Dynamic IRN thresholds `(bg_thr, fg_thr)` from a full-res class-agnostic map [H, W]
+    (docs/algorithms.md §ir-labels).
 
     `t = percentile(attention, 93)` (numpy linear), `bg_thr = grid_bounds(t)[0]`,
     `fg_thr = bg_thr + gap`.
@@ -94,7 +95,7 @@ def _crf_kwargs(crf_params: CRFParams | Mapping | None) -> dict:
 
 def ir_label(image: np.ndarray, seed_maps, keys, fg_thr: float, bg_thr: float,
              crf_params: CRFParams | Mapping | None = IR_LABEL_CRF) -> np.ndarray:
-    """IRN training label from seed maps (cobra.md §8 steps 4–6).
+    """IRN training label from seed maps (docs/algorithms.md §ir-labels).
 
     Args:
         image: uint8 RGB `[H, W, 3]`.
@@ -127,7 +128,7 @@ def ir_label(image: np.ndarray, seed_maps, keys, fg_thr: float, bg_thr: float,
 
 
 def mask_irn_channels(rw_up, bg: float = 0.25) -> np.ndarray:
-    """IRN rule (irn.md §9.1) → channel labels `[H, W]` (0 = background, i = i-th class)."""
+    """IRN rule (docs/algorithms.md §irn) → channel labels `[H, W]` (0 = background, i = i-th class)."""
     rw = _as_numpy(rw_up).astype(np.float32)
     peak = float(rw.max(initial=0.0))
     if peak > 0:  # an all-zero map has no foreground (the reference would divide by zero)
@@ -136,21 +137,22 @@ def mask_irn_channels(rw_up, bg: float = 0.25) -> np.ndarray:
     return np.argmax(scores, axis=0)
 
 
-def cobra_class_thresholds(rw_up, alpha: float = 0.31) -> np.ndarray:
-    """Per-class thresholds `α·max_c + min_c` of `rw_up [K, H, W]` → `[K]`."""
+def per_class_alpha_thresholds(rw_up, alpha: float = 0.31) -> np.ndarray:
+    """Per-class thresholds `α·max_c + min_c` of `rw_up [K, H, W]` → `[K]` (K may be 0: an
+    image without a foreground class)."""
     rw = _as_numpy(rw_up).astype(np.float32)
-    flat = rw.reshape(rw.shape[0], -1)
+    flat = rw.reshape(rw.shape[0], int(np.prod(rw.shape[1:])))
     return alpha * flat.max(axis=1) + flat.min(axis=1)
 
 
-def mask_cobra_channels(rw_up, alpha: float = 0.31) -> np.ndarray:
-    """CoBra rule (irn.md §9.2) → channel labels `[H, W]` (0 = background, i = i-th class).
+def mask_per_class_alpha_channels(rw_up, alpha: float = 0.31) -> np.ndarray:
+    """`per_class_alpha` rule (docs/algorithms.md §masks) → channel labels `[H, W]` (0 = background, i = i-th class).
 
     Zero every class below `α·max_c + min_c`, prepend a zero background channel, argmax
     (first index wins ties, so pixels with every class zeroed become background).
     """
     rw = _as_numpy(rw_up).astype(np.float32)
-    thr = cobra_class_thresholds(rw, alpha)
+    thr = per_class_alpha_thresholds(rw, alpha)
     rw = np.where(rw < thr[:, None, None], np.float32(0), rw)
     scores = np.concatenate([np.zeros((1,) + rw.shape[1:], np.float32), rw])
     return np.argmax(scores, axis=0)
@@ -162,9 +164,9 @@ def mask_irn(rw_up, keys, bg: float = 0.25) -> np.ndarray:
     return full_keys(keys, _as_numpy(rw_up).shape[0])[channels].astype(np.uint8)
 
 
-def mask_cobra(rw_up, keys, alpha: float = 0.31) -> np.ndarray:
-    """CoBra pseudo mask without CRF (per-class relative threshold) → uint8 segmentation ids."""
-    channels = mask_cobra_channels(rw_up, alpha)
+def mask_per_class_alpha(rw_up, keys, alpha: float = 0.31) -> np.ndarray:
+    """`per_class_alpha` pseudo mask without CRF (per-class relative threshold) → uint8 segmentation ids."""
+    channels = mask_per_class_alpha_channels(rw_up, alpha)
     return full_keys(keys, _as_numpy(rw_up).shape[0])[channels].astype(np.uint8)
 
 
@@ -172,7 +174,7 @@ def crf_mask(image: np.ndarray, channel_labels, keys,
              crf_params: CRFParams | Mapping = FINAL_MASK_CRF) -> np.ndarray:
     """Final-mask CRF on channel labels (`n_labels = K+1`), then map through keys → uint8 ids.
 
-    Chain after `mask_cobra_channels` / `mask_irn_channels` (the CRF must see the K+1 channel
+    Chain after `mask_per_class_alpha_channels` / `mask_irn_channels` (the CRF must see the K+1 channel
     labels, not the 0..20 ids: the unary depends on the label count).
     """
     table = full_keys(keys)
@@ -183,5 +185,5 @@ def crf_mask(image: np.ndarray, channel_labels, keys,
 
 __all__: Sequence[str] = (
     "IRN_FG_THRESHOLD", "IRN_BG_THRESHOLD", "full_keys", "to_class_ids", "grid_bounds",
-    "attention_thresholds", "ir_label", "mask_irn", "mask_irn_channels", "mask_cobra",
-    "mask_cobra_channels", "cobra_class_thresholds", "crf_mask")
+    "attention_thresholds", "ir_label", "mask_irn", "mask_irn_channels", "mask_per_class_alpha",
+    "mask_per_class_alpha_channels", "per_class_alpha_thresholds", "crf_mask")

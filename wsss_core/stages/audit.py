@@ -1,7 +1,7 @@
 """Stage `audit`: the audit page of a results folder, or one panel for one image.
 
-    wsss audit results/toy/cobra                 # results/toy/cobra/audit/index.html + PNGs
-    wsss audit results/toy/cobra --id toy_00012  # one panel: results/toy/cobra/audit/toy_00012.png
+    wsss audit results/toy/METHOD                 # results/toy/METHOD/audit/index.html + PNGs
+    wsss audit results/toy/METHOD --id toy_00012  # one panel: results/toy/METHOD/audit/toy_00012.png
 """
 from __future__ import annotations
 

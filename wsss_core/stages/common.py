@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -52,6 +53,16 @@ def setup_logging(log_path: str | None) -> list[logging.Handler]:
     return handlers
 
 
+#: errors of the file system, not of wsss: what the user can do about each
+WRITE_ERRORS = {
+    errno.ENOSPC: "free space on that disk and re-run",
+    errno.EDQUOT: "free space within your quota and re-run",
+    errno.EFBIG: "the file size limit (ulimit -f) is too low; raise it and re-run",
+    errno.EROFS: "the file system is read-only; point `results` at a writable folder",
+    errno.EACCES: "you may not write there; fix the folder's permissions or `results`",
+}
+
+
 def run_stage(args: argparse.Namespace, fn: Callable[..., Any], **kwargs) -> int:
     """Run a stage function with logging; a WSSSError becomes one line and exit code 2."""
     handlers = setup_logging(getattr(args, "log", None))
@@ -64,6 +75,13 @@ def run_stage(args: argparse.Namespace, fn: Callable[..., Any], **kwargs) -> int
         if os.environ.get("WSSS_DEBUG") == "1":
             raise
         log.error("wsss: error: %s", e)
+        return 2
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS or os.environ.get("WSSS_DEBUG") == "1":
+            log.exception("wsss: unexpected error (a bug; please report it with this log)")
+            raise
+        log.error("wsss: error: %s: cannot write (%s); %s", e.filename or "output",
+                  e.strerror.lower(), WRITE_ERRORS[e.errno])
         return 2
     except Exception:
         log.exception("wsss: unexpected error (a bug; please report it with this log)")

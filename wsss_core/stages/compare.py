@@ -14,8 +14,10 @@ from . import common
 log = logging.getLogger("wsss")
 
 
-def compare(results: str | Path, dataset: str, methods: list[str], out: str | Path,
+def compare(results: str | Path, dataset: str, methods: list[str] | None, out: str | Path,
             html_out: str | Path | None = None) -> str:
+    from .results_table import methods_with_results
+    methods = methods or methods_with_results(Path(results), dataset)
     missing = [m for m in methods if not (Path(results) / dataset / m).is_dir()]
     if missing:
         raise DataError(f"{Path(results) / dataset / missing[0]}: no results for method {missing[0]}; "
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p = common.parser("compare", __doc__)
     p.add_argument("--results", default="results")
     p.add_argument("--dataset", default="toy")
-    p.add_argument("--methods", nargs="+", default=["cam", "cobra"])
+    p.add_argument("--methods", nargs="+", help="default: every method with results")
     p.add_argument("--out", help="Markdown file (default RESULTS/DATASET/comparison.md)")
     p.add_argument("--html", help="HTML file (default: the Markdown path with .html)")
     a = p.parse_args(argv)

@@ -1,55 +1,108 @@
-"""Stage `eval_seeds`: seed mIoU on the evaluation split with a swept background threshold.
+"""Stage `eval_seeds`: seed mIoU on the evaluation split, background score swept over a grid.
 
-Background score = a constant threshold; every threshold of the configured grid is scored in
-one pass over the images (one confusion matrix per threshold) and the arg-max is reported.
+Two protocols (cobra.md §7), each scored in one pass over the images (one confusion matrix per
+grid point) and reported at its arg-max:
+  * constant: one background score for every image, swept over `thresholds` (IRN practice);
+  * percentile: per image, the θ-th percentile of the method's class-agnostic map (numpy
+    linear percentile), θ swept over `percentiles` ([OFFICIAL] CoBra `step/eval_cam.py`; the
+    [FIX] of its early-stopping loop: the whole grid, arg-max reported).
+The constant sweep always runs; the percentile sweep runs whenever cams.h5 holds a
+class-agnostic map (`agnostic_map`: its name, or null for the only one there is).
+`background` says which protocol's arg-max is `seed_miou.txt`; seed_metrics.json keeps both
+curves (`curve` / `threshold`: constant; `percentile_curve` / `percentile`: per image).
 """
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from ..data.index import DatasetIndex
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..map_store import MapReader
-from ..metrics import ConfusionMatrix, write_metrics
-from ..seeds import seed_labels_sweep
+from ..metrics import ConfusionMatrix, threshold_grid, write_metrics
+from ..seeds import percentile_seed_labels_sweep, seed_labels_sweep
 from . import common
 
 log = logging.getLogger("wsss")
 
+PROTOCOLS = ("constant", "percentile")
 
-def threshold_grid(spec: dict) -> list[float]:
-    n = int(np.floor((spec["stop"] - spec["start"]) / spec["step"] + 1e-9)) + 1
-    return [round(spec["start"] + i * spec["step"], 6) for i in range(max(n, 1))]
+
+def agnostic_map(cams: MapReader | None, params: dict) -> str | None:
+    """The class-agnostic map the percentile protocol reads, or None when there is none.
+
+    Raises ConfigError when `agnostic_map` names a map cams.h5 does not hold as class-agnostic,
+    when it is null and there are several, or when `background: percentile` finds none."""
+    wanted = params.get("agnostic_map")
+    names = cams.agnostic_map_names() if cams is not None else []
+    if wanted is not None and wanted not in names:
+        raise ConfigError(f"config key eval_seeds.agnostic_map: {wanted!r} is not a class-agnostic "
+                          f"map of {cams.path if cams else 'the method (no cams.h5 given)'} "
+                          f"(it has {names}); set it to one of them or null")
+    if wanted is None and len(names) > 1:
+        raise ConfigError(f"config key eval_seeds.agnostic_map: {cams.path} holds several "
+                          f"class-agnostic maps {names}; name the one to read")
+    name = wanted or (names[0] if names else None)
+    if name is None and params.get("background", "constant") == "percentile":
+        raise ConfigError("config key eval_seeds.background: 'percentile' needs a class-agnostic map "
+                          "of the method (an attention map), and it exports none; use constant")
+    return name
 
 
 def eval_seeds(index: str | Path, seeds: str | Path, params: dict, out: str | Path,
-               split: str = "train") -> dict:
+               split: str = "train", cams: str | Path | None = None) -> dict:
+    """Score seeds.h5 on `split` with both protocols and write seed_miou.txt (the arg-max of
+    `params["background"]`) and seed_metrics.json beside it. `cams` (cams.h5) supplies the
+    class-agnostic map of the percentile protocol; without it only the constant sweep runs."""
+    background = params.get("background", "constant")
+    if background not in PROTOCOLS:
+        raise ConfigError(f"config key eval_seeds.background: {background!r} is not one of {PROTOCOLS}")
     idx = DatasetIndex.load(index)
     thresholds = threshold_grid(params["thresholds"])
     cms = [ConfusionMatrix(idx.num_classes) for _ in thresholds]
-    background = ConfusionMatrix(idx.num_classes)
+    all_background = ConfusionMatrix(idx.num_classes)
     ids = idx.ids(split)
-    with MapReader(seeds) as reader:
+    with MapReader(seeds) as reader, (MapReader(cams) if cams else nullcontext()) as maps:
+        att_name = agnostic_map(maps, params)
+        percentiles = threshold_grid(params["percentiles"]) if att_name else []
+        pcms = [ConfusionMatrix(idx.num_classes) for _ in percentiles]
         for image_id in tqdm(ids, desc="eval seeds", unit="img", mininterval=2.0):
-            if image_id not in reader:
-                raise DataError(f"{seeds}: no seed for {image_id} of split {split}; re-run "
-                                f"export_cams/fuse_seeds over a train_aug that contains {split}")
+            if image_id not in reader or (att_name and image_id not in maps):
+                raise DataError(f"{seeds if image_id not in reader else cams}: no map for {image_id} "
+                                f"of split {split}; re-run export_cams/fuse_seeds over a train_aug "
+                                f"that contains {split}")
             seed, keys = reader.get(image_id, "seed"), reader.keys(image_id)
             gt = idx.mask(image_id)
             for pred, cm in zip(seed_labels_sweep(seed, keys, thresholds), cms):
                 cm.update(pred, gt)
-            background.update(np.zeros_like(gt), gt)
+            if att_name:
+                att = maps.get(image_id, att_name)
+                for pred, cm in zip(percentile_seed_labels_sweep(seed, keys, att, percentiles), pcms):
+                    cm.update(pred, gt)
+            all_background.update(np.zeros_like(gt), gt)
     curve = {f"{t:g}": cm.miou() * 100 for t, cm in zip(thresholds, cms)}
-    best_i = int(np.nanargmax([cm.miou() for cm in cms]))
-    report = cms[best_i].report(idx.class_names, threshold=thresholds[best_i], split=split,
-                                curve=curve, all_background_miou=background.miou() * 100)
+    best_t = int(np.nanargmax([cm.miou() for cm in cms]))
+    extra = {"protocol": background, "threshold": thresholds[best_t], "curve": curve,
+             "best": {"constant": cms[best_t].miou() * 100}}
+    best = cms[best_t]
+    if att_name:
+        best_p = int(np.nanargmax([cm.miou() for cm in pcms]))
+        extra.update(agnostic_map=att_name, percentile=percentiles[best_p],
+                     percentile_curve={f"{p:g}": cm.miou() * 100 for p, cm in zip(percentiles, pcms)})
+        extra["best"]["percentile"] = pcms[best_p].miou() * 100
+        if background == "percentile":
+            best = pcms[best_p]
+    report = best.report(idx.class_names, split=split, all_background_miou=all_background.miou() * 100,
+                         **extra)
     write_metrics(out, report)
-    log.info("seed mIoU %.2f at background threshold %g (all-background %.2f)",
-             report["miou"], thresholds[best_i], report["all_background_miou"])
+    log.info("seed mIoU %.2f (%s protocol); constant sweep %.2f at %g%s (all-background %.2f)",
+             report["miou"], background, extra["best"]["constant"], thresholds[best_t],
+             f"; percentile sweep of {att_name} {extra['best']['percentile']:.2f} at "
+             f"{extra['percentile']:g}" if att_name else "", report["all_background_miou"])
     return report
 
 
@@ -57,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     p = common.parser("eval-seeds", __doc__)
     p.add_argument("--index", required=True)
     p.add_argument("--seeds", required=True)
+    p.add_argument("--cams", help="cams.h5: the class-agnostic map of the percentile protocol")
     p.add_argument("--params", required=True, type=common.json_arg)
     p.add_argument("--out", required=True, help="seed_miou.txt (seed_metrics.json beside it)")
     p.add_argument("--split", default="train")
     a = p.parse_args(argv)
     return common.run_stage(a, eval_seeds, index=a.index, seeds=a.seeds, params=a.params,
-                            out=a.out, split=a.split)
+                            out=a.out, split=a.split, cams=a.cams)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 split (val by default), an optional dense CRF on the averaged probabilities, the predicted
 label maps as palette PNGs (`pred_dir/<id>.png`, so anyone can re-score them) and the mIoU.
 
+With `--from-method` the model file is the classifier of a single-stage method
+(`Method.single_stage`), whose own segmentation head (`Method.segment`) is evaluated the same
+way (multi-scale + flip + CRF, as such methods' papers do).
+
 The network runs in this process; the CRF, CPU-bound per image, runs in a pool of `threads`
 worker processes while the network goes on with the next images (at most 2 x threads images in
 flight, so memory stays bounded). The workers import only `ops.crf` (numpy + pydensecrf), so the
@@ -12,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -25,10 +30,11 @@ from ..data.index import DatasetIndex
 from ..errors import ConfigError, DataError
 from ..io import atomic_dir, save_label_png
 from ..metrics import ConfusionMatrix, write_metrics
-from ..ops.crf import crf_from_probs
+from ..checkpoint import load_method
+from ..models.segmentation import load_seg_model
+from ..ops.crf import crf_from_probs, die_with
 from ..seg_engine import predict_multiscale
 from . import common
-from .train_seg import load_seg_model
 
 log = logging.getLogger("wsss")
 
@@ -49,8 +55,37 @@ class _Done:
         return self._value
 
 
+class MethodSegmenter:
+    """A single-stage method's segmentation head as the network `predict_multiscale` runs:
+    images [B, 3, h, w] → class scores [B, C, h, w] (background first)."""
+
+    def __init__(self, method) -> None:
+        self.method = method
+
+    def eval(self) -> "MethodSegmenter":
+        self.method.eval()
+        return self
+
+    def __call__(self, images):
+        return self.method.segment(images)
+
+
+def load_predictor(model: str | Path, device, from_method: bool = False):
+    """(network, record) of a segmentation model file, or with `from_method` of a single-stage
+    method's classifier file (ConfigError when the method is not single-stage)."""
+    if not from_method:
+        return load_seg_model(model, device)
+    method = load_method(model, device)
+    if not method.single_stage:
+        raise ConfigError(f"{model}: method {method.name!r} does not predict segmentation itself "
+                          f"(single_stage is false); evaluate its segmentation network instead")
+    return MethodSegmenter(method), {"model": f"method:{method.name}", "encoder": "",
+                                     "num_classes": method.num_classes}
+
+
 def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path,
-             pred_dir: str | Path, split: str = "val", threads: int | None = None) -> dict:
+             pred_dir: str | Path, split: str = "val", threads: int | None = None,
+             from_method: bool = False) -> dict:
     """Predict every image of `split`; write `pred_dir/<id>.png`, `out` (seg_miou.txt) and the
     seg_metrics.json beside it; return the metrics report."""
     missing = [k for k in EVAL_KEYS if k not in params]
@@ -59,7 +94,7 @@ def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path
     common.set_threads(threads)
     idx = DatasetIndex.load(index)
     device = common.get_device()
-    net, meta = load_seg_model(model, device)
+    net, meta = load_predictor(model, device, from_method)
     if int(meta["num_classes"]) != idx.num_classes:
         raise DataError(f"{model}: trained for {meta['num_classes']} classes but {index} has "
                         f"{idx.num_classes}")
@@ -73,7 +108,7 @@ def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path
     ids = idx.ids(split)
     cm = ConfusionMatrix(idx.num_classes)
     t0 = time.perf_counter()
-    pool = (ProcessPoolExecutor(max_workers=workers,
+    pool = (ProcessPoolExecutor(max_workers=workers, initializer=die_with, initargs=(os.getpid(),),
                                 mp_context=multiprocessing.get_context("forkserver"))
             if use_crf and workers > 1 else None)
     pending: deque[tuple[str, Future | _Done]] = deque()
@@ -123,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pred", required=True, help="folder for the predicted label PNGs")
     p.add_argument("--split", default="val")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--from-method", action="store_true",
+                   help="--model is the classifier of a single-stage method: evaluate its own head")
     a = p.parse_args(argv)
     return common.run_stage(a, eval_seg, index=a.index, model=a.model, params=a.params,
-                            out=a.out, pred_dir=a.pred, split=a.split, threads=a.threads)
+                            out=a.out, pred_dir=a.pred, split=a.split, threads=a.threads,
+                            from_method=a.from_method)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 Per image and map: for each scale, one forward of (image, mirrored image) per branch; each
 per-scale map is resized bilinearly straight to the image size (and to stride 4 for maps the
 random walk propagates), summed over scales, restricted to the image's classes and divided by
-its spatial maximum (+1e-5). Class-agnostic maps (CoBra's attention) are summed, not
-normalised (their thresholds are read from the raw values).
+its spatial maximum (+1e-5). Class-agnostic maps (e.g. a ViT's attention) are summed, not
+normalised (their thresholds are read from the raw values). The file records which map plays
+which role downstream (`roles`: the map to walk, the maps to fuse, the class-agnostic map).
 
 Sharding (`--shard i/n`): shard i exports the i-th of n contiguous blocks of the split's ids
 and records `shard = "i/n"`; `merge_cams` joins the n files into one cams.h5. Each image is
@@ -13,6 +14,7 @@ byte-identical to an unsharded export's.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -24,13 +26,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..checkpoint import load_method
 from ..data.datasets import MultiScaleDataset, collate_single
 from ..data.index import DatasetIndex
 from ..errors import ConfigError
 from ..map_store import MapWriter
 from ..methods.base import Method
 from . import common
-from .train_classifier import load_trained
 
 log = logging.getLogger("wsss")
 
@@ -93,7 +95,8 @@ def export_cams(index: str | Path, model: str | Path, params: dict, out: str | P
     common.set_threads(threads)
     idx = DatasetIndex.load(index)
     device = common.get_device()
-    method = load_trained(model, device)
+    method = load_method(model, device)
+    roles = method.map_roles()
     scales = list(params["scales"])
     image_ids = ids if ids is not None else idx.ids(split)
     if shard is not None:
@@ -102,7 +105,7 @@ def export_cams(index: str | Path, model: str | Path, params: dict, out: str | P
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_single, num_workers=0)
     attrs = {"method": method.name, "scales": json.dumps(scales), "flip": 1,
              "params": json.dumps(method.params, sort_keys=True), "split": split,
-             "propagate_map": method.propagate_map + "_s4",
+             "propagate_map": roles.walk + "_s4", "roles": dataclasses.asdict(roles),
              "dataset": idx.name, "num_classes": idx.num_classes}
     if shard is not None:
         attrs["shard"] = "{}/{}".format(*shard)  # merge_cams checks and drops it

@@ -1,10 +1,10 @@
-"""Stage `ir_labels`: IRN training labels from the fused seeds (cobra.md §8, irn.md §11).
+"""Stage `ir_labels`: IRN training labels from the fused seeds (docs/algorithms.md §ir-labels).
 
 Per image a strict and a lenient pass (constant background score, argmax, dense CRF) are
 combined: class where the strict pass says so, background where both agree, 255 (ignore)
 where only the lenient pass sees foreground. The two background scores are either fixed (IRN:
-0.30 / 0.05) or read per image from CoBra's attention map (93rd percentile on a 0.05 grid,
-fg = bg + 0.5).
+0.30 / 0.05) or read per image (`percentile`) from the class-agnostic map the method declares
+(its `agnostic` role in cams.h5: 93rd percentile on a 0.05 grid, fg = bg + 0.5).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 from ..data.index import DatasetIndex
 from ..errors import ConfigError
 from ..io import atomic_dir, save_label_png, write_json
-from ..map_store import MapReader
+from ..map_store import MapReader, map_roles
 from ..ops.crf import CRFParams, map_pool, pool_chunks
 from ..ops.refine import attention_thresholds, ir_label
 from . import common
@@ -40,7 +40,7 @@ def thresholds_for(params: dict, cams: MapReader | None, image_id: str) -> tuple
     """(fg, bg) background scores of the strict and lenient passes for one image."""
     if params["thresholds"] == "fixed":
         return params["fg"], params["bg"]
-    att = cams.get(image_id, "attention")
+    att = cams.get(image_id, map_roles(cams.attrs).agnostic)
     bg, fg = attention_thresholds(att, params["percentile"], params["grid"], params["gap"])
     return fg, bg
 
@@ -48,9 +48,9 @@ def thresholds_for(params: dict, cams: MapReader | None, image_id: str) -> tuple
 def _chunk(job: _Job) -> list[tuple[str, float, float]]:
     idx = DatasetIndex.load(job.index)
     crf = CRFParams(**job.params["crf"])
-    attention = job.params["thresholds"] == "attention"
+    per_image = job.params["thresholds"] == "percentile"
     done = []
-    with MapReader(job.seeds) as seeds, (MapReader(job.cams) if attention else nullcontext()) as cams:
+    with MapReader(job.seeds) as seeds, (MapReader(job.cams) if per_image else nullcontext()) as cams:
         for image_id in job.ids:
             fg, bg = thresholds_for(job.params, cams, image_id)
             label = ir_label(idx.image(image_id), seeds.get(image_id, "seed"), seeds.keys(image_id),
@@ -62,21 +62,22 @@ def _chunk(job: _Job) -> list[tuple[str, float, float]]:
 
 def ir_labels(index: str | Path, seeds: str | Path, cams: str | Path, params: dict,
               out: str | Path, threads: int = 1) -> None:
-    if params["thresholds"] not in ("fixed", "attention"):
-        raise ConfigError(f"config key ir_labels.thresholds: {params['thresholds']!r} is not fixed or attention")
+    if params["thresholds"] not in ("fixed", "percentile"):
+        raise ConfigError(f"config key ir_labels.thresholds: {params['thresholds']!r} is not fixed or percentile")
     with MapReader(seeds) as reader:
         ids = reader.ids()
-    if params["thresholds"] == "attention":
+    if params["thresholds"] == "percentile":
         with MapReader(cams) as reader:
-            if "attention" not in reader.map_names:
-                raise ConfigError(f"config key ir_labels.thresholds: 'attention' needs an attention map, "
-                                  f"but {cams} holds {reader.map_names}; use thresholds: fixed")
+            agnostic = map_roles(reader.attrs).agnostic
+            if not agnostic or agnostic not in reader.map_names:
+                raise ConfigError(f"config key ir_labels.thresholds: 'percentile' needs a class-agnostic "
+                                  f"map, but the method of {cams} declares none; use thresholds: fixed")
     with atomic_dir(out) as tmp:
         jobs = [_Job(str(index), str(seeds), str(cams), params, c, str(tmp))
                 for c in pool_chunks(ids, threads)]
         scores = {i: (fg, bg) for chunk in map_pool(_chunk, jobs, threads) for i, fg, bg in chunk}
         done = [(i, *scores[i]) for i in ids]
-        # the per-image background scores, for auditing the attention-derived thresholds
+        # the per-image background scores, for auditing the per-image thresholds
         write_json(Path(tmp) / "thresholds.json", {i: {"fg": fg, "bg": bg} for i, fg, bg in done})
     fgs = np.array([fg for _, fg, _ in done])
     log.info("%d IR labels (%s thresholds; mean fg %.3f)", len(done), params["thresholds"],

@@ -1,5 +1,5 @@
 """Stage `make_masks`: pseudo masks (palette PNG) for every train_aug image from rw.h5,
-with IRN's rule (global max, constant background) or CoBra's (per-class alpha·max + min),
+with the `global_max` rule (IRN: constant background) or `per_class_alpha` (alpha·max + min),
 optionally refined by a dense CRF. CPU work runs in a process pool sized from threads."""
 from __future__ import annotations
 

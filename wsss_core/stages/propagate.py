@@ -1,12 +1,12 @@
 """Stage `propagate`: boundary maps from the trained IRN and the random walk of the stride-4
-CAM (irn.md §7-8), upsampled to image size and stored in rw.h5.
+CAM (docs/algorithms.md §walk), upsampled to image size and stored in rw.h5.
 
 This is the expensive half of mask making; it is its own artifact so that changing the mask
 rule's threshold (alpha / bg) re-runs only mask writing and evaluation.
 
-`source: method` walks the stride-4 map the method designates (IRN: the CAM; CoBra: the ViT
-CAM, cobra.md §9); `source: fused` walks the fused seed at stride 4 from seeds.h5 (the [FIX]
-of cobra.md §6, so the walk sees what the IR labels were made from).
+`source: method` walks the stride-4 map the method declares to walk (its `walk` role in
+cams.h5); `source: fused` walks the fused seed at stride 4 from seeds.h5, so the walk sees what
+the IR labels were made from (docs/algorithms.md §walk).
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from ..data import transforms as T
 from ..data.index import DatasetIndex
 from ..errors import ConfigError, DataError
 from ..map_store import MapReader, MapWriter
+from ..models.irn import load_irn
 from ..ops.random_walk import random_walk, upsample_rw
 from . import common
-from .train_irn import load_irn
 
 log = logging.getLogger("wsss")
 

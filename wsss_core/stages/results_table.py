@@ -7,20 +7,19 @@ import json
 import re
 from pathlib import Path
 
-from ..audit.artifacts import read_benchmark
+from ..audit.artifacts import BENCHMARK_RULES, read_benchmark
 from ..errors import DataError
 from ..io import write_text
 from . import common
 
-STAGES = ("train_classifier", "export_cams", "fuse_seeds", "eval_seeds", "ir_labels", "train_irn",
-          "propagate", "make_masks", "eval_masks", "train_seg", "eval_seg")
+#: the timed stages of the table: the benchmarked rules but the mask sweep (a diagnostic)
+STAGES = tuple(r for r in BENCHMARK_RULES if r != "sweep_masks")
 
-#: published VOC 2012 numbers, for reference only (cobra.md §10: CoBra Tab. 1/2; the IRN row
-#: is the baseline quoted in CoBra's Tab. 1; segmentation: DeepLabV3+ ResNet-101, val)
-PAPER_VOC = {
-    "cam": {"seed": 48.8, "mask": 66.3, "seg": None, "source": "IRN, as quoted in CoBra Tab. 1"},
-    "cobra": {"seed": 62.3, "mask": 73.5, "seg": 74.0, "source": "CoBra Tab. 1 / Tab. 2"},
-}
+
+def paper_voc() -> dict[str, dict]:
+    """Published VOC 2012 numbers each registered method declares (`Method.published`)."""
+    from ..methods import list_methods, method_class
+    return {m: method_class(m).published for m in list_methods() if method_class(m).published}
 
 
 def _miou(path: Path) -> float | None:
@@ -36,8 +35,14 @@ def _seconds(bench: Path) -> float | None:
     return None if record is None else record.seconds
 
 
-def collect(results: Path, dataset: str, methods: list[str]) -> list[dict]:
+def methods_with_results(results: Path, dataset: str) -> list[str]:
+    """The method folders of results/<dataset> that hold a seed mIoU, sorted."""
+    return sorted(p.parent.name for p in (Path(results) / dataset).glob("*/seed_miou.txt"))
+
+
+def collect(results: Path, dataset: str, methods: list[str] | None) -> list[dict]:
     rows = []
+    methods = methods or methods_with_results(results, dataset)
     for m in methods:
         base = results / dataset / m
         if not base.is_dir():
@@ -55,7 +60,7 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 
 
 def markdown(rows: list[dict], dataset: str, shared: dict[str, float | None]) -> str:
-    lines = [f"| method | seed mIoU | IR-label mIoU | mask mIoU | seg mIoU |", "|---|---|---|---|---|"]
+    lines = ["| method | seed mIoU | IR-label mIoU | mask mIoU | seg mIoU |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {_fmt(r['seed'])} | {_fmt(r['ir_label'])} | {_fmt(r['mask'])} "
                      f"| {_fmt(r['seg'])} |")
@@ -69,13 +74,14 @@ def markdown(rows: list[dict], dataset: str, shared: dict[str, float | None]) ->
     lines += ["", f"Shared by all methods: {data}.", "",
               "For reference only, the papers' PASCAL VOC 2012 numbers (seeds and masks on `train`, "
               "segmentation DeepLabV3+ ResNet-101 on `val`) — not produced by this repository:", "",
-              "| method | seed mIoU | mask mIoU | seg mIoU | source |", "|---|---|---|---|---|"]
-    for m, p in PAPER_VOC.items():
-        lines.append(f"| {m} (paper) | {_fmt(p['seed'], 1)} | {_fmt(p['mask'], 1)} | {_fmt(p['seg'], 1)} | {p['source']} |")
+              "| method | seed mIoU | mask mIoU | seg mIoU | source | protocol |", "|---|---|---|---|---|---|"]
+    for m, p in paper_voc().items():
+        lines.append(f"| {m} (paper) | {_fmt(p['seed'], 1)} | {_fmt(p['mask'], 1)} | {_fmt(p['seg'], 1)} "
+                     f"| {p['source']} | {p.get('protocol', '')} |")
     return "\n".join(lines) + "\n"
 
 
-def results_table(results: str | Path, dataset: str, methods: list[str], out: str | Path | None = None,
+def results_table(results: str | Path, dataset: str, methods: list[str] | None, out: str | Path | None = None,
                   readme: str | Path | None = None) -> str:
     results = Path(results)
     rows = collect(results, dataset, methods)
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p = common.parser("results-table", __doc__)
     p.add_argument("--results", default="results")
     p.add_argument("--dataset", default="toy")
-    p.add_argument("--methods", nargs="+", default=["cam", "cobra"])
+    p.add_argument("--methods", nargs="+", help="default: every method with results")
     p.add_argument("--out", help="write the Markdown table to this file")
     p.add_argument("--readme", help="replace the table between <!-- results:DATASET:start/end --> markers")
     a = p.parse_args(argv)

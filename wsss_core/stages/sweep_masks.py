@@ -1,6 +1,6 @@
-"""Stage `sweep_masks`: the mask rule's threshold (CoBra's alpha, IRN's background score)
+"""Stage `sweep_masks`: the mask rule's threshold (per_class_alpha's alpha, global_max's bg)
 swept over a full grid without CRF on the evaluation split, arg-max reported (the [FIX] of
-irn.md §9.3: no stop-at-first-decrease). Reads only rw.h5, so it never re-runs the walk."""
+docs/algorithms.md §irn: no stop-at-first-decrease). Reads only rw.h5, so it never re-runs the walk."""
 from __future__ import annotations
 
 import logging
@@ -12,10 +12,9 @@ from tqdm import tqdm
 from ..data.index import DatasetIndex
 from ..io import write_json
 from ..map_store import MapReader
-from ..masks import pseudo_mask, rule_threshold
-from ..metrics import ConfusionMatrix
+from ..masks import RULE_PARAMETER, pseudo_mask, rule_threshold
+from ..metrics import ConfusionMatrix, threshold_grid
 from . import common
-from .eval_seeds import threshold_grid
 
 log = logging.getLogger("wsss")
 
@@ -32,7 +31,7 @@ def sweep_masks(index: str | Path, rw: str | Path, params: dict, out: str | Path
                 cm.update(pseudo_mask(None, rw_up, keys, params, threshold=t, crf=False), gt)
     curve = {f"{t:g}": cm.miou() * 100 for t, cm in zip(grid, cms)}
     best = int(np.nanargmax([cm.miou() for cm in cms]))
-    report = {"rule": params["rule"], "parameter": "alpha" if params["rule"] == "cobra" else "bg",
+    report = {"rule": params["rule"], "parameter": RULE_PARAMETER[params["rule"]],
               "best": grid[best], "best_miou": cms[best].miou() * 100,
               "configured": rule_threshold(params), "crf": False, "split": split, "curve": curve}
     write_json(out, report)

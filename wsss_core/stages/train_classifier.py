@@ -1,24 +1,17 @@
 """Stage `train_classifier`: train a method's classifier on train_aug with image labels."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
-import torch
-
 from ..data.datasets import ClassificationDataset
 from ..data.index import DatasetIndex
-from ..engine import FitConfig, data_parallel, distributed, fit, save_checkpoint
+from ..checkpoint import fingerprint, pretrained_blocks, save_model
+from ..engine import FitConfig, data_parallel, distributed, finish, fit, resume_key
 from ..methods import create_method
 from . import common
 
 log = logging.getLogger("wsss")
-
-
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def train_classifier(index: str | Path, method: dict, params: dict, out: str | Path,
@@ -35,44 +28,39 @@ def train_classifier(index: str | Path, method: dict, params: dict, out: str | P
         optimizers = model.optimizers(params["lr"], params["weight_decay"], params["momentum"],
                                       params["optimizer"])
         model.distribute(lambda m: data_parallel(m, device, model.partial_losses))
+        extra = model.extra_input_fns()
+        if set(extra) != set(model.extra_inputs):
+            raise ValueError(f"method {model.name!r}: extra_input_fns gives {sorted(extra)}, "
+                             f"extra_inputs declares {sorted(model.extra_inputs)} (a bug in the plug-in)")
+        # computed once per image, beside the model, under the settings they were made with
+        cache = out.parent / "extra_inputs" / fingerprint(method)[:16] if extra else None
         dataset = ClassificationDataset(idx, "train_aug", params["crop"], params["scale_range"],
-                                        seed=params["seed"])
+                                        seed=params["seed"], extra=extra, extra_cache=cache,
+                                        views=model.train_views())
         log.info("%s on %s: %d images, %d epochs, batch %d, device %s, %d process(es)",
                  method["plugin"], idx.name, len(dataset), params["epochs"], params["batch_size"],
                  device, dist.world_size)
         cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
                         poly_power=params["poly_power"], num_workers=params["num_workers"],
-                        desc=f"train {method['plugin']}", stage="train_classifier")
+                        desc=f"train {method['plugin']}", stage="train_classifier",
+                        precision=params["precision"])
         fit(dataset, cfg, model.training_step, optimizers, model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
             device=device, resume=resume, after_step=model.after_step, train_mode=model.train,
-            fingerprint=fingerprint(method, params, idx.ids("train_aug")))
+            fingerprint=resume_key(method, params, idx.ids("train_aug"),
+                                   files=[index, *idx.image_files("train_aug"),
+                                          *_weight_files(method)]))
         if dist.is_main:
-            save_checkpoint(out, {"method": method, "num_classes": idx.num_classes,
-                                  "train_params": params, "state": model.state_dict()})
+            save_model(out, "classifier", model.state_dict(), method=method,
+                       num_classes=idx.num_classes, train_params=params)
+        finish(out.with_name("checkpoint.pt"))
     return out
 
 
-def load_trained(path: str | Path, device: torch.device):
-    """The trained method (eval mode) from a model.pt written by this stage."""
-    from ..engine import load_checkpoint
-    ck = load_checkpoint(Path(path), map_location=device)
-    method = dict(ck["method"])
-    # weights come from the checkpoint: never fetch ImageNet weights again
-    for block in _model_blocks(method.get("model", {})):
-        block["pretrained"] = False
-    m = create_method(method, int(ck["num_classes"]), train_params=ck.get("train_params"))
-    m.load_state_dict(ck["state"])
-    m.to(device).eval()
-    return m
-
-
-def _model_blocks(model: dict):
-    if "pretrained" in model:
-        yield model
-    for v in model.values():
-        if isinstance(v, dict):
-            yield from _model_blocks(v)
+def _weight_files(method: dict) -> list[str]:
+    """ImageNet weight files a method's blocks name (`pretrained_file`): the run starts from them."""
+    return [b["pretrained_file"] for b in pretrained_blocks(method)
+            if b.get("pretrained") and b.get("pretrained_file")]
 
 
 def main(argv: list[str] | None = None) -> int:

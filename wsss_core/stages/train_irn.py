@@ -1,6 +1,6 @@
 """Stage `train_irn`: train IRN's boundary and displacement branches on the IR labels.
 
-The backbone is frozen (irn.md §2.1): ImageNet weights in the paper presets, or — for presets
+The backbone is frozen (docs/algorithms.md §irn): ImageNet weights in the paper presets, or — for presets
 trained from scratch, where no ImageNet weights exist — the trained classifier's CNN backbone
 (`backbone_from: classifier`), so that the boundary branch reads features that mean something.
 """
@@ -13,13 +13,14 @@ import torch
 
 from ..data.datasets import IRNDataset
 from ..data.index import DatasetIndex
-from ..engine import FitConfig, data_parallel, distributed, fit, load_checkpoint, save_checkpoint
+from ..checkpoint import classifier_backbone_state, save_model
+from ..engine import FitConfig, data_parallel, distributed, finish, fit, resume_key
 from ..errors import ConfigError
-from ..methods.base import StepContext, make_optimizer
+from ..methods.base import StepContext
+from ..optim import make_optimizer
 from ..models.irn import IRN, affinity_displacement_loss
 from ..ops.path_index import PathIndex, affinity_labels
 from . import common
-from .train_classifier import fingerprint
 
 log = logging.getLogger("wsss")
 
@@ -32,10 +33,8 @@ def build_irn(params: dict, classifier: str | Path | None = None) -> IRN:
     if source == "classifier":
         if classifier is None:
             raise ConfigError("config key train_irn.backbone_from: 'classifier' needs the classifier model")
-        state = load_checkpoint(Path(classifier))["state"]["cnn"]
-        sub = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         try:
-            model.backbone.load_state_dict(sub)
+            model.backbone.load_state_dict(classifier_backbone_state(classifier))
         except RuntimeError as e:
             raise ConfigError(f"config key train_irn.backbone: {params['backbone']!r} does not match "
                               f"the classifier's CNN backbone ({str(e).splitlines()[0]})") from None
@@ -77,22 +76,27 @@ def train_irn(index: str | Path, labels: str | Path, params: dict, out: str | Pa
 
         cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
                         poly_power=params["poly_power"], num_workers=params["num_workers"],
-                        desc="train irn", stage="train_irn")
+                        desc="train irn", stage="train_irn",
+                        precision=params["precision"])
         fit(dataset, cfg, step, [opt], model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
             device=device, resume=resume, train_mode=model.train,
-            fingerprint=fingerprint(params, idx.ids("train_aug"), str(classifier)))
+            fingerprint=resume_key(params, idx.ids("train_aug"),
+                                   files=[index, labels, *idx.image_files("train_aug"),
+                                          *_start_files(params, classifier)]))
         if dist.is_main:
-            save_checkpoint(out, {"params": params, "state": model.state_dict()})
+            save_model(out, "irn", model.state_dict(), params=params)
+        finish(out.with_name("checkpoint.pt"))
     return out
 
 
-def load_irn(path: str | Path, device: torch.device) -> tuple[IRN, dict]:
-    ck = load_checkpoint(Path(path), map_location=device)
-    params = dict(ck["params"])
-    model = IRN(params["backbone"], strides=tuple(params["strides"]))
-    model.load_state_dict(ck["state"])
-    return model.to(device).eval(), params
+def _start_files(params: dict, classifier: str | Path | None) -> list[str | Path]:
+    """The weight files the backbone starts from (the classifier or a pretrained_file)."""
+    if params["backbone_from"] == "classifier":
+        return [classifier] if classifier else []
+    if params["backbone_from"] == "imagenet" and params.get("pretrained_file"):
+        return [params["pretrained_file"]]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:

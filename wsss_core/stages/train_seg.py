@@ -13,7 +13,6 @@ an encoder per architecture (`encoders`) and per-architecture overrides (`per_mo
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -22,24 +21,23 @@ from torch import nn
 
 from ..data.index import DatasetIndex
 from ..data.seg_dataset import SegmentationDataset
-from ..engine import FitConfig, data_parallel, distributed, fit, load_checkpoint, save_checkpoint
-from ..errors import ConfigError, DataError, WeightsError
+from ..checkpoint import classifier_backbone_state, save_model
+from ..engine import FitConfig, data_parallel, distributed, finish, fit, resume_key
+from ..errors import ConfigError, DataError
 from ..methods.base import StepContext
+from ..optim import make_optimizer
 from ..models.segmentation import SEG_MODELS, create_seg_model, load_classifier_backbone, param_groups
 from ..seg_engine import SegTrainAugment, segmentation_loss
 from . import common
-from .train_classifier import fingerprint
 
 log = logging.getLogger("wsss")
 
-#: written into model.pt so a reader can tell the format
-SEG_MODEL_FORMAT = "wsss-seg-1"
 #: config-block keys that select per architecture and are absent from resolved parameters
 _SELECTION_KEYS = ("encoders", "per_model")
 #: the keys of a resolved (flat) parameter block
 TRAIN_KEYS = ("model", "encoder", "encoder_from", "pretrained", "pretrained_file", "output_stride", "crop",
               "batch_size", "epochs", "optimizer", "lr", "decoder_lr_mult", "momentum",
-              "weight_decay", "poly_power", "scale_range", "flip", "seed", "num_workers")
+              "weight_decay", "poly_power", "scale_range", "flip", "precision", "seed", "num_workers")
 
 
 def resolve_seg_params(block: dict, model: str | None = None) -> dict:
@@ -69,25 +67,6 @@ def _check_params(params: dict) -> None:
         raise ConfigError(f"train_seg parameter {missing[0]!r} missing (have {sorted(params)})")
 
 
-def build_optimizer(model: nn.Module, params: dict) -> torch.optim.Optimizer:
-    """Encoder at lr, decoder + head at lr x decoder_lr_mult; `base_lr` is what engine.fit's
-    poly schedule scales."""
-    groups = param_groups(model, params["lr"], params["decoder_lr_mult"])
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    if params["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=params["lr"], momentum=params["momentum"],
-                               weight_decay=params["weight_decay"])
-    if params["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, lr=params["lr"], weight_decay=params["weight_decay"])
-    raise ConfigError(f"train_seg optimizer {params['optimizer']!r} unknown; choose sgd or adamw")
-
-
-def file_digest(path: str | Path | None) -> str:
-    """SHA-256 of a file's bytes (the initial weights are part of what a resume must match)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
-
-
 def build_seg_model(params: dict, num_classes: int, classifier: str | Path | None) -> nn.Module:
     """The architecture of `params`, its encoder initialised as `encoder_from` says: `weights`
     (the `pretrained` / `pretrained_file` policy) or `classifier` (the trained classifier's CNN
@@ -102,8 +81,8 @@ def build_seg_model(params: dict, num_classes: int, classifier: str | Path | Non
         if classifier is None:
             raise ConfigError("config key train_seg.encoder_from: 'classifier' needs the classifier "
                               "model (--classifier classifier/model.pt)")
-        state = load_checkpoint(Path(classifier))["state"]["cnn"]
-        load_classifier_backbone(model.encoder, state, params["encoder"], source=str(classifier))
+        load_classifier_backbone(model.encoder, classifier_backbone_state(classifier),
+                                 params["encoder"], source=str(classifier))
     return model
 
 
@@ -125,7 +104,9 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
     device = common.get_device()
     with distributed(device) as dist:
         model = build_seg_model(params, idx.num_classes, classifier).to(device)
-        optimizer = build_optimizer(model, params)
+        # encoder at lr, decoder + head at lr x decoder_lr_mult
+        optimizer = make_optimizer(param_groups(model, params["decoder_lr_mult"]), params["lr"],
+                                   params["weight_decay"], params["momentum"], params["optimizer"])
         net = data_parallel(model, device)  # training forwards go through it
         log.info("%s/%s on %s: %d images, %d epochs, batch %d, crop %d, device %s, "
                  "%d process(es)", params["model"], params["encoder"], idx.name, len(dataset),
@@ -142,40 +123,30 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
 
         cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
                         poly_power=params["poly_power"], num_workers=params["num_workers"],
-                        desc=f"train {params['model']}", stage="train_seg")
+                        desc=f"train {params['model']}", stage="train_seg",
+                        precision=params["precision"])
         fit(dataset, cfg, step, [optimizer], model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
             device=device, resume=resume, train_mode=model.train,
-            fingerprint=fingerprint(params, idx.num_classes, dataset.ids, dataset.masks_digest(),
-                                    file_digest(classifier) if params["encoder_from"] == "classifier"
-                                    else ""))
+            fingerprint=resume_key(params, idx.num_classes, dataset.ids,
+                                   files=[index, *idx.image_files("train_aug"), *dataset.mask_files(),
+                                          *_start_files(params, classifier)]))
         if dist.is_main:
-            save_checkpoint(out, {
-                "format": SEG_MODEL_FORMAT, "model": params["model"], "encoder": params["encoder"],
-                "output_stride": params["output_stride"], "num_classes": idx.num_classes,
-                "class_names": idx.class_names, "params": params,
-                "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            })
+            save_model(out, "segmentation", {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                       model=params["model"], encoder=params["encoder"],
+                       output_stride=params["output_stride"], num_classes=idx.num_classes,
+                       class_names=idx.class_names, params=params)
+        finish(out.with_name("checkpoint.pt"))
     return out
 
 
-def load_seg_model(path: str | Path, device: torch.device | str) -> tuple[nn.Module, dict]:
-    """The trained network (eval mode, on `device`) and the model.pt record without weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: segmentation model not found; run the train_seg stage first")
-    try:
-        record = load_checkpoint(path, map_location="cpu")
-    except Exception as e:
-        raise WeightsError(f"{path}: cannot read the segmentation model ({type(e).__name__})") from None
-    if not isinstance(record, dict) or record.get("format") != SEG_MODEL_FORMAT:
-        raise WeightsError(f"{path}: not a {SEG_MODEL_FORMAT} model written by train_seg")
-    # the weights come from the file: never look for ImageNet weights again
-    model = create_seg_model(record["model"], record["encoder"], int(record["num_classes"]),
-                             pretrained=False, output_stride=int(record["output_stride"]))
-    model.load_state_dict(record["state"])
-    meta = {k: v for k, v in record.items() if k != "state"}
-    return model.to(device).eval(), meta
+def _start_files(params: dict, classifier: str | Path | None) -> list[str | Path]:
+    """The weight files the encoder starts from (the classifier or a pretrained_file)."""
+    if params["encoder_from"] == "classifier":
+        return [classifier] if classifier else []
+    if params["pretrained"] and params.get("pretrained_file"):
+        return [params["pretrained_file"]]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
