@@ -3,6 +3,7 @@ filter; the spec's testable invariants (§21); the paper preset on CPU with rand
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -482,6 +483,9 @@ def test_tiny_method_step_state_roundtrip_and_segmentation():
     torch.testing.assert_close(m2.reservoir.feats, m.reservoir.feats)
     torch.testing.assert_close(m2.prototypes, m.prototypes)
     torch.testing.assert_close(m2.models["teacher"].state_dict(), m.models["teacher"].state_dict())
+    views = m.train_views()  # the data loader's workers receive it pickled
+    assert pickle.loads(pickle.dumps(views)).keywords == views.keywords == {
+        "crop": 32, "scale_range": (250, 1000), "flip_whole": True}
     m.eval()
     assert m.single_stage
     seg = m.segment(torch.randn(2, 3, 20, 28))

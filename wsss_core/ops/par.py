@@ -1,7 +1,7 @@
 """PAR: pixel-adaptive refinement of soft masks by colour and position affinities.
 
-From AFA (CVPR 2022), used by ToCo and SeCo for their online pseudo labels; formulas in
-docs/methods/seco.md ("PAR"), official file `model/PAR.py`. Every pixel looks at 8 neighbours
+From AFA (CVPR 2022, "pixel-adaptive refinement"), used by ToCo and the single-stage methods
+built on it for their online pseudo labels; official file `model/PAR.py` (AFA, ToCo). Every pixel looks at 8 neighbours
 per dilation d (offsets (-d,-d), (-d,0), (-d,+d), (0,-d), (0,+d), (+d,-d), (+d,0), (+d,+d),
 dilation-major), replicate padding at the border; the weights
 
@@ -78,8 +78,8 @@ def par_refine(image: torch.Tensor, masks: torch.Tensor,
 
     image: [B, 3, h, w] float in [0, 1]; masks: [B, K, h', w'] float (any K), resized to (h, w)
     bilinearly with align_corners=True first. Returns [B, K, h, w] in masks' dtype. Gradients
-    are not blocked (callers use it under no_grad). Source: AFA/ToCo/SeCo `model/PAR.py`;
-    SeCo paper §3.2 (online pseudo labels).
+    are not blocked (callers use it under no_grad). Source: the AFA paper (PAR module), official
+    `model/PAR.py`.
     """
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"par_refine: image must be [B, 3, h, w], got {tuple(image.shape)}")
