@@ -119,6 +119,8 @@ OFFICIAL_WEIGHTS = {
     "resnet50.tv_in1k": "resnet50-0676ba61.pth",
     "resnet152.tv_in1k": "resnet152-394f9c45.pth",
     "deit_small_patch16_224.fb_in1k": "deit_small_patch16_224-cd65a155.pth",
+    # no download exists: the official Conformer_small_patch16.pth comes as model.pretrained_file
+    "conformer_small_patch16.in1k": "",
 }
 SEG_WEIGHTS = {"resnet101.imagenet": "smp-hub/resnet101.imagenet",
                "mit_b2.imagenet": "smp-hub/mit_b2.imagenet"}

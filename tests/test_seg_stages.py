@@ -219,7 +219,9 @@ def tiny_classifier(tmp_path_factory) -> Path:
     from wsss_core.methods import create_method
     cfg = load_config(REPO / "config.yaml")
     torch.manual_seed(4)
-    params, train = method_params(cfg, "toy", "cam"), stage_params(cfg, "toy", "cam", "train_classifier")
+    params = method_params(cfg, "toy", "cam")  # the tiny preset's Lite0 swapped for resnet_tiny
+    params["model"] = dict(params["model"], backbone="resnet_tiny", pretrained=False)
+    train = stage_params(cfg, "toy", "cam", "train_classifier")
     method = create_method(params, 9, train_params=train)
     path = tmp_path_factory.mktemp("cls") / "model.pt"
     save_model(path, "classifier", method.state_dict(), method=params, num_classes=9, train_params=train)

@@ -25,7 +25,8 @@ def setup(repo_root, toy_root, tmp_path_factory):
     params = dict(stage_params(cfg, "toy", "cobra", "train_classifier"), epochs=2, crop=48,
                   scale_range=[44, 56], batch_size=4)
     method = method_params(cfg, "toy", "cobra")
-    method["cobra"] = dict(method["cobra"], aux_start_epoch=1)  # both epochs kinds exercised
+    method["cobra"] = dict(method["cobra"], aux_start_epoch=1,
+                           top_bot_k=[3, 1, 1, 3])  # both epoch kinds; a 48-px crop is a 3x3 grid at stride 16
     return index_path, method, params
 
 

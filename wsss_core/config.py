@@ -151,7 +151,7 @@ def exit_with(error: WSSSError) -> NoReturn:
 
 
 def check_plugin_blocks(cfg: dict, cache: str | Path | None = None) -> None:
-    """The method plug-ins' own blocks (`model`, `cobra`, ...) of every (method, preset) in
+    """The method plug-ins' own blocks (`model` and the blocks each plug-in declares) of every (method, preset) in
     use, and the backbone names of the stage blocks: what the schema leaves to the plug-ins.
     This imports the plug-ins (torch, timm: seconds), so blocks that passed once are recorded
     in the folder `cache` (with the plug-in code's fingerprint) and not checked again.

@@ -1,6 +1,6 @@
 """Training precision (`precision: fp32 | bf16 | fp16`, a key of every training stage).
 
-fp32 trains in full precision, as the official IRN and CoBra code does. bf16 and fp16 run the
+fp32 trains in full precision, as the official code of the implemented papers does. bf16 and fp16 run the
 forward under `torch.autocast` with that dtype (on CUDA, or on the CPU where the CPU supports
 it); fp16 on CUDA also scales the loss (`torch.amp.GradScaler`), bf16 needs no scaling.
 

@@ -54,8 +54,8 @@ def seed_labels_sweep(seed: np.ndarray, keys: np.ndarray, thresholds) -> list[np
 
 def percentile_backgrounds(agnostic: np.ndarray, percentiles) -> np.ndarray:
     """Per-image background scores [len(percentiles)]: the θ-th percentiles of a class-agnostic
-    map [H, W] (float32, numpy's default linear interpolation over all H·W values), the
-    [OFFICIAL] rule of CoBra's `step/eval_cam.py` (cobra.md §7)."""
+    map [H, W] (float32, numpy's default linear interpolation over all H·W values), as in
+    docs/algorithms.md §seed-protocols."""
     return np.percentile(np.asarray(agnostic, dtype=np.float32), list(percentiles))
 
 

@@ -64,8 +64,15 @@ class MapSpec:
     """A map `infer` returns: class maps are per present class; agnostic maps are one channel."""
     name: str
     kind: str = "class"  # "class" | "agnostic"
-    normalize: bool = True  # class maps: divide by their spatial max after summing scales
+    # class maps, after summing scales: True divides by the spatial max; "minmax" maps each
+    # class's range onto [0, 1] (stages/export_cams.min_max_normalize); False keeps them raw
+    normalize: bool | str = True
     strided: bool = False  # also export at stride 4 (for the random walk)
+
+    def __post_init__(self) -> None:
+        if self.normalize not in (True, False, "minmax"):
+            raise ValueError(f"MapSpec {self.name!r}: normalize={self.normalize!r} is not "
+                             f"True, False or 'minmax'")
 
 
 class Method(ABC):

@@ -1,11 +1,11 @@
 """Stage `eval_seeds`: seed mIoU on the evaluation split, background score swept over a grid.
 
-Two protocols (cobra.md §7), each scored in one pass over the images (one confusion matrix per
+Two protocols (docs/algorithms.md §seed-protocols), each scored in one pass over the images (one confusion matrix per
 grid point) and reported at its arg-max:
   * constant: one background score for every image, swept over `thresholds` (IRN practice);
   * percentile: per image, the θ-th percentile of the method's class-agnostic map (numpy
-    linear percentile), θ swept over `percentiles` ([OFFICIAL] CoBra `step/eval_cam.py`; the
-    [FIX] of its early-stopping loop: the whole grid, arg-max reported).
+    linear percentile), θ swept over `percentiles` (the whole grid, arg-max reported; the
+    method page says which official script it reproduces).
 The constant sweep always runs; the percentile sweep runs whenever cams.h5 holds a
 class-agnostic map (`agnostic_map`: its name, or null for the only one there is).
 `background` says which protocol's arg-max is `seed_miou.txt`; seed_metrics.json keeps both

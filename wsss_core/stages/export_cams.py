@@ -3,7 +3,8 @@
 Per image and map: for each scale, one forward of (image, mirrored image) per branch; each
 per-scale map is resized bilinearly straight to the image size (and to stride 4 for maps the
 random walk propagates), summed over scales, restricted to the image's classes and divided by
-its spatial maximum (+1e-5). Class-agnostic maps (e.g. a ViT's attention) are summed, not
+its spatial maximum (+1e-5), or min-max normalised per class where the map's spec asks for it
+(`normalize="minmax"`). Class-agnostic maps (e.g. a ViT's attention) are summed, not
 normalised (their thresholds are read from the raw values). The file records which map plays
 which role downstream (`roles`: the map to walk, the maps to fuse, the class-agnostic map).
 
@@ -63,13 +64,29 @@ def image_maps(method: Method, scaled: list[torch.Tensor], size: tuple[int, int]
             m = sums[key]
             if spec.kind == "class":
                 m = m.index_select(0, idx)
-                if spec.normalize and m.shape[0]:
+                if spec.normalize == "minmax" and m.shape[0]:
+                    m = min_max_normalize(F.relu(m))
+                elif spec.normalize and m.shape[0]:
                     m = F.relu(m)
                     m = m / (m.flatten(1).max(dim=1).values[:, None, None] + 1e-5)
             else:
                 m = m[0]
             out[key] = m.cpu().numpy()
     return out
+
+
+def min_max_normalize(cams: torch.Tensor) -> torch.Tensor:
+    """Per-class min-max normalisation of clamped maps [K, H, W] (float), for `MapSpec`s with
+    `normalize="minmax"`; n and m are a class's minimum and maximum:
+    max(0, (cam - n - 1e-5) / (m - n + 1e-5)), shape and dtype kept.
+
+    Entries at or below n + 1e-5 become 0 rather than the negative values the plain formula
+    gives, so no map handed to the random walk is negative; every entry above keeps the
+    formula's value (the declaring method's page in docs/methods/ gives its source)."""
+    flat = cams.flatten(1)
+    n = flat.min(dim=1).values[:, None, None]
+    m = flat.max(dim=1).values[:, None, None]
+    return ((cams - n - 1e-5) / (m - n + 1e-5)).clamp_min(0)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

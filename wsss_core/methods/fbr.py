@@ -1,0 +1,611 @@
+"""`fbr`: Fine-grained Background Representation on the IRN-style ResNet CAM classifier.
+
+Host A of docs/methods/fbr.md (FBR, IEEE TCSVT 2024, §III): the CAM classifier gets a
+foreground and a background 1x1 projection head; from the detached CAM, every batch gets pseudo
+labels, class prototypes (top-k weighted means) and a set of uncertain query pixels per class.
+Each image's background features are clustered by K-means into NROIs that enter a FIFO memory
+bank; the FB loss pulls each query to its prototype against 256 NROIs, the IF loss against 256
+pixels of other foreground classes drawn by active sampling. An auxiliary background
+segmentation head, a FG/BG decorrelation term and TAP (thresholded average pooling) for the
+classification logits complete the training loss. Inference is the plain CAM.
+
+Conventions: feature maps are [B, D, h, w]; image labels [B, C] (foreground classes only);
+score maps [B, C+1, h, w] with channel 0 = background; pseudo labels [B, h, w] (long, 0 =
+background). Every switch that reproduces the official code (official files `region_utils.py`,
+`AMN/region_utils.py`, `network/resnet38_contrast.py`) is named below; defaults follow the paper.
+Similarities, softmaxes and normalisations run in fp32 even under autocast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.resnet_cam import ResNetCAM
+from ._registry import register_method
+from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
+from .cam import ResNetSettings
+
+EPS = 1e-8  # cosine similarity (official: torch.cosine_similarity's default)
+QUERY_MODES = ("quantile", "absolute", "all")
+
+
+# ----------------------------------------------------------------------------- TAP (§III-B1)
+
+def thresholded_avg_pool(f: torch.Tensor, theta: float) -> torch.Tensor:
+    """Thresholded average pooling, [B, D, h, w] → [B, D] (paper Supp. Eq. 11; official
+    `util/imutils.py: ThresholdedAvgPool2d`).
+
+    Per (b, k): the mean of the values of channel k strictly above `theta` times the channel's
+    spatial maximum; a channel with no such value (all zero) pools to 0. θ = 0 on positive
+    features is GAP. Gradient flows through the kept values only.
+    """
+    peak = f.amax(dim=(2, 3), keepdim=True)
+    keep = (f > theta * peak).to(f.dtype)
+    return (f * keep).sum(dim=(2, 3)) / keep.sum(dim=(2, 3)).clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------- network
+
+class FBRNet(ResNetCAM):
+    """ResNet CAM classifier + FBR heads (docs/methods/fbr.md §Host A).
+
+    `forward` (training) returns `cam` A [B, C, h, w] (raw W ⊛ F), `logits` z [B, C] = W·TAP(F)
+    (W·GAP(F) with `tap_threshold=None`), `fg` f = ReLU(P_f F) [B, d, h, w], `bg_pre` u = P_b F,
+    and with the BG head `bg_post` ReLU(BN(u)) and `bg_logit` g [B, 1, h, w]. `cam()` (inherited)
+    is the inference CAM: the heads never touch it.
+    """
+
+    def __init__(self, *args, proj_dim: int = 128, tap_threshold: float | None = 0.1,
+                 bg_seg: bool = True, bg_dropout: float = 0.5, **kwargs) -> None:
+        super().__init__(*args, with_background=False, proj_dim=None, **kwargs)
+        dim = self.backbone.out_channels[-1]
+        self.tap_threshold = tap_threshold
+        self.fg_proj = nn.Conv2d(dim, proj_dim, 1, bias=False)
+        self.bg_proj = nn.Conv2d(dim, proj_dim, 1, bias=False)
+        heads = [self.fg_proj, self.bg_proj]
+        self.bg_norm = self.bg_drop = self.bg_cls = None
+        if bg_seg:
+            self.bg_norm = nn.BatchNorm2d(proj_dim)
+            nn.init.ones_(self.bg_norm.weight)
+            nn.init.constant_(self.bg_norm.bias, 1e-4)
+            self.bg_drop = nn.Dropout(bg_dropout)
+            self.bg_cls = nn.Conv2d(proj_dim, 1, 1, bias=False)
+            heads.append(self.bg_cls)
+        for conv in heads:
+            nn.init.xavier_uniform_(conv.weight)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feat = self.features(x)
+        weight = self.classifier.weight.flatten(1)  # [C, D]
+        pooled = (thresholded_avg_pool(feat, self.tap_threshold) if self.tap_threshold is not None
+                  else feat.mean(dim=(2, 3)))
+        u = self.bg_proj(feat)
+        out = {"cam": self.classifier(feat), "logits": pooled @ weight.t(),
+               "fg": F.relu(self.fg_proj(feat)), "bg_pre": u}
+        if self.bg_norm is not None:
+            v = F.relu(self.bg_norm(u))
+            out["bg_post"] = v
+            out["bg_logit"] = self.bg_cls(self.bg_drop(v))
+        return out
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        mods = [self.fg_proj, self.bg_proj] + [m for m in (self.bg_norm, self.bg_cls) if m is not None]
+        return [p for m in mods for p in m.parameters()]
+
+
+# ----------------------------------------------------------------------------- pseudo labels
+
+@torch.no_grad()
+def host_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, bg_score: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores Ŝ [B, C+1, h, w], probabilities π (softmax over channels) and pseudo labels ŷ
+    [B, h, w] from the raw CAM A [B, C, h, w] (docs/methods/fbr.md §3.2).
+
+    Ŝ_0 = `bg_score`; Ŝ_c = ReLU(A_c) / (max ReLU(A_c) + 1e-5) · y_c. ŷ = argmax (first wins).
+    """
+    a = F.relu(cam.float())
+    norm = a / (a.amax(dim=(2, 3), keepdim=True) + 1e-5) * labels.float()[:, :, None, None]
+    scores = torch.cat([torch.full_like(norm[:, :1], bg_score), norm], dim=1)
+    return scores, scores.softmax(dim=1), scores.argmax(dim=1)
+
+
+# ----------------------------------------------------------------------------- prototypes
+
+@torch.no_grad()
+def class_prototypes(f: torch.Tensor, scores: torch.Tensor, pseudo: torch.Tensor, k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k weighted prototypes (paper Eq. 3), vectorised over classes.
+
+    f [B, d, h, w], scores Ŝ [B, C+1, h, w], pseudo ŷ [B, h, w]. For each channel c:
+    s_c = Ŝ_c · 1[ŷ = c]; over all B·h·w positions take the k largest s_c; ρ_c = Σ s_c f / Σ s_c.
+    Returns (ρ [C+1, d] fp32, valid [C+1] bool: a foreground class with Σ s_c > 0).
+    """
+    ch, d = scores.shape[1], f.shape[1]
+    own = scores.float() * F.one_hot(pseudo, ch).permute(0, 3, 1, 2)
+    own = own.transpose(0, 1).reshape(ch, -1)  # [C+1, B*h*w]
+    vals, idx = own.topk(min(k, own.shape[1]), dim=1)
+    feats = f.detach().float().permute(0, 2, 3, 1).reshape(-1, d)
+    wsum = vals.sum(dim=1)
+    protos = torch.einsum("ck,ckd->cd", vals, feats[idx]) / wsum.clamp_min(1e-12)[:, None]
+    valid = wsum > 0
+    valid[0] = False
+    return protos, valid
+
+
+# ----------------------------------------------------------------------------- queries
+
+def _group_sort(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per row, the permutation that sorts by group, then by value (both ascending)."""
+    by_value = values.argsort(dim=1, stable=True)
+    by_group = groups.gather(1, by_value).argsort(dim=1, stable=True)
+    return by_value.gather(1, by_group)
+
+
+@torch.no_grad()
+def query_mask(scores: torch.Tensor, probs: torch.Tensor, pseudo: torch.Tensor, mode: str = "quantile",
+               rho_q: float = 0.4, rho_e: float = 0.25, abs_thresh: float = 0.4,
+               sure_floor: float = 0.05) -> torch.Tensor:
+    """Query pixels [B, h, w] bool; a query of class c is a pixel with ŷ = c (paper Eq. 4,
+    official `get_reliable_pseudo_label`).
+
+    `quantile`: per image i and class c, V = sorted Ŝ_c over {ŷ = c, Ŝ_c > sure_floor},
+    t = V[⌊|V|·ρ_q⌋]; sure = ŷ = c and Ŝ_c > t; entropy e = −Σ π log(π + 1e-10) with the
+    per-image threshold η = quantile(e, ρ_e); query = foreground, not sure, e > η.
+    `absolute` (paper text): ŷ = c and Ŝ_c < abs_thresh. `all`: every foreground pixel.
+    """
+    fg = pseudo > 0
+    own = scores.float().gather(1, pseudo[:, None])[:, 0]
+    if mode == "all":
+        return fg
+    if mode == "absolute":
+        return fg & (own < abs_thresh)
+    if mode != "quantile":
+        raise ConfigError(f"config key fbr.query_mode: {mode!r} unknown ({', '.join(QUERY_MODES)})")
+    B, ch = scores.shape[:2]
+    own_f, lab = own.flatten(1), pseudo.flatten(1)
+    cand = fg.flatten(1) & (own_f > sure_floor)
+    group = torch.where(cand, lab, torch.full_like(lab, ch))  # non-candidates sort last
+    order = _group_sort(own_f, group)
+    ranked = own_f.gather(1, order)
+    counts = torch.zeros(B, ch + 1, dtype=torch.long, device=lab.device).scatter_add_(1, group, torch.ones_like(group))
+    starts = counts.cumsum(1) - counts
+    pos = starts + (counts.double() * rho_q).floor().long()
+    thr = ranked.gather(1, pos.clamp_max(ranked.shape[1] - 1))
+    thr = torch.where(counts > 0, thr, torch.full_like(thr, float("inf")))  # no sure pixels
+    sure = fg.flatten(1) & (own_f > thr.gather(1, lab))
+    p = probs.float()
+    entropy = -(p * torch.log(p + 1e-10)).sum(dim=1).flatten(1)
+    eta = torch.quantile(entropy, rho_e, dim=1, keepdim=True)
+    return (fg.flatten(1) & ~sure & (entropy > eta)).view_as(pseudo)
+
+
+@torch.no_grad()
+def cap_queries(query: torch.Tensor, pseudo: torch.Tensor, cap: int, generator: torch.Generator) -> torch.Tensor:
+    """Keep at most `cap` queries per class over the batch, drawn uniformly without replacement."""
+    q, lab = query.flatten()[None], pseudo.flatten()[None]
+    group = torch.where(q, lab, torch.full_like(lab, int(lab.max()) + 1))
+    order = _group_sort(torch.rand(q.shape, generator=generator, device=q.device), group)[0]
+    sorted_group = group[0, order]
+    counts = torch.bincount(group[0])
+    rank = torch.arange(order.numel(), device=q.device) - (counts.cumsum(0) - counts)[sorted_group]
+    keep = torch.zeros_like(q[0])
+    keep[order] = rank < cap
+    return (query.flatten() & keep).view_as(query)
+
+
+# ----------------------------------------------------------------------------- NROIs, bank
+
+@torch.no_grad()
+def batched_kmeans(x: torch.Tensor, valid: torch.Tensor, k: int, iters: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """K-means (Euclidean, k-means++ init, Lloyd iterations) of every row at once.
+
+    x [B, N, d]; valid [B, N] bool (each row needs ≥ 1 valid point; rows with fewer than k
+    distinct points repeat centroids). Stops after `iters` iterations or when no assignment
+    changes. Returns centroids [B, k, d] fp32. Deterministic for a given generator state.
+    """
+    x = x.float()
+    B, N, d = x.shape
+    w = valid.float()
+    pick = torch.multinomial(w, 1, generator=generator)
+    cent = x.gather(1, pick[..., None].expand(-1, -1, d))
+    dmin = ((x - cent) ** 2).sum(-1)
+    for _ in range(1, k):  # k-means++: next centre ∝ D² (uniform where every D² is 0)
+        p = dmin * w
+        p = torch.where(p.sum(1, keepdim=True) > 0, p, w)
+        nxt = x.gather(1, torch.multinomial(p, 1, generator=generator)[..., None].expand(-1, -1, d))
+        cent = torch.cat([cent, nxt], dim=1)
+        dmin = torch.minimum(dmin, ((x - nxt) ** 2).sum(-1))
+    assign = None
+    for _ in range(iters):
+        new = torch.cdist(x, cent).argmin(dim=-1)
+        if assign is not None and torch.equal(new[valid], assign[valid]):
+            break
+        assign = new
+        onehot = F.one_hot(assign, k).float() * w[..., None]  # [B, N, k]
+        count = onehot.sum(1)[..., None]
+        cent = torch.where(count > 0, onehot.transpose(1, 2) @ x / count.clamp_min(1), cent)
+    return cent
+
+
+@torch.no_grad()
+def image_nrois(b: torch.Tensor, pseudo: torch.Tensor, k: int, iters: int,
+                generator: torch.Generator) -> torch.Tensor:
+    """NROIs of a batch [n, d] fp32 (§III-B2): per image, the k K-means centroids of its
+    background features b [B, d, h, w] at ŷ = 0 when it has more than k background pixels,
+    otherwise those pixels' raw features (0..k vectors)."""
+    x = b.detach().float().flatten(2).transpose(1, 2)  # [B, N, d]
+    bg = (pseudo == 0).flatten(1)
+    many = bg.sum(1) > k
+    parts = []
+    if many.any():
+        parts.append(batched_kmeans(x[many], bg[many], k, iters, generator).reshape(-1, x.shape[-1]))
+    parts.append(x[~many][bg[~many]])
+    return torch.cat(parts)
+
+
+def gather_from_ranks(v: torch.Tensor) -> torch.Tensor:
+    """Concatenate the [n_r, d] tensors of every process (rank order); `v` itself alone."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return v
+    n = torch.tensor([v.shape[0]], device=v.device)
+    sizes = [torch.zeros_like(n) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = v.new_zeros(longest, v.shape[1])
+    padded[: v.shape[0]] = v
+    parts = [torch.empty_like(padded) for _ in sizes]
+    tdist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+class NROIBank:
+    """FIFO memory bank of NROIs [capacity, d] fp32, never requiring grad (§III-B2)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ConfigError("config key fbr.bank_capacity: must be ≥ 1")
+        self.capacity = capacity
+        self.buffer: torch.Tensor | None = None
+        self.ptr = 0
+        self.size = 0
+
+    def push(self, v: torch.Tensor) -> None:
+        """Append the rows of `v` [n, d]; past capacity the oldest rows are dropped."""
+        v = v.detach().float()[-self.capacity:]
+        if v.shape[0] == 0:
+            return
+        if self.buffer is None or self.buffer.device != v.device:
+            old = self.contents() if self.buffer is not None else None
+            self.buffer = v.new_zeros(self.capacity, v.shape[1])
+            self.ptr = self.size = 0
+            if old is not None:
+                self.push(old.to(v.device))
+        idx = (self.ptr + torch.arange(v.shape[0], device=v.device)) % self.capacity
+        self.buffer[idx] = v
+        self.ptr = (self.ptr + v.shape[0]) % self.capacity
+        self.size = min(self.size + v.shape[0], self.capacity)
+
+    def entries(self) -> torch.Tensor:
+        """The stored rows [size, d] in storage order (what uniform sampling draws from)."""
+        if self.buffer is None:
+            return torch.zeros(0, 0)
+        return self.buffer[: self.size]
+
+    def contents(self) -> torch.Tensor:
+        """The stored rows [size, d], oldest first."""
+        if self.buffer is None:
+            return torch.zeros(0, 0)
+        if self.size < self.capacity:
+            return self.buffer[: self.size]
+        return torch.cat([self.buffer[self.ptr:], self.buffer[: self.ptr]])
+
+
+# ----------------------------------------------------------------------------- losses
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def _inv_norm(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 / x.norm(dim=-1).clamp_min(EPS)  # rows are scaled after gathering: no unit copy
+
+
+class _GatheredCosine(torch.autograd.Function):
+    """cos(a[q], rows[idx[q, j]]) for unit a [Q, d]: [Q, n], differentiable in a only, without
+    keeping the [Q, n, d] keys: the forward gathers them a chunk of queries at a time (their
+    norms too, so no pass over all M rows), the backward (∂L/∂a_q = Σ_j g_qj k̂_j) is one
+    `embedding_bag` with per-sample weights."""
+
+    CHUNK = 64  # queries per gathered block (64 x 256 x 128 fp32 = 8 MiB)
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        out = a.new_empty(idx.shape)
+        inv = a.new_empty(idx.shape)
+        for s in range(0, idx.shape[0], _GatheredCosine.CHUNK):
+            i = idx[s:s + _GatheredCosine.CHUNK]
+            keys = rows.index_select(0, i.flatten()).view(*i.shape, rows.shape[1])
+            inv[s:s + i.shape[0]] = _inv_norm(keys)
+            out[s:s + i.shape[0]] = torch.bmm(keys, a[s:s + i.shape[0], :, None])[..., 0]
+        ctx.save_for_backward(rows, idx, inv)
+        return out * inv
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, idx, inv = ctx.saved_tensors
+        return F.embedding_bag(idx, rows, per_sample_weights=(grad * inv).contiguous(), mode="sum"), None, None
+
+
+def key_similarities(a: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
+                     dense: bool | None = None) -> torch.Tensor:
+    """cos(a_q, rows[idx[q, j]]) as [Q, n] for unit anchors a [Q, d], rows [M, d] (treated as
+    constants), idx [Q, n]; the gradient flows to a only.
+
+    Two exact forms: `dense` multiplies a by every row (one [Q, M] matmul) and gathers the
+    needed scalars; otherwise `_GatheredCosine` gathers each query's own keys. The matmul is far
+    faster per multiply-add than the memory-bound gather, so it is chosen while M ≤ 64·n (the
+    IF loss's batch pixels); the 50,000-row bank takes the gather.
+    """
+    rows = rows.detach()
+    if dense is None:
+        dense = rows.shape[0] <= 64 * idx.shape[1]
+    if dense:
+        return (a @ rows.t()).gather(1, idx) * _inv_norm(rows)[idx]
+    return _GatheredCosine.apply(a, rows, idx)
+
+
+def _nce(anchor: torch.Tensor, positive: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
+         tau: float) -> torch.Tensor:
+    """−log softmax([cos(a, p), cos(a, k_1..k_n)] / τ)[0] per query: a, p [Q, d]; the keys are
+    rows[idx] (rows [M, d], idx [Q, n])."""
+    a = _unit(anchor)
+    pos = (a * _unit(positive)).sum(-1, keepdim=True)
+    logits = torch.cat([pos, key_similarities(a, rows, idx)], dim=1) / tau
+    return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+def _nce_axis_bug(anchor: torch.Tensor, positive: torch.Tensor, keys: torch.Tensor, tau: float) -> torch.Tensor:
+    """[OFFICIAL] FB logits: the cosine taken over the 1+n keys instead of the d channels
+    (a [Q, d] logit matrix, cross-entropy against channel 0); un-normalised keys."""
+    allk = torch.cat([positive[:, None], keys], dim=1)  # [Q, 1+n, d]
+    num = anchor * allk.sum(1)
+    den = (allk.shape[1] * anchor ** 2 * (allk ** 2).sum(1)).clamp_min(EPS ** 2).sqrt()
+    logits = num / den / tau
+    return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+def _class_mean(ce: torch.Tensor, cls: torch.Tensor, ch: int, n_present: int) -> torch.Tensor:
+    """(1/|C_b|) Σ_c mean_{q ∈ Q_c} CE_q."""
+    sums = ce.new_zeros(ch).index_add(0, cls, ce)
+    count = ce.new_zeros(ch).index_add(0, cls, torch.ones_like(ce))
+    return (sums / count.clamp_min(1)).sum() / n_present
+
+
+def _present(pseudo: torch.Tensor, ch: int) -> torch.Tensor:
+    present = torch.bincount(pseudo.flatten(), minlength=ch) > 0
+    present[0] = False
+    return present
+
+
+def fb_loss(f: torch.Tensor, query: torch.Tensor, pseudo: torch.Tensor, protos: torch.Tensor,
+            bank: torch.Tensor, n_neg: int, tau: float, generator: torch.Generator,
+            axis_bug: bool = False) -> torch.Tensor:
+    """Fore-to-background (pixel-to-NROI) loss (paper Eq. 7), scalar fp32.
+
+    f [B, d, h, w] (gradient flows to the queries only), query/pseudo [B, h, w], protos ρ
+    [C+1, d] (detached), bank [M, d] (detached). Each query draws `n_neg` bank rows uniformly
+    with replacement; CE_q = −log softmax([cos(f_q, ρ_c), cos(f_q, n_j)] / τ)[0];
+    L = (1/|C_b|) Σ_{c ∈ C_b} mean_{q ∈ Q_c} CE_q, 0 when C_b, the queries or the bank are empty.
+    """
+    ch = protos.shape[0]
+    present = _present(pseudo, ch)
+    n_present = int(present.sum())
+    if n_present == 0 or bank.shape[0] == 0 or not bool(query.any()):
+        return f.new_zeros((), dtype=torch.float32)
+    fq = f.float().permute(0, 2, 3, 1)[query]
+    cls = pseudo[query]
+    idx = torch.randint(0, bank.shape[0], (fq.shape[0], n_neg), generator=generator, device=f.device)
+    pos = protos.detach()[cls]
+    if axis_bug:
+        ce = _nce_axis_bug(fq, pos, bank.detach()[idx], tau)
+    else:
+        ce = _nce(fq, pos, bank.detach(), idx, tau)
+    return _class_mean(ce, cls, ch, n_present)
+
+
+def active_class_distribution(protos: torch.Tensor, present: torch.Tensor, tau_graph: float) -> torch.Tensor:
+    """P(c' | c) = softmax over c' ∈ C_b \\ {c} of cos(ρ_c, ρ_c') / τ_g (paper Eq. 8), [C+1, C+1];
+    rows of classes outside C_b are undefined (NaN)."""
+    p = _unit(protos.float())
+    allowed = present[None, :] & ~torch.eye(len(present), dtype=torch.bool, device=protos.device)
+    return (p @ p.t() / tau_graph).masked_fill(~allowed, float("-inf")).softmax(dim=1)
+
+
+@torch.no_grad()
+def sample_if_negatives(query: torch.Tensor, pseudo: torch.Tensor, protos: torch.Tensor, n_neg: int,
+                        tau_graph: float, generator: torch.Generator) -> torch.Tensor:
+    """Active sampling (paper Eq. 8): for each query (in `query`'s row-major order) of class c,
+    `n_neg` classes drawn i.i.d. from `active_class_distribution` row c, then for each one pixel
+    uniformly among all batch pixels with that pseudo label. Returns flat pixel indices into
+    B·h·w, [Q, n_neg] long. Needs |C_b| ≥ 2."""
+    ch = protos.shape[0]
+    cls = pseudo[query]
+    dist = active_class_distribution(protos, _present(pseudo, ch), tau_graph)
+    drawn = torch.multinomial(dist[cls], n_neg, replacement=True, generator=generator)
+    flat = pseudo.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=ch)
+    starts = counts.cumsum(0) - counts
+    u = torch.rand(drawn.shape, generator=generator, device=pseudo.device)
+    offset = torch.minimum((u * counts[drawn]).long(), counts[drawn] - 1)
+    return order[starts[drawn] + offset]
+
+
+def if_loss(f: torch.Tensor, query: torch.Tensor, pseudo: torch.Tensor, protos: torch.Tensor,
+            n_neg: int, tau: float, tau_graph: float, generator: torch.Generator) -> torch.Tensor:
+    """Intra-foreground loss with active negative sampling (paper Eq. 8-9), scalar fp32.
+
+    For a query of class c the keys are stopgrad(f) at the pixels `sample_if_negatives` draws;
+    CE and normalisation as `fb_loss` (temperature τ_IF); 0 when |C_b| ≤ 1 or there are no
+    queries.
+    """
+    ch = protos.shape[0]
+    n_present = int(_present(pseudo, ch).sum())
+    if n_present <= 1 or not bool(query.any()):
+        return f.new_zeros((), dtype=torch.float32)
+    pixels = sample_if_negatives(query, pseudo, protos, n_neg, tau_graph, generator)
+    fq = f.float().permute(0, 2, 3, 1)[query]
+    cls = pseudo[query]
+    rows = f.detach().float().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    ce = _nce(fq, protos.detach()[cls], rows, pixels, tau)
+    return _class_mean(ce, cls, ch, n_present)
+
+
+@torch.no_grad()
+def background_target(cam: torch.Tensor, labels: torch.Tensor, thresh: float = 0.05) -> torch.Tensor:
+    """y_bg [B, 1, h, w] in {0, 1} (§III-B2 Eq. 6): 1 where Σ_c of the max-normalised ReLU CAM of
+    the present classes is below `thresh`."""
+    a = F.relu(cam.float()) * labels.float()[:, :, None, None]
+    a = a / (a.amax(dim=(2, 3), keepdim=True) + 1e-5)
+    return (a.sum(dim=1, keepdim=True) < thresh).float()
+
+
+def decorrelation_loss(f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L_sim = mean over B·h·w of cos(f(p), b(p)) along channels (official `cosine_loss`)."""
+    return (_unit(f.float().movedim(1, -1)) * _unit(b.float().movedim(1, -1))).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------- plug-in
+
+@dataclass
+class FBRSettings:
+    """FBR's own block (`fbr:`): heads, pseudo labels, queries, NROI bank, losses (docs/methods/fbr.md)."""
+    proj_dim: int = 128
+    tap_threshold: float | None = 0.1  # null: GAP logits (ablation)
+    bg_score: float = 0.10  # constant background plane Ŝ_0 (PPC host's bg_thres)
+    topk_div: int = 32  # prototypes: k = max(1, h*w // topk_div)
+    query_mode: str = "quantile"  # quantile [OFFICIAL] | absolute [paper text] | all
+    rho_q: float = 0.4
+    rho_e: float = 0.25
+    abs_thresh: float = 0.4
+    max_queries_per_class: int | None = None
+    nroi_k: int = 8
+    kmeans_iters: int = 30
+    bank_capacity: int = 50000  # VOC; 200000 for COCO
+    n_neg: int = 256
+    tau_fb: float = 0.5
+    tau_if: float = 0.1  # paper; [OFFICIAL] 0.5
+    tau_graph: float = 0.5
+    bg_seg: bool = True  # auxiliary BG segmentation head (AMN code: off)
+    bg_thresh: float = 0.05
+    bg_dropout: float = 0.5
+    w_fb: float = 0.10
+    w_if: float = 0.05
+    w_seg: float = 0.01
+    w_sim: float = 0.10
+    detach_anchors: bool = False  # [OFFICIAL] true: queries detached, FB/IF give no gradient
+    fb_cosine_axis_bug: bool = False  # [OFFICIAL] true: FB cosine over the key axis
+
+
+@register_method
+class FBRMethod(Method):
+    name = "fbr"
+    settings_blocks = {"model": ResNetSettings, "fbr": FBRSettings}
+    maps = (MapSpec("cam", strided=True),)
+    propagate_map = "cam"
+    backbone_module = "cnn"
+    partial_losses = True  # a step without queries leaves P_f out of FB/IF
+
+    @classmethod
+    def check_settings(cls, name: str, settings, where: str) -> None:
+        super().check_settings(name, settings, where)
+        if name == "fbr" and settings.query_mode not in QUERY_MODES:
+            raise ConfigError(f"config key fbr.query_mode: {settings.query_mode!r} unknown "
+                              f"({', '.join(QUERY_MODES)})")
+        if name == "fbr" and settings.bank_capacity < 1:
+            raise ConfigError("config key fbr.bank_capacity: must be ≥ 1")
+
+    def build(self) -> dict[str, nn.Module]:
+        m, s = self.blocks["model"], self.blocks["fbr"]
+        self.settings = s
+        self.bank = NROIBank(s.bank_capacity)
+        self.seed = int(self.train_params.get("seed", 0))
+        net = FBRNet(m.backbone, self.num_classes - 1, strides=tuple(m.strides), detach_early=m.detach_early,
+                     pretrained=m.pretrained, pretrained_file=m.pretrained_file, frozen_bn=m.frozen_bn,
+                     proj_dim=s.proj_dim, tap_threshold=s.tap_threshold, bg_seg=s.bg_seg,
+                     bg_dropout=s.bg_dropout)
+        return {"cnn": net}
+
+    def optimizers(self, lr, weight_decay, momentum, kind="sgd"):
+        net = self.models["cnn"]
+        backbone, new = net.param_groups()
+        return [make_optimizer([{"params": backbone, "lr_mult": 1.0},
+                                {"params": new + net.head_parameters(), "lr_mult": 10.0}],
+                               lr, weight_decay, momentum, kind)]
+
+    def _generator(self, ctx: StepContext) -> torch.Generator:
+        """The step's own generator: bank/class sampling and K-means are reproducible, also
+        after a resume, and differ between processes."""
+        rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+        return torch.Generator(device=ctx.device).manual_seed(
+            (self.seed * 1_000_003 + ctx.step) * 64 + rank)
+
+    def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        s = self.settings
+        x = batch["image"].to(ctx.device, non_blocking=True)
+        y = batch["label"].to(ctx.device, non_blocking=True)
+        out = self.models["cnn"](x)
+        with torch.autocast(device_type=ctx.device.type, enabled=False):
+            cls = F.multilabel_soft_margin_loss(out["logits"].float(), y.float())
+            losses = self.fbr_losses(out, y, self._generator(ctx))
+        total = cls + sum(w * losses[k] for k, w in (("fb", s.w_fb), ("if", s.w_if),
+                                                      ("bg", s.w_seg), ("sim", s.w_sim)) if k in losses)
+        losses.update(total=total, cls=cls)
+        return losses
+
+    def fbr_losses(self, out: dict[str, torch.Tensor], labels: torch.Tensor,
+                   generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """FB, IF, BG-seg and decorrelation terms of one forward pass (fp32); also pushes the
+        batch's NROIs into the bank (before the FB loss reads it) and reports the query count."""
+        s = self.settings
+        cam = out["cam"].detach().float()
+        f = out["fg"].float()
+        h, w = f.shape[-2:]
+        scores, probs, pseudo = host_pseudo_labels(cam, labels, s.bg_score)
+        query = query_mask(scores, probs, pseudo, s.query_mode, s.rho_q, s.rho_e, s.abs_thresh)
+        if s.max_queries_per_class:
+            query = cap_queries(query, pseudo, s.max_queries_per_class, generator)
+        protos, _ = class_prototypes(f, scores, pseudo, max(1, h * w // s.topk_div))
+        anchors = f.detach() if s.detach_anchors else f
+        losses = {"queries": query.sum().float()}
+        if s.w_fb:
+            bank_feats = F.relu(out["bg_pre"].detach())
+            self.bank.push(gather_from_ranks(image_nrois(bank_feats, pseudo, s.nroi_k, s.kmeans_iters, generator)))
+            losses["fb"] = fb_loss(anchors, query, pseudo, protos, self.bank.entries(), s.n_neg, s.tau_fb,
+                                   generator, axis_bug=s.fb_cosine_axis_bug)
+        if s.w_if:
+            losses["if"] = if_loss(anchors, query, pseudo, protos, s.n_neg, s.tau_if, s.tau_graph, generator)
+        if s.w_seg and "bg_logit" in out:
+            losses["bg"] = F.binary_cross_entropy_with_logits(
+                out["bg_logit"].float(), background_target(cam, labels, s.bg_thresh))
+        if s.w_sim:
+            other = out["bg_post"] if "bg_post" in out else F.relu(out["bg_pre"])  # PPC / AMN form
+            losses["sim"] = decorrelation_loss(f, other)
+        return losses
+
+    @torch.no_grad()
+    def infer(self, pair: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"cam": merge_flip(self.models["cnn"].cam(pair))}
+
+    def extra_state(self) -> dict:
+        return {"nroi_bank": self.bank.contents().detach().cpu().clone()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.bank = NROIBank(self.settings.bank_capacity)
+        self.bank.push(state["nroi_bank"])
