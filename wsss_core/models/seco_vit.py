@@ -1,4 +1,5 @@
-"""SeCo's network (docs/methods/seco.md "Network"; official `model/model_seco.py`).
+"""The "Separate and Conquer" ViT (its paper §3; "Network" in the method's page; official
+`model/model_seco.py`).
 
 `SeCoEncoder`: a timm ViT with a frozen positional embedding resized bicubically to every
 input's patch grid, returning the final-normed class token, the final-normed patch tokens and
