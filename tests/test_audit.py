@@ -261,7 +261,9 @@ def test_rules_are_wired(repo_root, cli_env, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     jobs = re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.M)
     counts = {rule: int(n) for rule, n in jobs}
-    assert counts.get("compare") == 1 and counts.get("audit") == 1 and counts.get("eval_seg") == 2
+    configured = yaml.safe_load((repo_root / "config.yaml").read_text())["methods"]
+    assert counts.get("compare") == 1 and counts.get("audit") == 1
+    assert counts.get("eval_seg") == len(configured)  # one per method of the merged config
 
 
 # --- headless Chromium -------------------------------------------------------------------------

@@ -119,6 +119,7 @@ OFFICIAL_WEIGHTS = {
     "resnet50.tv_in1k": "resnet50-0676ba61.pth",
     "resnet152.tv_in1k": "resnet152-394f9c45.pth",
     "deit_small_patch16_224.fb_in1k": "deit_small_patch16_224-cd65a155.pth",
+    "vit_base_patch16_224.orig_in21k_ft_in1k": "jx_vit_base_p16_224-80ecf9dd.pth",
     # no download exists: the official Conformer_small_patch16.pth comes as model.pretrained_file
     "conformer_small_patch16.in1k": "",
 }

@@ -63,10 +63,7 @@ class ClassificationDataset(EpochDataset):
         self._memory: dict[tuple[str, str], np.ndarray] = {}
 
     def _augment(self, img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
-        img, mask = T.random_resize_long(img, mask, *self.scale_range, rng)
-        img = T.normalize(img)
-        img, mask = T.random_hflip(img, mask, rng)
-        return T.random_crop(img, mask, self.crop, rng)
+        return T.classification_crop(img, mask, self.crop, self.scale_range, rng)
 
     def extra_input(self, name: str, image_id: str, image: np.ndarray) -> np.ndarray:
         """The extra map `name` of one image as int32 [H, W], computed at most once."""

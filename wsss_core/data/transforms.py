@@ -81,5 +81,14 @@ def random_crop(img: np.ndarray, mask: np.ndarray | None, crop: int, rng: np.ran
     return out, out_mask
 
 
+def classification_crop(img: np.ndarray, mask: np.ndarray | None, crop: int,
+                        scale_range: tuple[int, int], rng: np.random.Generator):
+    """The classifier's training crop (IRN order): random long-side resize in `scale_range` →
+    normalise → flip → crop x crop. uint8 HWC → (float32 HWC, mask or None)."""
+    img, mask = random_resize_long(img, mask, *scale_range, rng)
+    img, mask = random_hflip(normalize(img), mask, rng)
+    return random_crop(img, mask, crop, rng)
+
+
 def to_chw(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img.transpose(2, 0, 1))

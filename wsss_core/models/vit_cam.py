@@ -82,6 +82,26 @@ class CNNStem(nn.Module):
         return c.layer3(c.layer2(c.layer1(c.stem(x))))
 
 
+def hybrid_vit(name: str, stem_name: str, *, img_size: int, patch_size: int | None,
+               embed_dim: int | None, depth: int | None, num_heads: int | None,
+               pretrained: bool = False, pretrained_file: str | None = None) -> VisionTransformer:
+    """A timm `VisionTransformer` whose patch embedding is `CNNStem(stem_name)` (stride 16, the
+    stem's ImageNet weights with `pretrained`) followed by a 1x1 projection to `embed_dim`;
+    the transformer blocks are new. ConfigError when a size is missing or `patch_size` is given
+    and is not 16."""
+    if None in (embed_dim, depth, num_heads):
+        raise ConfigError(f"vit {name}: a hybrid ViT needs embed_dim, depth and num_heads")
+    stem = CNNStem(stem_name, pretrained=pretrained, pretrained_file=pretrained_file)
+    if patch_size not in (None, stem.stride):
+        raise ConfigError(f"vit {name}: patch_size {patch_size} != the hybrid stem's "
+                          f"stride {stem.stride}")
+    embed = partial(HybridEmbed, backbone=stem, feature_size=img_size // stem.stride,
+                    feature_ratio=stem.stride, in_chans=3)
+    return VisionTransformer(img_size=img_size, patch_size=1, embed_layer=embed,
+                             embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                             mlp_ratio=4.0, qkv_bias=True, num_classes=0)
+
+
 class ViTCAM(nn.Module):
     """ViT + 3x3 CAM head (background = channel 0) + 1x1 projection head (SAP embedding).
 
@@ -101,18 +121,10 @@ class ViTCAM(nn.Module):
         super().__init__()
         self.train_stem = train_stem
         if hybrid_stem is not None:
-            if None in (embed_dim, depth, num_heads):
-                raise ConfigError(f"vit {backbone}: a hybrid ViT needs embed_dim, depth and num_heads")
-            stem = CNNStem(hybrid_stem, pretrained=pretrained, pretrained_file=pretrained_file)
-            if patch_size not in (None, stem.stride):
-                raise ConfigError(f"vit {backbone}: patch_size {patch_size} != the hybrid stem's "
-                                  f"stride {stem.stride}")
-            patch_size = stem.stride
-            embed = partial(HybridEmbed, backbone=stem, feature_size=img_size // stem.stride,
-                            feature_ratio=stem.stride, in_chans=3)
-            vit = VisionTransformer(img_size=img_size, patch_size=1,
-                                    embed_layer=embed, embed_dim=embed_dim, depth=depth,
-                                    num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True, num_classes=0)
+            vit = hybrid_vit(backbone, hybrid_stem, img_size=img_size, patch_size=patch_size,
+                             embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                             pretrained=pretrained, pretrained_file=pretrained_file)
+            patch_size = 16
         elif embed_dim is not None:
             if None in (patch_size, depth, num_heads):
                 raise ConfigError(f"vit {backbone}: a custom ViT needs patch_size, embed_dim, "

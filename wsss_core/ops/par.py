@@ -1,0 +1,94 @@
+"""PAR: pixel-adaptive refinement of soft masks by colour and position affinities.
+
+From AFA (CVPR 2022, "pixel-adaptive refinement"), used by ToCo and the single-stage methods
+built on it for their online pseudo labels; official file `model/PAR.py` (AFA, ToCo). Every pixel looks at 8 neighbours
+per dilation d (offsets (-d,-d), (-d,0), (-d,+d), (0,-d), (0,+d), (+d,-d), (+d,0), (+d,+d),
+dilation-major), replicate padding at the border; the weights
+
+    a_n(p) = softmax_n(kappa(p))_n + 0.01 * softmax_n(-(delta_n / (std(delta) + 1e-8) / 0.3)^2)_n
+    kappa_n(p) = mean_channels -(|I_n - I_p| / (std_n(I_n) + 1e-8) / 0.3)^2
+
+(std: unbiased, over the neighbours; delta_n = d * sqrt(2) on diagonals, d on axes) sum to
+1.01 per pixel, and the mask is propagated `iterations` times: Y(p) <- sum_n a_n(p) Y(n(p)).
+All neighbours are gathered at once by one `gather` on clamped index grids (no loop over pixels or dilations).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: the 8 neighbour offsets (dy, dx) of one dilation, in the reference order
+NEIGHBOUR_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+#: colour and position temperatures, and the position term's weight (AFA's w1, w2)
+COLOR_TEMP = 0.3
+POSITION_WEIGHT = 0.01
+
+
+def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
+    """The 8·len(dilations) neighbour offsets, dilation-major."""
+    return [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOUR_OFFSETS]
+
+
+def neighbour_distances(dilations: Sequence[int]) -> torch.Tensor:
+    """[8·len(dilations)] float64 Euclidean lengths of the neighbour offsets (d√2 or d)."""
+    return torch.tensor([math.hypot(dy, dx) for dy, dx in neighbour_offsets(dilations)],
+                        dtype=torch.float64)
+
+
+def neighbour_index(size: tuple[int, int], dilations: Sequence[int],
+                    device: torch.device | None = None) -> torch.Tensor:
+    """[N·h·w] long: the flat (row-major) index of each pixel's N neighbours, replicate border
+    (coordinates clamped), neighbour-major."""
+    h, w = size
+    offs = torch.tensor(neighbour_offsets(dilations), device=device)
+    rows = (torch.arange(h, device=device)[None, :] + offs[:, :1]).clamp_(0, h - 1)  # [N, h]
+    cols = (torch.arange(w, device=device)[None, :] + offs[:, 1:]).clamp_(0, w - 1)  # [N, w]
+    return (rows[:, :, None] * w + cols[:, None, :]).flatten()
+
+
+def gather_neighbours(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, K, h, w], index from `neighbour_index` → [B, K, N, h, w] neighbour values."""
+    B, K, h, w = x.shape
+    out = torch.gather(x.reshape(B, K, h * w), 2, index.expand(B, K, -1))
+    return out.view(B, K, -1, h, w)
+
+
+def par_weights(image: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
+                index: torch.Tensor | None = None) -> torch.Tensor:
+    """Affinities a [B, N, h, w] (each pixel's N weights sum to 1 + 0.01) for image [B, 3, h, w]."""
+    if index is None:
+        index = neighbour_index(image.shape[-2:], dilations, image.device)
+    nb = gather_neighbours(image, index)  # [B, 3, N, h, w]
+    # unbiased std over the neighbours, written out: Tensor.std over a middle dim is ~30x slower
+    centred = nb - nb.mean(dim=2, keepdim=True)
+    std = (centred.square().sum(dim=2, keepdim=True) / (nb.shape[2] - 1)).sqrt()
+    color = -((nb - image[:, :, None]).abs() / (std + 1e-8) / COLOR_TEMP) ** 2
+    color = color.mean(dim=1)  # [B, N, h, w]
+    dist = neighbour_distances(dilations).to(image.dtype).to(image.device)
+    pos = -(dist / (dist.std() + 1e-8) / COLOR_TEMP) ** 2
+    return color.softmax(dim=1) + POSITION_WEIGHT * pos.softmax(dim=0)[None, :, None, None]
+
+
+def par_refine(image: torch.Tensor, masks: torch.Tensor,
+               dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iterations: int = 10) -> torch.Tensor:
+    """Refine soft masks along image colour (PAR).
+
+    image: [B, 3, h, w] float in [0, 1]; masks: [B, K, h', w'] float (any K), resized to (h, w)
+    bilinearly with align_corners=True first. Returns [B, K, h, w] in masks' dtype. Gradients
+    are not blocked (callers use it under no_grad). Source: the AFA paper (PAR module), official
+    `model/PAR.py`.
+    """
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"par_refine: image must be [B, 3, h, w], got {tuple(image.shape)}")
+    if masks.dim() != 4 or masks.shape[0] != image.shape[0]:
+        raise ValueError(f"par_refine: masks must be [B, K, h', w'] with B={image.shape[0]}, "
+                         f"got {tuple(masks.shape)}")
+    masks = F.interpolate(masks, size=image.shape[-2:], mode="bilinear", align_corners=True)
+    index = neighbour_index(image.shape[-2:], dilations, image.device)
+    aff = par_weights(image.to(masks.dtype), dilations, index)[:, None]  # [B, 1, N, h, w]
+    for _ in range(iterations):
+        masks = (gather_neighbours(masks, index) * aff).sum(dim=2)
+    return masks
