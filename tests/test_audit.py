@@ -263,7 +263,12 @@ def test_rules_are_wired(repo_root, cli_env, tmp_path):
     counts = {rule: int(n) for rule, n in jobs}
     configured = yaml.safe_load((repo_root / "config.yaml").read_text())["methods"]
     assert counts.get("compare") == 1 and counts.get("audit") == 1
-    assert counts.get("eval_seg") == len(configured)  # one per method of the merged config
+    # one segmentation evaluation per method of the merged config: the shared route's, or a
+    # single-stage method's own head
+    from wsss_core.methods import method_class
+    single = sum(method_class(m["plugin"]).single_stage for m in configured.values())
+    assert counts.get("eval_seg", 0) == len(configured) - single
+    assert counts.get("eval_method_seg", 0) == single
 
 
 # --- headless Chromium -------------------------------------------------------------------------
