@@ -17,11 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.layers import HybridEmbed, trunc_normal_
-from timm.models.vision_transformer import VisionTransformer
 
-from ..errors import ConfigError, WeightsError
-from .backbones import create_timm
-from .vit_cam import hybrid_vit
+from ..errors import ConfigError
+from .vit_cam import create_vit
 
 
 class SeCoEncoder(nn.Module):
@@ -37,28 +35,11 @@ class SeCoEncoder(nn.Module):
                  pretrained: bool = False, pretrained_file: str | None = None,
                  hybrid_stem: str | None = None, train_stem: bool = False) -> None:
         super().__init__()
+        vit = create_vit(backbone, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                         depth=depth, num_heads=num_heads, pretrained=pretrained,
+                         pretrained_file=pretrained_file, hybrid_stem=hybrid_stem, key="model")
         if hybrid_stem is not None:
-            vit = hybrid_vit(backbone, hybrid_stem, img_size=img_size, patch_size=patch_size,
-                             embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                             pretrained=pretrained, pretrained_file=pretrained_file)
             vit.patch_embed.backbone.requires_grad_(train_stem)
-        elif embed_dim is not None:
-            if None in (patch_size, depth, num_heads):
-                raise ConfigError(f"model {backbone}: a custom ViT needs patch_size, embed_dim, "
-                                  f"depth and num_heads")
-            if pretrained:
-                raise WeightsError(f"model {backbone}: a custom-size ViT has no pretrained "
-                                   f"weights; set pretrained: false")
-            vit = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
-                                    depth=depth, num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True,
-                                    num_classes=0)
-        else:
-            vit = create_timm(backbone, pretrained=pretrained, pretrained_file=pretrained_file,
-                              num_classes=0)
-        if not isinstance(vit, VisionTransformer) or vit.cls_token is None \
-                or vit.reg_token is not None or vit.no_embed_class or vit.pos_embed is None:
-            raise ConfigError(f"model {backbone}: need a timm VisionTransformer with one class "
-                              f"token and a class position embedding")
         if not -len(vit.blocks) <= aux_layer < len(vit.blocks):
             raise ConfigError(f"model.aux_layer {aux_layer}: the ViT has {len(vit.blocks)} blocks")
         vit.pos_embed.requires_grad_(False)  # frozen in the reference code

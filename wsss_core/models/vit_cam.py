@@ -120,28 +120,11 @@ class ViTCAM(nn.Module):
                  train_stem: bool = True) -> None:
         super().__init__()
         self.train_stem = train_stem
+        vit = create_vit(backbone, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                         depth=depth, num_heads=num_heads, pretrained=pretrained,
+                         pretrained_file=pretrained_file, hybrid_stem=hybrid_stem, key="vit")
         if hybrid_stem is not None:
-            vit = hybrid_vit(backbone, hybrid_stem, img_size=img_size, patch_size=patch_size,
-                             embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                             pretrained=pretrained, pretrained_file=pretrained_file)
             patch_size = 16
-        elif embed_dim is not None:
-            if None in (patch_size, depth, num_heads):
-                raise ConfigError(f"vit {backbone}: a custom ViT needs patch_size, embed_dim, "
-                                  f"depth and num_heads")
-            if pretrained:
-                raise WeightsError(f"vit {backbone}: a custom-size ViT has no pretrained weights; "
-                                   f"set pretrained: false")
-            vit = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
-                                    depth=depth, num_heads=num_heads, mlp_ratio=4.0,
-                                    qkv_bias=True, num_classes=0)
-        else:
-            vit = create_timm(backbone, pretrained=pretrained, pretrained_file=pretrained_file,
-                              num_classes=0)
-        if not isinstance(vit, VisionTransformer) or vit.cls_token is None \
-                or vit.reg_token is not None or vit.no_embed_class or vit.pos_embed is None:
-            raise ConfigError(f"vit {backbone}: need a timm VisionTransformer with one class "
-                              f"token, no register tokens and a class position embedding")
         if not all(isinstance(b, Block) for b in vit.blocks):
             raise ConfigError(f"vit {backbone}: blocks must be timm vision_transformer.Block")
         self.vit = vit
@@ -212,3 +195,37 @@ class ViTCAM(nn.Module):
             new.append(self.proj.weight)
         new_ids = {id(p) for p in new}
         return [p for p in self.parameters() if id(p) not in new_ids], new
+
+
+def create_vit(backbone: str, img_size: int, patch_size: int | None, embed_dim: int | None,
+               depth: int | None, num_heads: int | None, pretrained: bool,
+               pretrained_file: str | None, hybrid_stem: str | None, key: str) -> VisionTransformer:
+    """The ViT a method's settings describe: a hybrid on a pretrained CNN stem (`hybrid_stem`),
+    a custom-size ViT trained from scratch (`embed_dim` set), or a timm model by name with the
+    project's weights policy. `key` names the config block in errors.
+
+    Raises: ConfigError for an incomplete custom size or a model that is not a timm
+    VisionTransformer with one class token, no register tokens and a class position embedding;
+    WeightsError for pretrained weights of a custom size."""
+    if hybrid_stem is not None:
+        vit = hybrid_vit(backbone, hybrid_stem, img_size=img_size, patch_size=patch_size,
+                         embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                         pretrained=pretrained, pretrained_file=pretrained_file)
+    elif embed_dim is not None:
+        if None in (patch_size, depth, num_heads):
+            raise ConfigError(f"{key} {backbone}: a custom ViT needs patch_size, embed_dim, "
+                              f"depth and num_heads")
+        if pretrained:
+            raise WeightsError(f"{key} {backbone}: a custom-size ViT has no pretrained weights; "
+                               f"set pretrained: false")
+        vit = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                                depth=depth, num_heads=num_heads, mlp_ratio=4.0,
+                                qkv_bias=True, num_classes=0)
+    else:
+        vit = create_timm(backbone, pretrained=pretrained, pretrained_file=pretrained_file,
+                          num_classes=0)
+    if not isinstance(vit, VisionTransformer) or vit.cls_token is None \
+            or vit.reg_token is not None or vit.no_embed_class or vit.pos_embed is None:
+        raise ConfigError(f"{key} {backbone}: need a timm VisionTransformer with one class "
+                          f"token, no register tokens and a class position embedding")
+    return vit
