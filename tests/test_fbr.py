@@ -305,22 +305,24 @@ def _ce(sims, tau):
     return -(logits[0] - m - math.log(sum(math.exp(v - m) for v in logits)))
 
 
+def _query_positions(query: torch.Tensor):
+    """(b, i, j) of every query pixel of `query` [B, h, w], in the row-major order the losses
+    number their queries."""
+    B, h, w = query.shape
+    return [(b, i, j) for b in range(B) for i in range(h) for j in range(w) if query[b, i, j]]
+
+
 def test_fb_loss_matches_loop_oracle_and_gradients():
     f, query, pseudo, protos = _loss_inputs()
     bank = torch.rand(13, f.shape[1])
     loss = fb_loss(f, query, pseudo, protos, bank, 6, 0.5, _gen(3))
     idx = torch.randint(0, 13, (int(query.sum()), 6), generator=_gen(3))
-    ce, q = [], 0
-    B, _, h, w = f.shape
-    for b in range(B):
-        for i in range(h):
-            for j in range(w):
-                if query[b, i, j]:
-                    c = int(pseudo[b, i, j])
-                    a = f[b, :, i, j].detach()
-                    sims = [_cos(a, protos[c])] + [_cos(a, bank[n]) for n in idx[q]]
-                    ce.append((c, _ce(sims, 0.5)))
-                    q += 1
+    ce = []
+    for q, (b, i, j) in enumerate(_query_positions(query)):
+        c = int(pseudo[b, i, j])
+        a = f[b, :, i, j].detach()
+        sims = [_cos(a, protos[c])] + [_cos(a, bank[n]) for n in idx[q]]
+        ce.append((c, _ce(sims, 0.5)))
     assert loss.item() == pytest.approx(oracle_class_mean(ce, pseudo), rel=1e-5)
     protos.requires_grad_(True)
     bank.requires_grad_(True)
@@ -349,19 +351,14 @@ def test_if_loss_matches_loop_oracle_and_negatives():
     pixels = sample_if_negatives(query, pseudo, protos, 6, 0.5, _gen(4))
     flat_f = f.detach().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
     flat_lab = pseudo.flatten()
-    ce, q = [], 0
-    B, _, h, w = f.shape
-    for b in range(B):
-        for i in range(h):
-            for j in range(w):
-                if query[b, i, j]:
-                    c = int(pseudo[b, i, j])
-                    for p in pixels[q].tolist():  # never own class, never background
-                        assert flat_lab[p] not in (0, c)
-                    a = f[b, :, i, j].detach()
-                    sims = [_cos(a, protos[c])] + [_cos(a, flat_f[p]) for p in pixels[q]]
-                    ce.append((c, _ce(sims, 0.1)))
-                    q += 1
+    ce = []
+    for q, (b, i, j) in enumerate(_query_positions(query)):
+        c = int(pseudo[b, i, j])
+        for p in pixels[q].tolist():  # never own class, never background
+            assert flat_lab[p] not in (0, c)
+        a = f[b, :, i, j].detach()
+        sims = [_cos(a, protos[c])] + [_cos(a, flat_f[p]) for p in pixels[q]]
+        ce.append((c, _ce(sims, 0.1)))
     assert loss.item() == pytest.approx(oracle_class_mean(ce, pseudo), rel=1e-5)
     loss.backward()
     assert f.grad.abs().sum() > 0

@@ -166,28 +166,26 @@ def check_plugin_blocks(cfg: dict, cache: str | Path | None = None) -> None:
     for d, ds in cfg["datasets"].items():
         for m in cfg["methods"]:
             where = f"methods.{m}.presets.{ds['preset']}"
-            blocks[where] = (method_params(cfg, d, m), stage_params(cfg, d, m, "train_irn")["backbone"])
+            blocks[where] = (m, method_params(cfg, d, m), stage_params(cfg, d, m, "train_irn")["backbone"])
     code = source_hash(str(Path(__file__).parent.parent), "wsss_core.methods")
     key = hashlib.sha256(json.dumps([blocks, code], sort_keys=True).encode()).hexdigest()
     if cache is not None and (Path(cache) / key).is_file():
         return
 
     from .methods.settings import check_backbone_name
-    for d in cfg["datasets"]:
-        for m in cfg["methods"]:
-            _check_method_settings(cfg, d, m)
-    for where, (_, irn_backbone) in blocks.items():
+    for where, (method, params, irn_backbone) in blocks.items():
+        _check_method_settings(cfg, params, method)
         check_backbone_name(irn_backbone, f"{where}.train_irn.backbone")
     if cache is not None:
         Path(cache).mkdir(parents=True, exist_ok=True)
         (Path(cache) / key).touch()
 
 
-def _check_method_settings(cfg: dict, dataset: str, method: str) -> None:
-    """The method's settings blocks for `dataset`'s preset, parsed by the plug-in."""
+def _check_method_settings(cfg: dict, params: dict, method: str) -> None:
+    """The settings blocks of `method` resolved for one preset (`params`, as `method_params`
+    returns them), parsed by the plug-in, and no block the plug-in does not declare."""
     from .methods import method_class
 
-    params = method_params(cfg, dataset, method)
     entry = method_config(cfg, method)
     cls = method_class(entry["plugin"], entry.get("module"))
     own = ((entry.get("presets") or {}).get(params["preset"]) or {})
