@@ -6,6 +6,7 @@ import os
 from snakemake.utils import min_version
 
 from wsss_core import config as wsss_config
+from wsss_core import methods as wsss_methods
 
 min_version("9.0")
 
@@ -18,13 +19,16 @@ report: "report/workflow.rst"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 wsss_config.apply_defaults(config)
+# what the config check needs of the method plug-ins (settings blocks, single-stage flag) is
+# kept under .snakemake/ by code fingerprint: a start then imports no plug-in, torch or timm
+wsss_methods.keep_descriptions(".snakemake/wsss-config-cache")
 # the one validation: against config.schema.yaml assembled with the registered methods'
 # settings blocks (wsss_core.config.config_schema), plug-in blocks included, before any job
 # runs or any output is deleted; one line naming the key, exit 2. Plug-in blocks are checked
 # once per content: job processes of cluster executors re-read the Snakefile, and blocks that
 # passed are recorded under .snakemake/
 wsss_config.check_or_exit(lambda: wsss_config.validate_config(
-    config, plugins=workflow.is_main_process, cache=".snakemake/wsss-checked-plugin-blocks"))
+    config, plugins=workflow.is_main_process, cache=".snakemake/wsss-config-cache"))
 
 
 include: "rules/common.smk"

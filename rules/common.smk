@@ -27,9 +27,9 @@ def method_regex(names):
 
 
 def single_stage_methods():
-    from wsss_core.methods import method_class
+    from wsss_core.methods import describe_method
     return [m for m, c in config["methods"].items()
-            if method_class(c["plugin"], c.get("module")).single_stage]
+            if describe_method(c["plugin"], c.get("module"))["single_stage"]]
 
 
 #: methods that predict segmentation themselves (Method.single_stage) and the others

@@ -17,9 +17,7 @@ SEG_MODEL_NAMES = "deeplabv3plus|segformer"
 
 def seg_train_json(wildcards):
     """train_seg parameters resolved for the rule's architecture (`seg_model` or the default)."""
-    # imported here, not at the top: the module imports torch, and every Snakemake start-up
-    # (twice per SLURM job) would pay for it while parsing the Snakefile
-    from wsss_core.stages.train_seg import resolve_seg_params
+    from wsss_core.config import resolve_seg_params
 
     block = stage_params(config, wildcards.dataset, wildcards.method, "train_seg")
     model = getattr(wildcards, "seg_model", None)

@@ -175,3 +175,42 @@ def test_no_plugin_name_in_shared_code(repo_root):
                 if word.search(line):
                     found.append(f"{rel}:{n}: {line.strip()}")
     assert not found, "\n".join(found[:40])
+
+
+_DESCRIBE = textwrap.dedent('''
+    import json, sys
+    from wsss_core.methods import describe_methods, keep_descriptions
+    keep_descriptions(sys.argv[1])
+    print(json.dumps({"torch": None, "described": describe_methods()}))
+    print(json.dumps({"torch": "torch" in sys.modules}))
+''')
+
+
+def _describe_in_a_new_process(folder: Path) -> tuple[dict, bool]:
+    done = subprocess.run([sys.executable, "-c", _DESCRIBE, str(folder)], capture_output=True,
+                          text=True, check=True)
+    first, second = (json.loads(line) for line in done.stdout.splitlines())
+    return first["described"], second["torch"]
+
+
+def test_plugin_descriptions_are_kept_so_a_workflow_start_imports_no_plugin(tmp_path):
+    """Snakemake parses the workflow at every start (twice per cluster job): the second process
+    reads what the first learnt from the plug-ins (settings blocks, single-stage flag) and
+    imports neither a plug-in nor torch; a damaged description is rebuilt, not trusted."""
+    from wsss_core.methods import method_class
+    from wsss_core.methods.settings import settings_schema
+
+    folder = tmp_path / "cache"
+    built, imported = _describe_in_a_new_process(folder)
+    assert imported, "the first process must build the descriptions from the plug-ins"
+    kept, imported = _describe_in_a_new_process(folder)
+    assert not imported and kept == built
+    for name, entry in built.items():
+        cls = method_class(name)
+        assert entry["single_stage"] == cls.single_stage
+        assert list(entry["blocks"]) == list(cls.settings_blocks)
+        assert all(entry["blocks"][b] == settings_schema(c) for b, c in cls.settings_blocks.items())
+    (stored,) = folder.glob("methods-*.json")
+    stored.write_text('{"cam": ')
+    rebuilt, imported = _describe_in_a_new_process(folder)
+    assert imported and rebuilt == built

@@ -195,6 +195,16 @@ def test_resolve_params_per_architecture_and_config_presets():
         validate_config(bad)
 
 
+def test_the_schema_names_exactly_the_buildable_architectures():
+    """resolve_seg_params (torch-free, run at every workflow start) checks names against the
+    train_seg schema; the builders live in models/segmentation.py."""
+    from wsss_core.config import SCHEMA_DIR, _load_schema
+    from wsss_core.models.segmentation import SEG_MODELS
+
+    schema = _load_schema(SCHEMA_DIR / "stages" / "train_seg.schema.yaml")["properties"]
+    assert sorted(schema["model"]["enum"]) == sorted(SEG_MODELS)
+
+
 def test_snakemake_dry_run_schedules_default_and_other_architecture(tmp_path):
     results = tmp_path / "results"
     (results / "toy" / "cobra" / "masks").mkdir(parents=True)

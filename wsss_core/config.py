@@ -75,20 +75,19 @@ def config_schema(cfg: dict | None = None) -> dict:
     """The config schema: config.schema.yaml with the plug-in names and the settings blocks
     of every registered method (built-in ones, and those `cfg` names by `module`) added, so
     a new method changes no shared schema file."""
-    from .methods import import_plugin, list_methods, method_class
-    from .methods.settings import settings_schema
+    from .methods import describe_methods
 
-    for entry in ((cfg or {}).get("methods") or {}).values():
-        if isinstance(entry, dict):
-            import_plugin(entry.get("module"))
+    modules = tuple(entry.get("module") for entry in ((cfg or {}).get("methods") or {}).values()
+                    if isinstance(entry, dict) and isinstance(entry.get("module"), str))
+    described = describe_methods(modules)
     schema = copy.deepcopy(_load_schema(SCHEMA_PATH))
-    names = list_methods()
+    names = sorted(described)
     method_entry = schema["properties"]["methods"]["additionalProperties"]
     method_entry["properties"]["plugin"]["enum"] = names
     declared: dict[str, list[dict]] = {MODEL_BLOCK: []}
     for name in names:
-        for block, cls in method_class(name).settings_blocks.items():
-            declared.setdefault(block, []).append(settings_schema(cls))
+        for block, fragment in described[name]["blocks"].items():
+            declared.setdefault(block, []).append(fragment)
     blocks = schema["$defs"]["stage_blocks"]["properties"]
     for block, fragments in declared.items():
         if block in STAGES:
@@ -169,7 +168,7 @@ def check_plugin_blocks(cfg: dict, cache: str | Path | None = None) -> None:
             blocks[where] = (m, method_params(cfg, d, m), stage_params(cfg, d, m, "train_irn")["backbone"])
     code = source_hash(str(Path(__file__).parent.parent), "wsss_core.methods")
     key = hashlib.sha256(json.dumps([blocks, code], sort_keys=True).encode()).hexdigest()
-    if cache is not None and (Path(cache) / key).is_file():
+    if cache is not None and (Path(cache) / f"checked-{key}").is_file():
         return
 
     from .methods.settings import check_backbone_name
@@ -178,7 +177,7 @@ def check_plugin_blocks(cfg: dict, cache: str | Path | None = None) -> None:
         check_backbone_name(irn_backbone, f"{where}.train_irn.backbone")
     if cache is not None:
         Path(cache).mkdir(parents=True, exist_ok=True)
-        (Path(cache) / key).touch()
+        (Path(cache) / f"checked-{key}").touch()
 
 
 def _check_method_settings(cfg: dict, params: dict, method: str) -> None:
@@ -281,14 +280,39 @@ def stage_params(cfg: dict, dataset: str, method: str, stage: str) -> dict:
 def method_params(cfg: dict, dataset: str, method: str) -> dict:
     """Everything a method plug-in needs: its plug-in name (and `module`, for one kept outside
     wsss_core/methods) and the resolved settings blocks it declares (`model` always)."""
-    from .methods import method_class
+    from .methods import describe_method
 
     preset = dataset_config(cfg, dataset)["preset"]
     entry = method_config(cfg, method)
     out = {"plugin": entry["plugin"], "preset": preset}
     if entry.get("module"):
         out["module"] = entry["module"]
-    cls = method_class(entry["plugin"], entry.get("module"))
-    for block in (MODEL_BLOCK, *cls.settings_blocks):
+    blocks = describe_method(entry["plugin"], entry.get("module"))["blocks"]
+    for block in (MODEL_BLOCK, *blocks):
         out[block] = stage_params(cfg, dataset, method, block)
     return out
+
+
+def resolve_seg_params(block: dict, model: str | None = None) -> dict:
+    """The flat training parameters of architecture `model` (default: the block's `model`):
+    shared keys, overlaid by `per_model[model]`, with `encoder = encoders[model]`.
+    A block that is already flat (no `encoders`) is returned as a copy. Torch-free: the
+    workflow resolves it for a rule param at every start.
+
+    Raises: ConfigError for an unknown architecture or one without an encoder."""
+    if "encoders" not in block:
+        if model is not None and model != block.get("model"):
+            raise ConfigError(f"train_seg parameters are resolved for {block.get('model')!r}, "
+                              f"not {model!r}")
+        return dict(block)
+    name = model or block["model"]
+    known = _load_schema(SCHEMA_DIR / "stages" / "train_seg.schema.yaml")["properties"]["model"]["enum"]
+    if name not in known:
+        raise ConfigError(f"segmentation model {name!r} unknown; choose one of {sorted(known)}")
+    if name not in block["encoders"]:
+        raise ConfigError(f"config key train_seg.encoders.{name}: missing")
+    flat = {k: v for k, v in block.items() if k not in ("encoders", "per_model")}
+    flat.update((block.get("per_model") or {}).get(name, {}))
+    flat["model"] = name
+    flat["encoder"] = block["encoders"][name]
+    return flat

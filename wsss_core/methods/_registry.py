@@ -9,8 +9,10 @@ method is adding its module. A plug-in kept outside the package names its module
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 
@@ -19,6 +21,9 @@ if TYPE_CHECKING:
 
 _REGISTRY: dict[str, type["Method"]] = {}
 _BUILTINS_LOADED = False
+#: where `describe_methods` keeps descriptions between processes (`keep_descriptions`)
+_DESCRIPTION_FOLDER: Path | None = None
+_DESCRIBED: dict[tuple[str, ...], dict[str, dict[str, Any]]] = {}
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
@@ -77,3 +82,66 @@ def create_method(params: dict, num_classes: int, train_params: dict | None = No
     `module`, and the settings blocks the plug-in declares."""
     cls = method_class(params["plugin"], params.get("module"))
     return cls(params, num_classes, train_params)
+
+
+def keep_descriptions(folder: str | Path | None) -> None:
+    """Keep the plug-in descriptions (`describe_methods`) in `folder`, under the fingerprint
+    of the plug-in code, so a later process reads them instead of importing the plug-ins.
+    The Snakefile calls it: Snakemake parses the workflow at every start (twice per cluster
+    job), and the plug-ins import torch and timm (seconds)."""
+    global _DESCRIPTION_FOLDER
+    _DESCRIPTION_FOLDER = Path(folder) if folder is not None else None
+
+
+def describe_methods(modules: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """What config checking and the workflow need of every registered plug-in (the built-in
+    ones, and those of `modules`, plug-ins kept outside the package), without building one:
+    name → {"blocks": {block name: JSON-schema fragment of its settings dataclass},
+    "single_stage": bool}, blocks in declaration order.
+
+    Read from the folder given to `keep_descriptions` when a description of the same code is
+    there (a SHA-256 over the sources of this package and every wsss_core module it imports);
+    otherwise the plug-ins are imported, and the description is written there. Plug-ins outside
+    the package are always imported: their code is not fingerprinted.
+
+    Raises: ConfigError when a plug-in module cannot be imported."""
+    modules = tuple(sorted({m for m in modules if m}))
+    if modules in _DESCRIBED:
+        return _DESCRIBED[modules]
+    stored = None
+    if _DESCRIPTION_FOLDER is not None and not modules:
+        from ..codehash import source_hash
+        code = source_hash(str(Path(__file__).resolve().parents[2]), __package__)
+        stored = _DESCRIPTION_FOLDER / f"methods-{code}.json"
+        if stored.is_file():
+            try:
+                _DESCRIBED[modules] = json.loads(stored.read_text())
+                return _DESCRIBED[modules]
+            except (OSError, ValueError):
+                pass  # a damaged description is rebuilt below
+    from .settings import settings_schema
+
+    _import_builtin()
+    for module in modules:
+        import_plugin(module)
+    described = {name: {"blocks": {block: settings_schema(c)
+                                   for block, c in cls.settings_blocks.items()},
+                        "single_stage": bool(cls.single_stage)}
+                 for name, cls in sorted(_REGISTRY.items())}
+    if stored is not None:
+        from ..io import write_json
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        write_json(stored, described)
+    _DESCRIBED[modules] = described
+    return described
+
+
+def describe_method(name: str, module: str | None = None) -> dict[str, Any]:
+    """`describe_methods` of plug-in `name` alone (importing `module` first when given).
+
+    Raises: ConfigError naming the known plug-ins when `name` is not registered."""
+    described = describe_methods((module,) if module else ())
+    if name not in described:
+        raise ConfigError(f"config key methods.*.plugin: unknown method plug-in {name!r} "
+                          f"(known: {', '.join(sorted(described))})")
+    return described[name]

@@ -23,42 +23,21 @@ from ..data.index import DatasetIndex
 from ..data.seg_dataset import SegmentationDataset
 from ..checkpoint import classifier_backbone_state, save_model
 from ..engine import FitConfig, data_parallel, distributed, finish, fit, resume_key
+from ..config import resolve_seg_params
 from ..errors import ConfigError, DataError
 from ..methods.base import StepContext
 from ..optim import make_optimizer
-from ..models.segmentation import SEG_MODELS, create_seg_model, load_classifier_backbone, param_groups
+from ..models.segmentation import create_seg_model, load_classifier_backbone, param_groups
 from ..seg_engine import SegTrainAugment, segmentation_loss
 from . import common
 
 log = logging.getLogger("wsss")
 
 #: config-block keys that select per architecture and are absent from resolved parameters
-_SELECTION_KEYS = ("encoders", "per_model")
 #: the keys of a resolved (flat) parameter block
 TRAIN_KEYS = ("model", "encoder", "encoder_from", "pretrained", "pretrained_file", "output_stride", "crop",
               "batch_size", "epochs", "optimizer", "lr", "decoder_lr_mult", "momentum",
               "weight_decay", "poly_power", "scale_range", "flip", "precision", "seed", "num_workers")
-
-
-def resolve_seg_params(block: dict, model: str | None = None) -> dict:
-    """The flat training parameters of architecture `model` (default: the block's `model`):
-    shared keys, overlaid by `per_model[model]`, with `encoder = encoders[model]`.
-    A block that is already flat (no `encoders`) is returned as a copy."""
-    if "encoders" not in block:
-        if model is not None and model != block.get("model"):
-            raise ConfigError(f"train_seg parameters are resolved for {block.get('model')!r}, "
-                              f"not {model!r}")
-        return dict(block)
-    name = model or block["model"]
-    if name not in SEG_MODELS:
-        raise ConfigError(f"segmentation model {name!r} unknown; choose one of {sorted(SEG_MODELS)}")
-    if name not in block["encoders"]:
-        raise ConfigError(f"config key train_seg.encoders.{name}: missing")
-    flat = {k: v for k, v in block.items() if k not in _SELECTION_KEYS}
-    flat.update((block.get("per_model") or {}).get(name, {}))
-    flat["model"] = name
-    flat["encoder"] = block["encoders"][name]
-    return flat
 
 
 def _check_params(params: dict) -> None:
