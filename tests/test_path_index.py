@@ -75,7 +75,7 @@ def test_affinity_from_boundary_loop_oracle():
     aff = affinity_from_boundary(b, pi)
     assert aff.shape == (2, 34, pi.n_src)
     bm = b.view(2, g_h, g_w)
-    c_h, c_w, rf = pi.crop[0], pi.crop[1], pi.radius_floor
+    c_w, rf = pi.crop[1], pi.radius_floor
     for n in range(2):
         for d, path in enumerate(pi.paths):
             for s in range(pi.n_src):

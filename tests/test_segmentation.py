@@ -16,7 +16,7 @@ from wsss_core.errors import ConfigError, WeightsError
 from wsss_core.models import segmentation as seg_models
 from wsss_core.models.segmentation import (PAPER_ENCODERS, TINY_ENCODERS, create_seg_model,
                                            param_groups)
-from wsss_core.optim import lr_factor, make_optimizer, set_lr
+from wsss_core.optim import make_optimizer, set_lr
 from wsss_core.seg_engine import SegTrainAugment, predict_multiscale, segmentation_loss
 
 NUM_CLASSES = 21

@@ -14,7 +14,7 @@ from skimage import measure
 from wsss_core.config import method_params, stage_params
 from wsss_core.data.datasets import ClassificationDataset
 from wsss_core.data.superpixels import PAD_ID, superpixels
-from wsss_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image, scaled_size, to_chw
+from wsss_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_chw
 from wsss_core.optim import set_lr
 from wsss_core.errors import ConfigError
 from wsss_core.methods import StepContext, create_method
