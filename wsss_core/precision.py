@@ -7,6 +7,11 @@ it); fp16 on CUDA also scales the loss (`torch.amp.GradScaler`), bf16 needs no s
 Losses whose value hinges on small differences of large numbers — the cosine similarity,
 softmax / log-sum-exp and normalisation parts of every contrastive loss — compute in fp32
 under any setting: wrap them in `float32` (autocast off, floating inputs cast up).
+
+Every stage places its networks with `place_model`: convolution weights in channels-last
+layout, which oneDNN (CPU) and cuDNN run faster than NCHW (measured on CPU, 2 threads, batch
+16 at 224 px: EfficientNet-Lite0 1.35x training / 1.74x inference, DeepLabV3+ on it 1.46x /
+1.52x; `bench/bench_channels_last.py`); the values are those of NCHW up to float rounding.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from contextlib import AbstractContextManager
 from typing import TypeVar
 
 import torch
+from torch import nn
 
 from .errors import ConfigError
 
@@ -67,3 +73,11 @@ def float32(fn: F) -> F:
             return fn(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
 
     return wrapper  # type: ignore[return-value]
+
+
+def place_model(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` moved to `device` (in place, returned), its 4-D parameters and buffers
+    (convolution weights) in channels-last memory format; inputs may stay NCHW, the
+    convolutions then return channels-last outputs. Code after a convolution must therefore
+    use `reshape` / `flatten`, not `view`, on feature maps."""
+    return module.to(device=device, memory_format=torch.channels_last)

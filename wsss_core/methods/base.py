@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import ConfigError
 from ..map_store import MapRoles  # noqa: F401  (part of the contract; torch-free home)
 from ..optim import make_optimizer  # noqa: F401  (methods build their optimisers with it)
+from ..precision import place_model
 
 
 @dataclass
@@ -202,7 +203,7 @@ class Method(ABC):
     # --- shared helpers -------------------------------------------------------------------
     def to(self, device: torch.device) -> "Method":
         for m in self.models.values():
-            m.to(device)
+            place_model(m, device)
         return self
 
     def train(self) -> None:

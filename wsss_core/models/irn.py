@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.path_index import PathIndex, affinity_from_boundary
+from ..precision import place_model
 from .backbones import cnn_stages
 
 
@@ -216,4 +217,4 @@ def load_irn(path, device: torch.device | str = "cpu") -> tuple[IRN, dict]:
     params = dict(record["params"])
     model = IRN(params["backbone"], strides=tuple(params["strides"]))
     model.load_state_dict(record["state"])
-    return model.to(device).eval(), params
+    return place_model(model, device).eval(), params

@@ -27,12 +27,15 @@ from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
 import timm
-from timm.models import split_model_name_tag
 import torch
+from timm.models import split_model_name_tag
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
-from .backbones import load_offline_weights  # also registers resnet_tiny: encoder tu-resnet_tiny
+from ..precision import place_model
+from .backbones import (
+    load_offline_weights,  # also registers resnet_tiny: encoder tu-resnet_tiny
+)
 from .lite0 import OFFLINE_WEIGHTS
 
 #: segmentation architectures by config name
@@ -252,4 +255,4 @@ def load_seg_model(path, device: torch.device | str = "cpu") -> tuple[nn.Module,
                              pretrained=False, output_stride=int(record["output_stride"]))
     model.load_state_dict(record["state"])
     meta = {k: v for k, v in record.items() if k != "state"}
-    return model.to(device).eval(), meta
+    return place_model(model, device).eval(), meta

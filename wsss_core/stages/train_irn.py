@@ -11,15 +11,16 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import classifier_backbone_state, save_model
 from ..data.datasets import IRNDataset
 from ..data.index import DatasetIndex
-from ..checkpoint import classifier_backbone_state, save_model
 from ..engine import FitConfig, data_parallel, distributed, finish, fit, resume_key
 from ..errors import ConfigError
 from ..methods.base import StepContext
-from ..optim import make_optimizer
 from ..models.irn import IRN, affinity_displacement_loss
 from ..ops.path_index import PathIndex, affinity_labels
+from ..optim import make_optimizer
+from ..precision import place_model
 from . import common
 
 log = logging.getLogger("wsss")
@@ -50,7 +51,7 @@ def train_irn(index: str | Path, labels: str | Path, params: dict, out: str | Pa
     idx = DatasetIndex.load(index)
     device = common.get_device()
     with distributed(device) as dist:
-        model = build_irn(params, classifier).to(device)
+        model = place_model(build_irn(params, classifier), device)
         edge, disp, backbone = model.param_groups()
         groups = [{"params": edge, "lr_mult": 1.0}, {"params": disp, "lr_mult": 10.0}]
         if backbone:

@@ -19,15 +19,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import classifier_backbone_state, save_model
+from ..config import resolve_seg_params
 from ..data.index import DatasetIndex
 from ..data.seg_dataset import SegmentationDataset
-from ..checkpoint import classifier_backbone_state, save_model
 from ..engine import FitConfig, data_parallel, distributed, finish, fit, resume_key
-from ..config import resolve_seg_params
 from ..errors import ConfigError, DataError
 from ..methods.base import StepContext
+from ..models.segmentation import (
+    create_seg_model,
+    load_classifier_backbone,
+    param_groups,
+)
 from ..optim import make_optimizer
-from ..models.segmentation import create_seg_model, load_classifier_backbone, param_groups
+from ..precision import place_model
 from ..seg_engine import SegTrainAugment, segmentation_loss
 from . import common
 
@@ -82,7 +87,7 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
         raise DataError(f"{index}: train_aug has {len(dataset)} image(s); batch norm needs 2")
     device = common.get_device()
     with distributed(device) as dist:
-        model = build_seg_model(params, idx.num_classes, classifier).to(device)
+        model = place_model(build_seg_model(params, idx.num_classes, classifier), device)
         # encoder at lr, decoder + head at lr x decoder_lr_mult
         optimizer = make_optimizer(param_groups(model, params["decoder_lr_mult"]), params["lr"],
                                    params["weight_decay"], params["momentum"], params["optimizer"])
