@@ -22,6 +22,7 @@ from wsss_core.errors import ConfigError, DataError
 from wsss_core.map_store import MapReader
 from wsss_core.methods import create_method
 from wsss_core.stages.export_cams import export_cams, parse_shard, shard_ids
+from wsss_core.stages import common
 from wsss_core.stages.merge_cams import merge_cams
 
 SCALES = {"scales": [1.0, 0.5]}
@@ -47,6 +48,11 @@ def exported(repo_root, toy_root, tmp_path_factory):
     for i, path in enumerate(shards, 1):
         export_cams(d / "index.json", d / "model.pt", SCALES, path, threads=2, shard=(i, 3))
     merge_cams(d / "index.json", shards, d / "merged.h5")
+    # threads=2 on CPU: two worker processes of one thread export two blocks into part stores
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "IMAGES_PER_WORKER", 4)
+        assert common.image_workers(2, 12, torch.device("cpu")) == 2
+        export_cams(d / "index.json", d / "model.pt", SCALES, d / "workers.h5", threads=2)
     return d, shards
 
 
@@ -54,9 +60,10 @@ def _attrs(obj) -> dict:
     return {k: (v, np.asarray(v).dtype) for k, v in obj.attrs.items()}
 
 
-def test_three_shards_merge_into_the_unsharded_file(exported):
+@pytest.mark.parametrize("other", ["merged.h5", "workers.h5"])
+def test_three_shards_or_two_workers_give_the_one_process_file(exported, other):
     d, _ = exported
-    with h5py.File(d / "whole.h5", "r") as a, h5py.File(d / "merged.h5", "r") as b:
+    with h5py.File(d / "whole.h5", "r") as a, h5py.File(d / other, "r") as b:
         assert _attrs(a).keys() == _attrs(b).keys() and "shard" not in b.attrs
         for k, (v, dtype) in _attrs(a).items():
             assert np.array_equal(v, b.attrs[k]) and dtype == _attrs(b)[k][1], k
@@ -76,9 +83,10 @@ def test_three_shards_merge_into_the_unsharded_file(exported):
                     assert x.id.read_direct_chunk(origin) == y.id.read_direct_chunk(origin)
                 nonzero += int(np.count_nonzero(x[()]) > 0)
         assert nonzero > 30  # the maps are not trivially zero
-    with MapReader(d / "merged.h5") as r, MapReader(d / "whole.h5") as w:
+    with MapReader(d / other) as r, MapReader(d / "whole.h5") as w:
         assert r.map_names == w.map_names and r.attrs == w.attrs
         assert r.ids() == w.ids()
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no part or temporary left
 
 
 def test_shards_are_contiguous_blocks_covering_every_id_once():

@@ -109,3 +109,25 @@ def test_propagate_walks_the_chosen_map(cams, irn_model, index_json, toy_index, 
         want = upsample_rw(random_walk(torch.from_numpy(m.get(image_id, name)), boundary, radius=5,
                                        beta=10, exp_times=3), m.size(image_id), mode="resize")
         np.testing.assert_allclose(rw.get(image_id, "rw"), want.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_propagate_in_worker_processes_writes_the_file_one_process_writes(
+        cams, irn_model, index_json, tmp_path, monkeypatch):
+    """threads=2 on CPU: two worker processes of one thread walk two blocks into part stores,
+    copied into rw.h5 as stored; every map equals the one-process run's, bit for bit, and no
+    part is left beside the output."""
+    from wsss_core.stages import common
+
+    path, ids = cams
+    propagate(index_json, path, irn_model, dict(WALK, source="method"), tmp_path / "one.h5",
+              threads=1)
+    monkeypatch.setattr(common, "IMAGES_PER_WORKER", 2)  # 4 images: two workers
+    assert common.image_workers(2, len(ids), torch.device("cpu")) == 2
+    propagate(index_json, path, irn_model, dict(WALK, source="method"), tmp_path / "two.h5",
+              threads=2)
+    with MapReader(tmp_path / "one.h5") as a, MapReader(tmp_path / "two.h5") as b:
+        assert a.ids() == b.ids() == ids and a.attrs == b.attrs
+        for image_id in ids:
+            for name in ("rw", "boundary"):
+                assert np.array_equal(a.get(image_id, name), b.get(image_id, name)), (image_id, name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.h5", "two.h5"]

@@ -126,3 +126,54 @@ def set_threads(threads: int | None) -> None:
     if threads:
         per_process = int(threads) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, per_process))
+
+
+#: images per CPU worker below which a map-store stage computes in its own process: starting
+#: a worker (torch import, model load) costs about as much as 30 small images
+IMAGES_PER_WORKER = 32
+
+
+def image_workers(threads: int | None, images: int, device) -> int:
+    """Worker processes for a per-image stage on `device`: on CPU one per thread, each with
+    one thread (batch-2 forwards of single images keep a second thread of the same process
+    mostly idle), and at least IMAGES_PER_WORKER images each; 1 on CUDA."""
+    if getattr(device, "type", "cpu") != "cpu":
+        return 1
+    return max(1, min(int(threads or 1), images // IMAGES_PER_WORKER))
+
+
+def blocks(ids: list[str], n: int) -> list[tuple[str, ...]]:
+    """`ids` cut into `n` contiguous blocks whose sizes differ by at most one."""
+    return [tuple(ids[i * len(ids) // n:(i + 1) * len(ids) // n]) for i in range(n)]
+
+
+def write_in_parts(out: str | os.PathLike, attrs: dict, image_ids: list[str], workers: int,
+                   make_part: Callable[[tuple[str, ...], str], Any], run_part: Callable[[Any], Any],
+                   dtype: str = "float16") -> None:
+    """Write map store `out` (file attributes `attrs`) with `workers` processes: `image_ids`
+    is cut into contiguous blocks, `make_part(block, path)` describes one worker's job (plain,
+    picklable data), `run_part(job)` (a module-level function) writes that block's store at
+    `path`, and each image's group is then copied into `out` as stored, in `image_ids` order:
+    the file equals one written in a single pass.
+
+    The parts live in a temporary folder beside `out`, made after `out`'s own temporary, so a
+    killed run's parts are removed as stale by the next run's writer."""
+    import shutil
+    import tempfile
+
+    from ..map_store import MapReader, MapWriter
+    from ..ops.crf import map_pool
+
+    out = Path(out)
+    with MapWriter(out, attrs, dtype=dtype) as writer:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts.", suffix=".tmp", dir=out.parent))
+        try:
+            cut = blocks(image_ids, workers)
+            paths = [str(tmp / f"part{k}.h5") for k in range(len(cut))]
+            map_pool(run_part, [make_part(block, path) for block, path in zip(cut, paths)], workers)
+            for block, path in zip(cut, paths):
+                with MapReader(path) as reader:
+                    for image_id in block:
+                        writer.copy_image(reader, image_id)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -10,12 +10,15 @@ which role downstream (`roles`: the map to walk, the maps to fuse, the class-agn
 
 Sharding (`--shard i/n`): shard i exports the i-th of n contiguous blocks of the split's ids
 and records `shard = "i/n"`; `merge_cams` joins the n files into one cams.h5. Each image is
-computed alone (one image and its mirror per forward, whatever the shard), so the maps are
-byte-identical to an unsharded export's.
+computed alone (one image and its mirror per forward, whatever the shard), and on CPU with one
+thread, so the maps are byte-identical to an unsharded export's. On CPU a job's threads become
+worker processes of one thread each (`common.image_workers`), each exporting a contiguous block
+into a part store that is then copied into cams.h5 as stored.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -106,36 +109,74 @@ def shard_ids(ids: list[str], shard: tuple[int, int]) -> list[str]:
     return ids[(i - 1) * len(ids) // n:i * len(ids) // n]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """One worker's share of a CPU export: its images, exported into the store `path`."""
+    index: str
+    model: str
+    scales: tuple[float, ...]
+    ids: tuple[str, ...]
+    path: str
+    attrs: dict
+
+
+def _write_maps(method: Method, idx: DatasetIndex, image_ids: list[str], scales: list[float],
+                out: str | Path, attrs: dict, device: torch.device) -> None:
+    """Export `image_ids` into the map store `out` (written whole or not at all)."""
+    dataset = MultiScaleDataset(idx, image_ids, scales)
+    loader = DataLoader(dataset, batch_size=1, collate_fn=collate_single, num_workers=0)
+    dtypes = {s.name: "float32" for s in method.maps if s.kind == "agnostic"}
+    with MapWriter(out, attrs) as writer:
+        for item in tqdm(loader, desc="export cams", unit="img", mininterval=2.0):
+            maps = image_maps(method, item["scaled"], tuple(item["size"]), item["keys"], device)
+            writer.add(item["id"], item["keys"], tuple(item["size"]), maps, dtypes=dtypes)
+
+
+def _export_part(part: _Part) -> int:
+    """Worker process: one thread, the classifier loaded once, `part.ids` into `part.path`."""
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    _write_maps(load_method(part.model, cpu), DatasetIndex.load(part.index), list(part.ids),
+                list(part.scales), part.path, part.attrs, cpu)
+    return len(part.ids)
+
+
 def export_cams(index: str | Path, model: str | Path, params: dict, out: str | Path,
                 split: str = "train_aug", threads: int | None = None,
                 ids: list[str] | None = None, shard: tuple[int, int] | None = None) -> dict:
+    """Export the maps of the split's images (or `ids`; or shard i/n of them) into `out`.
+
+    On CPU every image is computed with one thread, in `common.image_workers` processes that
+    each export a contiguous block into a part store; the parts are copied into `out` as
+    stored. The file is therefore the same for any number of threads, workers or shards."""
     common.set_threads(threads)
     idx = DatasetIndex.load(index)
     device = common.get_device()
     method = load_method(model, device)
     roles = method.map_roles()
     scales = list(params["scales"])
-    image_ids = ids if ids is not None else idx.ids(split)
+    image_ids = list(ids if ids is not None else idx.ids(split))
     if shard is not None:
-        image_ids = shard_ids(list(image_ids), shard)
-    dataset = MultiScaleDataset(idx, image_ids, scales)
-    loader = DataLoader(dataset, batch_size=1, collate_fn=collate_single, num_workers=0)
+        image_ids = shard_ids(image_ids, shard)
     attrs = {"method": method.name, "scales": json.dumps(scales), "flip": 1,
              "params": json.dumps(method.params, sort_keys=True), "split": split,
              "propagate_map": roles.walk + "_s4", "roles": dataclasses.asdict(roles),
              "dataset": idx.name, "num_classes": idx.num_classes}
     if shard is not None:
         attrs["shard"] = "{}/{}".format(*shard)  # merge_cams checks and drops it
-    dtypes = {s.name: "float32" for s in method.maps if s.kind == "agnostic"}
     t0 = time.perf_counter()
-    with MapWriter(out, attrs) as writer:
-        for item in tqdm(loader, desc="export cams", unit="img", mininterval=2.0):
-            maps = image_maps(method, item["scaled"], tuple(item["size"]), item["keys"], device)
-            writer.add(item["id"], item["keys"], tuple(item["size"]), maps, dtypes=dtypes)
+    workers = common.image_workers(threads, len(image_ids), device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    if workers == 1:
+        _write_maps(method, idx, image_ids, scales, out, attrs, device)
+    else:
+        common.write_in_parts(out, attrs, image_ids, workers, functools.partial(
+            _Part, str(index), str(model), tuple(scales), attrs=attrs), _export_part)
     seconds = time.perf_counter() - t0
-    log.info("exported %d images in %.1f s (%.2f img/s)", len(dataset), seconds,
-             len(dataset) / max(seconds, 1e-9))
-    return {"images": len(dataset), "seconds": seconds}
+    log.info("exported %d images in %.1f s (%.2f img/s, %d worker processes)", len(image_ids),
+             seconds, len(image_ids) / max(seconds, 1e-9), workers)
+    return {"images": len(image_ids), "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,11 +7,16 @@ rule's threshold (alpha / bg) re-runs only mask writing and evaluation.
 `source: method` walks the stride-4 map the method declares to walk (its `walk` role in
 cams.h5); `source: fused` walks the fused seed at stride 4 from seeds.h5, so the walk sees what
 the IR labels were made from (docs/algorithms.md §walk).
+
+On CPU a job's threads become worker processes of one thread each (`common.image_workers`):
+the walk of one image leaves a second thread of its process mostly idle.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,30 +53,74 @@ def _walk_source(params: dict, cams: str | Path, seeds: str | Path | None) -> tu
     return Path(cams), name
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One worker's share of a CPU walk: its images, walked into the store `path`."""
+    index: str
+    irn: str
+    store: str
+    source: str
+    params: dict
+    attrs: dict
+    ids: tuple[str, ...]
+    path: str
+
+
+def _walk_images(model, crop: int, idx: DatasetIndex, reader: MapReader, source: str,
+                 image_ids: list[str], params: dict, out: str | Path, attrs: dict,
+                 device: torch.device) -> None:
+    """Random walk of `image_ids` into the map store `out` (written whole or not at all)."""
+    with MapWriter(out, attrs, dtype="float16") as writer:
+        for image_id in tqdm(image_ids, desc="random walk", unit="img", mininterval=2.0):
+            keys, size = reader.keys(image_id), reader.size(image_id)
+            cam = torch.from_numpy(reader.get(image_id, source)).to(device)
+            if cam.shape[0]:
+                img = torch.from_numpy(T.to_chw(T.normalize(idx.image(image_id)))).to(device)
+                boundary = model.boundary_map(torch.stack([img, img.flip(-1)]), crop=crop)
+                rw = random_walk(cam, boundary, radius=params["radius"], beta=params["beta"],
+                                 exp_times=params["exp_times"])
+                rw_up = upsample_rw(rw, size, mode=params["upsample"]).float().cpu().numpy()
+                maps = {"rw": rw_up, "boundary": boundary[0].float().cpu().numpy()}
+            else:
+                maps = {"rw": torch.zeros((0,) + size).numpy()}
+            writer.add(image_id, keys, size, maps)
+
+
+def _walk_part(part: _Part) -> int:
+    """Worker process: one thread, the IRN loaded once, `part.ids` into `part.path`."""
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    model, irn_params = load_irn(part.irn, cpu)
+    with MapReader(part.store) as reader:
+        _walk_images(model, int(irn_params["crop"]), DatasetIndex.load(part.index), reader,
+                     part.source, list(part.ids), part.params, part.path, part.attrs, cpu)
+    return len(part.ids)
+
+
 def propagate(index: str | Path, cams: str | Path, irn: str | Path, params: dict, out: str | Path,
               seeds: str | Path | None = None, threads: int | None = None) -> None:
+    """Random walk of every image's stride-4 map (the `source` of `params`) into rw.h5.
+
+    On CPU every image is walked with one thread, in `common.image_workers` processes that
+    each walk a contiguous block into a part store; the parts are copied into `out` as stored,
+    so the file is the same for any number of threads."""
     common.set_threads(threads)
     idx = DatasetIndex.load(index)
     device = common.get_device()
     model, irn_params = load_irn(irn, device)
-    crop = int(irn_params["crop"])
     store, source = _walk_source(params, cams, seeds)
+    attrs = {"source": source, "params": json.dumps(params, sort_keys=True), "maps": str(store)}
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     with MapReader(store) as reader:
-        attrs = {"source": source, "params": json.dumps(params, sort_keys=True), "maps": str(store)}
-        with MapWriter(out, attrs, dtype="float16") as writer:
-            for image_id in tqdm(reader.ids(), desc="random walk", unit="img", mininterval=2.0):
-                keys, size = reader.keys(image_id), reader.size(image_id)
-                cam = torch.from_numpy(reader.get(image_id, source)).to(device)
-                if cam.shape[0]:
-                    img = torch.from_numpy(T.to_chw(T.normalize(idx.image(image_id)))).to(device)
-                    boundary = model.boundary_map(torch.stack([img, img.flip(-1)]), crop=crop)
-                    rw = random_walk(cam, boundary, radius=params["radius"], beta=params["beta"],
-                                     exp_times=params["exp_times"])
-                    rw_up = upsample_rw(rw, size, mode=params["upsample"]).float().cpu().numpy()
-                    maps = {"rw": rw_up, "boundary": boundary[0].float().cpu().numpy()}
-                else:
-                    maps = {"rw": torch.zeros((0,) + size).numpy()}
-                writer.add(image_id, keys, size, maps)
+        image_ids = reader.ids()
+        workers = common.image_workers(threads, len(image_ids), device)
+        if workers == 1:
+            _walk_images(model, int(irn_params["crop"]), idx, reader, source, image_ids, params,
+                         out, attrs, device)
+            return
+    common.write_in_parts(out, attrs, image_ids, workers, functools.partial(
+        _Part, str(index), str(irn), str(store), source, params, attrs), _walk_part)
 
 
 def main(argv: list[str] | None = None) -> int:
