@@ -107,7 +107,6 @@ def propagate(index: str | Path, cams: str | Path, irn: str | Path, params: dict
     common.set_threads(threads)
     idx = DatasetIndex.load(index)
     device = common.get_device()
-    model, irn_params = load_irn(irn, device)
     store, source = _walk_source(params, cams, seeds)
     attrs = {"source": source, "params": json.dumps(params, sort_keys=True), "maps": str(store)}
     if device.type == "cpu":
@@ -116,6 +115,8 @@ def propagate(index: str | Path, cams: str | Path, irn: str | Path, params: dict
         image_ids = reader.ids()
         workers = common.image_workers(threads, len(image_ids), device)
         if workers == 1:
+            # the workers load the IRN themselves: loaded here only when this process walks
+            model, irn_params = load_irn(irn, device)
             _walk_images(model, int(irn_params["crop"]), idx, reader, source, image_ids, params,
                          out, attrs, device)
             return
