@@ -62,3 +62,16 @@ def voc_sample_root() -> Path:
     if not (VOC_SAMPLE / "JPEGImages").is_dir():
         pytest.skip(f"real VOC sample not found at {VOC_SAMPLE}")
     return VOC_SAMPLE
+
+
+#: Test files that mostly wait (Snakemake runs whose jobs are subprocesses; the SLURM test
+#: waits for the executor's status polls), longest first, as measured on the 2-core machine
+#: (SLURM ~170-210 s, e2e ~100 s, plug-in contract ~45 s, incremental ~30 s). Under
+#: pytest-xdist (`-n`, see pyproject.toml) they start first, so the short tests fill the
+#: other worker while they wait instead of the suite ending on one of them alone.
+LONGEST_FIRST = ("test_slurm.py", "test_e2e.py", "test_plugin_contract.py", "test_incremental.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
