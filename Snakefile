@@ -2,6 +2,7 @@
 #   snakemake --cores 2                                   # toy data, config default_target, to seg_miou.txt
 #   snakemake --cores 8 results/voc/METHOD/seg_miou.txt   # PASCAL VOC 2012 (set datasets.voc.root)
 import os
+import sys
 
 from snakemake.utils import min_version
 
@@ -43,3 +44,11 @@ rule all:
     input:
         default_target(),
     default_target: True
+
+
+onerror:
+    # a failed run leaves no earlier result that the next run would take for current
+    stale = remove_unfinished_outputs(workflow.dag)
+    if stale:
+        print(f"wsss: removed {len(stale)} out-of-date output(s) of jobs that did not run; "
+              "the next run remakes them", file=sys.stderr)

@@ -1,5 +1,6 @@
 # Input functions and helpers shared by all rules (the only place with logic).
 import json
+import os
 import re
 import shlex
 
@@ -190,3 +191,27 @@ rule unknown_method:
         dataset="|".join(config["datasets"]),
         method=_known([*config["methods"], *DATASET_FOLDERS]),
         path=".+",
+
+
+def remove_unfinished_outputs(dag):
+    """Remove what the jobs of a failed run that were to run, and did not finish, still have of
+    their outputs: results of an earlier run that this run had found out of date.
+
+    Snakemake deletes a failed job's outputs together with their provenance records, and it
+    does not remake a deleted intermediate whose consumers' outputs exist (snakemake issues
+    #2011, #2966). Without this the next run would report nothing to do and keep, say, a
+    seg_miou.txt from before a parameter change whose train_seg job failed. Returns the paths
+    removed (files, and directory outputs as a whole)."""
+    import shutil
+
+    removed = []
+    for job in dag.needrun_jobs(exclude_finished=True):
+        for path in map(str, job.output):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                os.remove(path)
+            else:
+                continue
+            removed.append(path)
+    return removed

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -331,6 +332,33 @@ def test_missing_dataset_root_is_one_line_naming_the_key(run, tmp_path):
 def test_unknown_name_in_a_target_is_one_line_listing_the_known_ones(run, tmp_path, target, words):
     root, _ = run
     _one_line(_workflow(run, tmp_path, None, "-n", "--", str(root.parent / target)), *words)
+
+
+@pytest.mark.slow
+def test_a_failed_job_leaves_no_stale_result_for_the_next_run(run, tmp_path):
+    """A parameter change, then a job that fails (here: an unreadable weights file, replaced
+    by a good one before the next run). Snakemake deletes the failed job's outputs with their
+    provenance and does not remake a deleted intermediate, so the next run would report
+    nothing to do and keep the seg_miou.txt of the old parameters; the workflow's `onerror`
+    hook removes the out-of-date outputs of every job that did not run."""
+    root, snakemake = run
+    from wsss_core.models.lite0 import lite0_file
+
+    weights = tmp_path / "encoder.pth"
+    weights.write_bytes(b"not a state dict")
+    change = {"methods": {"cam": {"presets": {"smoke": {"train_seg": {
+        "lr": 0.002, "pretrained_file": str(weights)}}}}}}
+    seg_miou = root / "cam" / "seg_miou.txt"
+    assert seg_miou.is_file()
+    failed = _workflow(run, tmp_path, change, "--", str(seg_miou))
+    assert failed.returncode != 0 and "encoder.pth" in failed.stdout + failed.stderr
+    assert not seg_miou.exists() and not (root / "cam" / "seg_metrics.json").exists()
+    shutil.copy(lite0_file(), weights)  # the cause is gone; the change stays
+    assert _jobs(_workflow(run, tmp_path, change, "-n", "--", str(seg_miou))) == {
+        "train_seg", "eval_seg"}
+    # the module's later tests expect the finished run of the unchanged config
+    again = snakemake()
+    assert again.returncode == 0, again.stderr[-3000:]
 
 
 @pytest.mark.slow
