@@ -213,6 +213,70 @@ def test_cam_logits_decoder_and_projection():
     torch.testing.assert_close(out["global_tokens"][:, 1], net.encoder(views[0])[0])
 
 
+def _hybrid_encoder(**kw) -> SeCoEncoder:
+    """A hybrid SeCo encoder on a random-weight Lite0 stem whose BatchNorms carry random
+    statistics and affine terms, so folding them is not the identity."""
+    torch.manual_seed(0)
+    enc = SeCoEncoder("h", aux_layer=-1, img_size=32, embed_dim=16, depth=2, num_heads=2,
+                      hybrid_stem="tf_efficientnet_lite0", **kw)
+    with torch.no_grad():
+        for m in enc.vit.patch_embed.backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return enc.train()  # the stem's BatchNorms stay in eval mode (frozen statistics)
+
+
+def test_folded_frozen_stem_matches_the_stem_and_is_reused():
+    """Oracle: the stem module itself (BatchNorm in eval mode). The folded, chunked stem gives
+    its features up to float rounding; forward with precomputed stem features gives the plain
+    forward; the fold is rebuilt when a stem weight changes (the teacher's EMA)."""
+    from wsss_core.models import seco_vit
+    enc = _hybrid_encoder()
+    stem = enc.vit.patch_embed.backbone
+    x = torch.randn(5, 3, 48, 32)
+    with torch.no_grad():
+        want = stem(x)
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in stem.modules())
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc._folded_stem().modules())
+        torch.testing.assert_close(enc.stem_features(x), want, rtol=1e-4, atol=1e-4)
+        old = seco_vit.STEM_CHUNK_PIXELS
+        seco_vit.STEM_CHUNK_PIXELS = 2 * 48 * 32  # chunks of two images
+        try:
+            torch.testing.assert_close(enc.stem_features(x), want, rtol=1e-4, atol=1e-4)
+        finally:
+            seco_vit.STEM_CHUNK_PIXELS = old
+    feats = enc.stem_features(x)
+    assert not feats.requires_grad
+    for a, b in zip(enc(x, feats), enc(x)):
+        torch.testing.assert_close(a, b)
+    folded = enc._folded_stem()
+    with torch.no_grad():
+        stem.cnn.stem[0].weight.mul_(0.5)  # in place, as the EMA
+        assert enc._folded_stem() is not folded
+        torch.testing.assert_close(enc.stem_features(x), stem(x), rtol=1e-4, atol=1e-4)
+    # a trained stem is not folded: the forward runs it with gradients
+    trained = _hybrid_encoder(train_stem=True)
+    assert trained.stem_features(x) is None
+    trained(x)[0].sum().backward()
+    assert trained.vit.patch_embed.backbone.cnn.stem[0].weight.grad is not None
+
+
+def test_multi_scale_cam_keeps_the_stem_features_of_the_scale_one_pass():
+    enc = _hybrid_encoder()
+    net = SeCoNet(enc, 3, proj_hidden=8, proj_dim=16)
+    x = torch.randn(2, 3, 64, 96)
+    cams, aux, stem = multi_scale_cam(net, x, [0.5, 1.0], keep_stem=True)
+    want = multi_scale_cam(net, x, [0.5, 1.0])
+    torch.testing.assert_close((cams, aux), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stem, enc.vit.patch_embed.backbone(x), rtol=1e-4, atol=1e-4)
+    out, ref = net(x, stem=stem), net(x)
+    for k in ("cls", "cls_aux", "seg", "cls_token"):
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4)
+
+
 # --- CAM and labels (§21.6-12) ---------------------------------------------------------------
 
 def test_multi_scale_cam_is_min_max_normalised():
@@ -256,6 +320,41 @@ def test_refine_cams_with_bkg_uniform_cases():
         cam[0, 1] = value
         lab = refine_cams_with_bkg(img, cam * y[:, :, None, None], y, 0.7, 0.25)
         assert (lab == want).all(), value
+
+
+def _refine_loop(image01, valid_cam, y, high, low, refine):
+    """seco.md §7.5 one image and one background level at a time: the kept channels only."""
+    B, C, H, W = valid_cam.shape
+    half = (H // 2, W // 2)
+    images = F.interpolate(image01, size=half, mode="bilinear", align_corners=False)
+    out = torch.empty(2, B, H, W, dtype=torch.long)
+    for i, t in enumerate((high, low)):
+        cams = torch.cat([torch.full_like(valid_cam[:, :1], t), valid_cam], dim=1)
+        cams = F.interpolate(cams, size=half, mode="bilinear", align_corners=False)
+        for b in range(B):
+            keep = [0] + [c + 1 for c in range(C) if y[b, c] > 0]
+            ref = refine(images[b:b + 1], cams[b:b + 1, keep].softmax(dim=1))
+            ref = F.interpolate(ref, size=(H, W), mode="bilinear", align_corners=False)[0]
+            for p in range(H):
+                for q in range(W):
+                    out[i, b, p, q] = keep[int(ref[:, p, q].argmax())]
+    label = torch.where(out[0] == 0, 255, out[0])
+    return torch.where((out[0] == 0) & (out[1] == 0), 0, label)
+
+
+def test_refine_cams_with_bkg_matches_per_image_loop():
+    """The batched form (channels packed to the most classes, padding at −inf) against the
+    per-image loop, with images of 0, 1 and 3 classes in one batch."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.tensor([[0.0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 1]])
+    img = torch.rand(3, 3, 20, 24, generator=g, dtype=torch.float64)
+    cam = torch.rand(3, 4, 20, 24, generator=g, dtype=torch.float64) * y[:, :, None, None]
+    from wsss_core.ops.par import par_refine
+    refine = lambda im, m: par_refine(im, m, (1, 2), 3)  # noqa: E731
+    got = refine_cams_with_bkg(img, cam, y, 0.7, 0.25, refine=refine)
+    want = _refine_loop(img, cam, y, 0.7, 0.25, refine)
+    assert torch.equal(got, want)
+    assert {0, 255} <= set(got.unique().tolist()) and len(got.unique()) >= 4
 
 
 def test_ptc_loss_and_affinity_mask():
