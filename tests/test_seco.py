@@ -176,6 +176,15 @@ def test_bilateral_filter_matches_loop():
                             + float(((img[b, :, i, j] - img[b, :, y, x]) ** 2).sum()) / (2 * 15.0 ** 2)
                         want[b, :, i, j] += math.exp(-d) * v[b, :, y, x]
     torch.testing.assert_close(got, want)
+    # float32 on saturated colours (most pairs below float32's normal range, floored there)
+    # against the float64 filter, whose kernel has no floor that matters (exp(−708))
+    img = torch.zeros(1, 3, 12, 12, dtype=torch.float64)
+    img[0, 0, :, ::2] = 255
+    img[0, 1, ::3] = 255
+    v = torch.rand(1, 2, 12, 12, generator=g, dtype=torch.float64)
+    want = bilateral_filter(img, v, sigma_rgb=5.0, sigma_xy=4.0)
+    got = bilateral_filter(img.float(), v.float(), sigma_rgb=5.0, sigma_xy=4.0, chunk=50)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=0)
 
 
 # --- invariants: backbone and heads (§21.1-5) -----------------------------------------------
@@ -242,6 +251,11 @@ def test_folded_frozen_stem_matches_the_stem_and_is_reused():
         assert any(isinstance(m, torch.nn.BatchNorm2d) for m in stem.modules())
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc._folded_stem().modules())
         torch.testing.assert_close(enc.stem_features(x), want, rtol=1e-4, atol=1e-4)
+        # odd sizes: TF "SAME" padding with the odd pixel at the bottom / right; NCHW and
+        # channels-last inputs
+        odd = torch.randn(2, 3, 45, 37)
+        for inp in (odd, odd.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(enc._folded_stem()(inp), stem(odd), rtol=1e-4, atol=1e-4)
         old = seco_vit.STEM_CHUNK_PIXELS
         seco_vit.STEM_CHUNK_PIXELS = 2 * 48 * 32  # chunks of two images
         try:

@@ -16,16 +16,17 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import BatchNormAct2d, HybridEmbed, trunc_normal_
+from timm.layers import BatchNormAct2d, Conv2dSame, HybridEmbed, trunc_normal_
+from timm.layers.padding import get_same_padding
 
 from ..errors import ConfigError
 from .vit_cam import create_vit
 
 
 #: images per call of the frozen CNN stem: as many as fit this many pixels (at least one). The
-#: stem is memory-bound on CPU; a chunk whose activations stay in cache runs 1.3-1.6x faster
-#: than one batch of 32 crops (1 thread, 224-336 px; bench/bench_seco.py step)
-STEM_CHUNK_PIXELS = 2 ** 17
+#: Lite0 stem is memory-bound on CPU; chunks of 1 (336 px), 4 (224 px), 16 (112 px) images
+#: run 1.3-1.6x faster than one batch of 32 (1 thread; bench/bench_seco.py step)
+STEM_CHUNK_PIXELS = 4 * 224 * 224
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
@@ -60,6 +61,40 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     return folded
 
 
+class SamePadConv2d(nn.Conv2d):
+    """timm's `Conv2dSame` (TensorFlow "SAME": zero padding, the odd pixel at the bottom /
+    right) with the input copied into a buffer whose border alone is zeroed; `F.pad` fills
+    the whole padded buffer first, ~15 % of the Lite0 stem's CPU time at 336 px."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        ph = get_same_padding(ih, self.kernel_size[0], self.stride[0], self.dilation[0])
+        pw = get_same_padding(iw, self.kernel_size[1], self.stride[1], self.dilation[1])
+        if ph or pw:
+            t, l = ph // 2, pw // 2
+            fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
+                else torch.contiguous_format
+            padded = torch.empty(*x.shape[:2], ih + ph, iw + pw, dtype=x.dtype, device=x.device,
+                                 memory_format=fmt)
+            padded[..., t:t + ih, l:l + iw] = x
+            for border in (padded[..., :t, :], padded[..., t + ih:, :],
+                           padded[..., t:t + ih, :l], padded[..., t:t + ih, l + iw:]):
+                border.zero_()
+            x = padded
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def inference_stem(module: nn.Module) -> nn.Module:
+    """The frozen stem for forward passes without gradient: `fold_batchnorm`, and timm's
+    `Conv2dSame` run as `SamePadConv2d` (same weights, same zero padding). Equal to `module`
+    in eval mode up to float rounding (tests/test_seco.py)."""
+    folded = fold_batchnorm(module)
+    for m in folded.modules():
+        if type(m) is Conv2dSame:
+            m.__class__ = SamePadConv2d
+    return folded
+
+
 class SeCoEncoder(nn.Module):
     """ViT encoder. `backbone` is a timm name (paper: `vit_base_patch16_224.orig_in21k_ft_in1k`,
     the weights the official code loads) unless `embed_dim` is given: then a from-scratch timm
@@ -91,12 +126,12 @@ class SeCoEncoder(nn.Module):
         self._folded: tuple[tuple, nn.Module] | None = None  # (weights key, folded stem): not state
 
     def _folded_stem(self) -> nn.Module:
-        """The frozen stem with its BatchNorms folded (`fold_batchnorm`), rebuilt whenever a
+        """The frozen stem for inference (`inference_stem`: BatchNorms folded), rebuilt whenever a
         stem weight changed (storage or in-place version: `.to`, the teacher's EMA)."""
         stem = self.vit.patch_embed.backbone
         key = tuple((t.data_ptr(), t._version) for t in (*stem.parameters(), *stem.buffers()))
         if self._folded is None or self._folded[0] != key:
-            self._folded = (key, fold_batchnorm(stem))
+            self._folded = (key, inference_stem(stem))
         return self._folded[1]
 
     def stem_features(self, x: torch.Tensor) -> torch.Tensor | None:
