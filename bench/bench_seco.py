@@ -3,6 +3,7 @@ of one training step of the tiny preset, per part.
 
     python bench/bench_seco.py [ops|step|all] [--size 112] [--anchors 48] [--queue 4608]
                                [--dim 768] [--repeats 3] [--it 130] [--batch 16]
+                               [--seco KEY=YAML ...] [--precision fp32|bf16] [--profile]
 
 PAR: `wsss_core.ops.par.par_refine` (all neighbours gathered at once) against the formula
 looped per pixel and neighbour, and the official structure (one replicate pad + one conv per
@@ -202,9 +203,11 @@ class PartTimer:
         return {k: statistics.median(s.get(k, 0.0) for s in self.steps) for k in self.order}
 
 
-def tiny_seco(batch_size: int, seed: int = 0):
+def tiny_seco(batch_size: int, seed: int = 0, overrides: dict | None = None,
+              precision: str | None = None):
     """The tiny SeCo method, its optimisers and one batch, as `train_classifier` builds them
-    for the toy dataset: (method, optimizers, batch dict, stage params)."""
+    for the toy dataset: (method, optimizers, batch dict, stage params). `overrides` replace
+    keys of the method's `seco` block, `precision` the stage's."""
     import numpy as np
     from wsss_core.config import load_config, method_params, stage_params
     from wsss_core.data import toy
@@ -212,7 +215,10 @@ def tiny_seco(batch_size: int, seed: int = 0):
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "config.yaml")
     params = stage_params(cfg, "toy", "seco", "train_classifier")
+    if precision is not None:
+        params["precision"] = precision
     method = method_params(cfg, "toy", "seco")
+    method["seco"].update(overrides or {})
     ds = cfg["datasets"]["toy"]
     torch.manual_seed(seed)
     # .to places the networks as every stage does (channels-last convolution weights)
@@ -265,20 +271,26 @@ def instrument(m, timer: PartTimer) -> None:
 def step_main(a) -> None:
     from wsss_core.methods.base import StepContext
 
-    m, opts, batch, params = tiny_seco(a.batch)
+    import yaml
+    from wsss_core.precision import autocast_factory
+
+    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in a.seco)}
+    m, opts, batch, params = tiny_seco(a.batch, overrides=overrides, precision=a.precision)
+    autocast = autocast_factory(params["precision"], torch.device("cpu"))
     timer = PartTimer()
     instrument(m, timer)
     m.train()
     epochs, max_step = params["epochs"], params["max_step"]
     print(f"tiny SeCo step: batch {a.batch}, crop {params['crop']}, iteration {a.it} "
-          f"(weights {seco_weights(m, a.it)}), {torch.get_num_threads()} thread(s)")
+          f"(weights {seco_weights(m, a.it)}), {params['precision']}, "
+          f"{torch.get_num_threads()} thread(s){', seco ' + str(overrides) if overrides else ''}")
     for r in range(a.repeats + 1):
         ctx = StepContext(epoch=0, step=a.it, max_step=max_step, epochs=epochs,
                           device=torch.device("cpu"))
         for o in opts:
             o.zero_grad(set_to_none=True)
         with timer.part("step"):
-            with timer.part("forward (training_step)"):
+            with timer.part("forward (training_step)"), autocast():
                 losses = m.training_step(batch, ctx)
             with timer.part("backward"):
                 losses["total"].backward()
@@ -312,6 +324,10 @@ def main(argv=None) -> None:
     p.add_argument("--it", type=int, default=130, help="step: iteration (0-based; 130 = every loss on)")
     p.add_argument("--batch", type=int, default=16, help="step: batch size")
     p.add_argument("--profile", action="store_true", help="step: add a torch.profiler op table")
+    p.add_argument("--seco", action="append", default=[], metavar="KEY=YAML",
+                   help="step: override a key of the tiny preset's seco block (repeatable)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="step: the stage's precision (default: the preset's)")
     p.add_argument("--size", type=int, default=112, help="PAR image side (pixels), official form")
     p.add_argument("--loop-size", type=int, default=48, help="PAR image side for the formula loop")
     p.add_argument("--classes", type=int, default=3, help="PAR mask channels")
