@@ -89,3 +89,16 @@ def test_par_zero_channels_stay_zero_and_gradients_flow():
     assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
     out[:, 0].sum().backward()
     assert masks.grad[:, 0].abs().sum() > 0
+
+
+def test_par_chunks_the_batch_like_one_image_at_a_time(monkeypatch):
+    from wsss_core.ops import par
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(3, 3, 10, 12, generator=g, dtype=torch.float64)
+    masks = torch.rand(3, 2, 5, 6, generator=g, dtype=torch.float64)
+    whole = par_refine(image, masks, dilations=(1, 3), iterations=4)
+    monkeypatch.setattr(par, "CHUNK_FLOATS", 16 * 10 * 12)  # one image per chunk
+    torch.testing.assert_close(par_refine(image, masks, dilations=(1, 3), iterations=4), whole,
+                               rtol=1e-12, atol=1e-14)
+    per_image = torch.cat([par_refine(i, m, (1, 3), 4) for i, m in zip(image.split(1), masks.split(1))])
+    torch.testing.assert_close(whole, per_image, rtol=1e-12, atol=1e-14)
