@@ -371,6 +371,12 @@ def test_refine_cams_with_bkg_matches_per_image_loop():
     assert {0, 255} <= set(got.unique().tolist()) and len(got.unique()) >= 4
 
 
+def test_first_argmax_is_argmax_with_ties():
+    from wsss_core.methods.seco_losses import _first_argmax
+    x = torch.randint(0, 3, (2, 4, 5, 6)).float()  # many ties
+    assert torch.equal(_first_argmax(x.unbind(1)), x.argmax(dim=1))
+
+
 def test_ptc_loss_and_affinity_mask():
     t = torch.ones(1, 4, 2, 2)
     aff = torch.ones(1, 4, 4, dtype=torch.long)

@@ -105,11 +105,23 @@ def refine_cams_with_bkg(image01: torch.Tensor, valid_cam: torch.Tensor, cls_lab
         levels.append(logits.masked_fill(~used[:, :, None, None], float("-inf")).softmax(dim=1))
     ref = refine(images, torch.cat(levels, dim=1))  # [B, 2K, h/2, w/2]
     ref = F.interpolate(ref, size=(H, W), mode="bilinear", align_corners=False)
-    best = ref.view(B, 2, K, H, W).argmax(dim=2)  # [B, 2, H, W]
+    best = _first_argmax(ref.view(B, 2, K, H, W).unbind(2))  # [B, 2, H, W]
     high_l, low_l = order.gather(1, best.flatten(1)).view(B, 2, H, W).unbind(1)
     label = torch.where(high_l == 0, torch.full_like(high_l, IGNORE), high_l)
     label = torch.where((high_l == 0) & (low_l == 0), torch.zeros_like(label), label)
     return _apply_box(label, img_box)
+
+
+def _first_argmax(planes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The index of the largest of K same-shaped planes per element, the first on ties (as
+    `argmax`); K elementwise passes, where `argmax` over a short middle dimension of a large
+    tensor runs ~8x slower on CPU."""
+    best, index = planes[0], torch.zeros_like(planes[0], dtype=torch.long)
+    for k, plane in enumerate(planes[1:], start=1):
+        better = plane > best
+        index.masked_fill_(better, k)
+        best = torch.maximum(best, plane)
+    return index
 
 
 def assign_csc_tags(images: Sequence[torch.Tensor], roi: torch.Tensor, num_crops: int = 10,
