@@ -209,6 +209,7 @@ def tiny_seco(batch_size: int, seed: int = 0, overrides: dict | None = None,
     for the toy dataset: (method, optimizers, batch dict, stage params). `overrides` replace
     keys of the method's `seco` block, `precision` the stage's."""
     import numpy as np
+
     from wsss_core.config import load_config, method_params, stage_params
     from wsss_core.data import toy
     from wsss_core.methods import create_method
@@ -269,9 +270,9 @@ def instrument(m, timer: PartTimer) -> None:
 
 
 def step_main(a) -> None:
-    from wsss_core.methods.base import StepContext
-
     import yaml
+
+    from wsss_core.methods.base import StepContext
     from wsss_core.precision import autocast_factory
 
     overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in a.seco)}
@@ -284,7 +285,7 @@ def step_main(a) -> None:
     print(f"tiny SeCo step: batch {a.batch}, crop {params['crop']}, iteration {a.it} "
           f"(weights {seco_weights(m, a.it)}), {params['precision']}, "
           f"{torch.get_num_threads()} thread(s){', seco ' + str(overrides) if overrides else ''}")
-    for r in range(a.repeats + 1):
+    for r in range(max(a.repeats, 1) + 1):  # the first is a warm-up
         ctx = StepContext(epoch=0, step=a.it, max_step=max_step, epochs=epochs,
                           device=torch.device("cpu"))
         for o in opts:

@@ -364,7 +364,10 @@ def test_refine_cams_with_bkg_matches_per_image_loop():
     img = torch.rand(3, 3, 20, 24, generator=g, dtype=torch.float64)
     cam = torch.rand(3, 4, 20, 24, generator=g, dtype=torch.float64) * y[:, :, None, None]
     from wsss_core.ops.par import par_refine
-    refine = lambda im, m: par_refine(im, m, (1, 2), 3)  # noqa: E731
+
+    def refine(im, m):
+        return par_refine(im, m, (1, 2), 3)
+
     got = refine_cams_with_bkg(img, cam, y, 0.7, 0.25, refine=refine)
     want = _refine_loop(img, cam, y, 0.7, 0.25, refine)
     assert torch.equal(got, want)

@@ -12,6 +12,7 @@ local teacher (encoder copy + projection copy).
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 
     def visit(parent: nn.Module) -> None:
         children = list(parent.named_children())
-        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+        for (_, conv), (bn_name, bn) in itertools.pairwise(children):
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 if bn.training or not bn.track_running_stats:
                     raise ValueError("fold_batchnorm: BatchNorm must use running statistics")
