@@ -26,7 +26,7 @@ from .vit_cam import create_vit
 
 #: images per call of the frozen CNN stem: as many as fit this many pixels (at least one). The
 #: Lite0 stem is memory-bound on CPU; chunks of 1 (336 px), 4 (224 px), 16 (112 px) images
-#: run 1.3-1.6x faster than one batch of 32 (1 thread; bench/bench_seco.py step)
+#: run 1.2-1.6x faster than one batch of 32 (1 thread; bench/bench_seco.py step)
 STEM_CHUNK_PIXELS = 4 * 224 * 224
 
 
@@ -64,8 +64,9 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 
 class SamePadConv2d(nn.Conv2d):
     """timm's `Conv2dSame` (TensorFlow "SAME": zero padding, the odd pixel at the bottom /
-    right) with the input copied into a buffer whose border alone is zeroed; `F.pad` fills
-    the whole padded buffer first, ~15 % of the Lite0 stem's CPU time at 336 px."""
+    right) with the input copied into a buffer whose border alone is zeroed; `F.pad` zeroes
+    the whole padded buffer first (that fill took ~14 % of the Lite0 stem's CPU time at
+    336 px)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ih, iw = x.shape[-2:]
