@@ -102,3 +102,11 @@ def test_par_chunks_the_batch_like_one_image_at_a_time(monkeypatch):
                                rtol=1e-12, atol=1e-14)
     per_image = torch.cat([par_refine(i, m, (1, 3), 4) for i, m in zip(image.split(1), masks.split(1))])
     torch.testing.assert_close(whole, per_image, rtol=1e-12, atol=1e-14)
+
+
+def test_replicate_pad_into_is_replicate_padding():
+    from wsss_core.ops.par import replicate_pad_into
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    padded = torch.full((2, 3, 5 + 8, 7 + 8), float("nan"), dtype=torch.float64)
+    assert torch.equal(replicate_pad_into(padded, x, 4),
+                       torch.nn.functional.pad(x, [4] * 4, mode="replicate"))

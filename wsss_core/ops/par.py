@@ -114,15 +114,38 @@ def par_refine(image: torch.Tensor, masks: torch.Tensor,
     return _propagate(image, masks, dilations, iterations)
 
 
+def replicate_pad_into(padded: torch.Tensor, x: torch.Tensor, p: int) -> torch.Tensor:
+    """In place: padded [..., h + 2p, w + 2p] ← x [..., h, w] with replicate padding p (the
+    values of `F.pad(x, [p] * 4, mode="replicate")`, copies only). Returns padded."""
+    h, w = x.shape[-2:]
+    padded[..., p:p + h, p:p + w] = x
+    padded[..., p:p + h, :p] = x[..., :, :1]
+    padded[..., p:p + h, p + w:] = x[..., :, w - 1:]
+    padded[..., :p, :] = padded[..., p:p + 1, :]
+    padded[..., p + h:, :] = padded[..., p + h - 1:p + h, :]
+    return padded
+
+
 def _propagate(image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int],
                iterations: int) -> torch.Tensor:
     """PAR of masks [B, K, h, w] already at the size of image [B, 3, h, w]."""
     aff = par_weights(image, dilations)  # [B, N, h, w]
     # one [B, 1, h, w] weight map per neighbour, broadcast over the K channels
-    weights = aff.transpose(0, 1).contiguous()[:, :, None]  # [N, B, 1, h, w]
+    weights = aff.transpose(0, 1).contiguous()[:, :, None].unbind(0)  # N x [B, 1, h, w]
+    h, w = image.shape[-2:]
+    p = max(dilations)
+    offsets = neighbour_offsets(dilations)
+    # without autograd one padded buffer and its N views serve every iteration (the Python
+    # cost of re-slicing dominates small images); autograd needs each iteration's own copy
+    reuse = not (torch.is_grad_enabled() and (masks.requires_grad or image.requires_grad))
+    padded = views = None
     for _ in range(iterations):
-        out = torch.zeros_like(masks)
-        for a, view in zip(weights, shifted_views(masks, dilations)):
+        if padded is None or not reuse:
+            padded = masks.new_empty(*masks.shape[:2], h + 2 * p, w + 2 * p)
+            views = [padded[..., p + dy:p + dy + h, p + dx:p + dx + w] for dy, dx in offsets]
+        replicate_pad_into(padded, masks, p)
+        out = torch.mul(weights[0], views[0])
+        for a, view in zip(weights[1:], views[1:]):
             out.addcmul_(a, view)
         masks = out
     return masks
