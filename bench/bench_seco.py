@@ -255,7 +255,10 @@ def instrument(m, timer: PartTimer) -> None:
         return lambda x, *a, **k: f"{prefix} {x.shape[0]}x{x.shape[-2]}x{x.shape[-1]}"
 
     net.forward = timer.wrap("student forward", net.forward)
-    net.encoder.forward = timer.wrap(by_size("encoder"), net.encoder.forward)
+    if hasattr(net.encoder, "encode"):  # what the student's features call
+        net.encoder.encode = timer.wrap(by_size("encoder"), net.encoder.encode)
+    else:
+        net.encoder.forward = timer.wrap(by_size("encoder"), net.encoder.forward)
     teacher.encoder.forward = timer.wrap(by_size("teacher encoder"), teacher.encoder.forward)
     for enc in (net.encoder, teacher.encoder):
         if hasattr(enc, "stem_features"):

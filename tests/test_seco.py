@@ -278,6 +278,15 @@ def test_folded_frozen_stem_matches_the_stem_and_is_reused():
     assert trained.vit.patch_embed.backbone.cnn.stem[0].weight.grad is not None
 
 
+def test_hybrid_cams_on_sizes_that_are_not_multiples_of_16():
+    """The hybrid stem pads to whole patches (⌈H/16⌉ × ⌈W/16⌉ tokens): the CAM export of a
+    168x224 toy image (once a reshape error)."""
+    net = SeCoNet(_hybrid_encoder(), 3, proj_hidden=8, proj_dim=16).eval()
+    cam, aux = net.cams(torch.randn(2, 3, 168, 150))
+    assert cam.shape == aux.shape == (2, 3, 11, 10)
+    assert net.encoder.encode(torch.randn(1, 3, 168, 150))[3] == (11, 10)
+
+
 def test_multi_scale_cam_keeps_the_stem_features_of_the_scale_one_pass():
     enc = _hybrid_encoder()
     net = SeCoNet(enc, 3, proj_hidden=8, proj_dim=16)

@@ -162,8 +162,15 @@ class SeCoEncoder(nn.Module):
     def forward(self, x: torch.Tensor, stem: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, 3, H, W] → (class token [B, D], tokens [B, N, D], aux tokens [B, N, D]),
-        N = (H/p)(W/p) row-major; the aux tokens are not normed. `stem`: x's
-        `stem_features`, when the caller has them already (x is then not read)."""
+        N = h·w row-major (`encode` gives the grid); the aux tokens are not normed. `stem`:
+        x's `stem_features`, when the caller has them already (x is then not read)."""
+        return self.encode(x, stem)[:3]
+
+    def encode(self, x: torch.Tensor, stem: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """`forward`'s outputs and the token grid (h, w): ⌊H/p⌋ × ⌊W/p⌋ for a patch
+        embedding, ⌈H/16⌉ × ⌈W/16⌉ for a hybrid stem (TF "SAME" padding keeps the partial
+        last patch)."""
         vit = self.vit
         if stem is not None:
             x = stem
@@ -181,7 +188,7 @@ class SeCoEncoder(nn.Module):
             if i == self.aux_index:
                 aux = t[:, 1:]
         t = vit.norm(t)
-        return t[:, 0], t[:, 1:], aux
+        return t[:, 0], t[:, 1:], aux, grid
 
 
 class ProjectionHead(nn.Module):
@@ -237,8 +244,7 @@ class SeCoNet(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(class token [B, D], final tokens [B, D, h, w], aux tokens [B, D, h, w]); `stem`:
         x's `encoder.stem_features` when already computed."""
-        cls, tok, aux = self.encoder(x, stem)
-        grid = (x.shape[-2] // self.encoder.patch_size, x.shape[-1] // self.encoder.patch_size)
+        cls, tok, aux, grid = self.encoder.encode(x, stem)
         return cls, to_2d(tok, grid), to_2d(aux, grid)
 
     def cams(self, x: torch.Tensor, stem: torch.Tensor | None = None
