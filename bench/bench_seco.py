@@ -1,6 +1,9 @@
-"""CPU time of SeCo's PAR refinement and LiL loss: vectorised vs loop forms, side by side.
+"""CPU time of SeCo's PAR refinement and LiL loss (vectorised vs loop forms, side by side) and
+of one training step of the tiny preset, per part.
 
-    python bench/bench_seco.py [--size 48] [--anchors 48] [--queue 4608] [--dim 768] [--repeats 3]
+    python bench/bench_seco.py [ops|step|all] [--size 112] [--anchors 48] [--queue 4608]
+                               [--dim 768] [--repeats 3] [--it 130] [--batch 16]
+                               [--seco KEY=YAML ...] [--precision fp32|bf16] [--profile]
 
 PAR: `wsss_core.ops.par.par_refine` (all neighbours gathered at once) against the formula
 looped per pixel and neighbour, and the official structure (one replicate pad + one conv per
@@ -11,13 +14,24 @@ anchor for the rectification and another for the loss, the global count recomput
 The formula loops run on a smaller problem (--loop-size, --loop-queue) that the vectorised
 form also runs for the ratio. Forms are checked to agree before timing; medians of
 interleaved runs.
+
+Step (`step`): the tiny SeCo preset built from config.yaml as `train_classifier` builds it
+(`method_params` + `stage_params` for the toy dataset, `create_method`, its AdamW groups),
+a batch of `--batch` toy images (`wsss_core.data.toy.synthesize` at 224 px through the
+method's own `train_views`) and one step at iteration `--it` (default 130: every loss on).
+Each part is timed by wrapping the function the step calls (wall clock, medians over
+`--repeats` steps after one warm-up step); nested parts are indented under their parent.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
 import statistics
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -150,8 +164,174 @@ def _median_times(fns, repeats):
     return [statistics.median(t) for t in times]
 
 
+class PartTimer:
+    """Wall-clock time per named part of a step, nested: `wrap(name, fn)` returns fn timed
+    under `name`, keyed by the path of the parts it runs inside ("student forward/encoder")."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.step: dict[str, float] = defaultdict(float)
+        self.steps: list[dict[str, float]] = []
+        self.order: list[str] = []
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        key = "/".join([*self.stack, name])
+        if key not in self.order:
+            self.order.append(key)
+        self.stack.append(name)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.step[key] += time.perf_counter() - t
+            self.stack.pop()
+
+    def wrap(self, name, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            label = name(*args, **kwargs) if callable(name) else name
+            with self.part(label):
+                return fn(*args, **kwargs)
+        return timed
+
+    def end_step(self) -> None:
+        self.steps.append(dict(self.step))
+        self.step.clear()
+
+    def medians(self) -> dict[str, float]:
+        return {k: statistics.median(s.get(k, 0.0) for s in self.steps) for k in self.order}
+
+
+def tiny_seco(batch_size: int, seed: int = 0, overrides: dict | None = None,
+              precision: str | None = None):
+    """The tiny SeCo method, its optimisers and one batch, as `train_classifier` builds them
+    for the toy dataset: (method, optimizers, batch dict, stage params). `overrides` replace
+    keys of the method's `seco` block, `precision` the stage's."""
+    import numpy as np
+
+    from wsss_core.config import load_config, method_params, stage_params
+    from wsss_core.data import toy
+    from wsss_core.methods import create_method
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config.yaml")
+    params = stage_params(cfg, "toy", "seco", "train_classifier")
+    if precision is not None:
+        params["precision"] = precision
+    method = method_params(cfg, "toy", "seco")
+    method["seco"].update(overrides or {})
+    ds = cfg["datasets"]["toy"]
+    torch.manual_seed(seed)
+    # .to places the networks as every stage does (channels-last convolution weights)
+    m = create_method(method, 1 + len(toy.DEFAULT_CONFIG.class_names),
+                      train_params=params).to(torch.device("cpu"))
+    opts = m.optimizers(params["lr"], params["weight_decay"], params["momentum"], params["optimizer"])
+    views = m.train_views()
+    items, labels = [], []
+    for i in range(batch_size):
+        sample = toy.synthesize(toy.image_rng(ds["seed"], toy.SPLIT_TRAIN_AUG, i), ds["image_size"])
+        items.append(views(sample.image, np.random.default_rng([seed, i])))
+        y = torch.zeros(m.num_classes - 1)
+        for c in set(sample.object_labels):
+            y[c - 1] = 1
+        labels.append(y)
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    batch["label"] = torch.stack(labels)
+    params["max_step"] = ds["num_train_aug"] // params["batch_size"] * params["epochs"]
+    return m, opts, batch, params
+
+
+def instrument(m, timer: PartTimer) -> None:
+    """Wrap the functions and modules one SeCo step calls with `timer` parts."""
+    from wsss_core.methods import seco, seco_losses
+    for name in ("multi_scale_cam", "cam_to_label", "refine_cams_with_bkg", "par_refine",
+                 "assign_csc_tags", "update_prototypes", "lil_loss", "lig_loss",
+                 "ptc_affinity_mask", "ptc_loss", "seg_loss", "dense_energy_loss"):
+        setattr(seco, name, timer.wrap(name, getattr(seco, name)))
+    seco_losses.bilateral_filter = timer.wrap("bilateral_filter", seco_losses.bilateral_filter)
+    net, teacher = m.net, m.models["teacher"]
+
+    def by_size(prefix):
+        return lambda x, *a, **k: f"{prefix} {x.shape[0]}x{x.shape[-2]}x{x.shape[-1]}"
+
+    net.forward = timer.wrap("student forward", net.forward)
+    if hasattr(net.encoder, "encode"):  # what the student's features call
+        net.encoder.encode = timer.wrap(by_size("encoder"), net.encoder.encode)
+    else:
+        net.encoder.forward = timer.wrap(by_size("encoder"), net.encoder.forward)
+    teacher.encoder.forward = timer.wrap(by_size("teacher encoder"), teacher.encoder.forward)
+    for enc in (net.encoder, teacher.encoder):
+        if hasattr(enc, "stem_features"):
+            enc.stem_features = timer.wrap("frozen stem", enc.stem_features)
+        elif enc.hybrid:  # before the stem was folded
+            stem = enc.vit.patch_embed.backbone
+            stem.forward = timer.wrap("frozen stem", stem.forward)
+    teacher.ema_encoder = timer.wrap("EMA encoder", teacher.ema_encoder)
+    teacher.ema_proj = timer.wrap("EMA projection", teacher.ema_proj)
+    teacher.proj_head.forward = timer.wrap("teacher projection", teacher.proj_head.forward)
+    m.reservoir.push = timer.wrap("reservoir push", m.reservoir.push)
+
+
+def step_main(a) -> None:
+    import yaml
+
+    from wsss_core.methods.base import StepContext
+    from wsss_core.precision import autocast_factory
+
+    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in a.seco)}
+    m, opts, batch, params = tiny_seco(a.batch, overrides=overrides, precision=a.precision)
+    autocast = autocast_factory(params["precision"], torch.device("cpu"))
+    timer = PartTimer()
+    instrument(m, timer)
+    m.train()
+    epochs, max_step = params["epochs"], params["max_step"]
+    print(f"tiny SeCo step: batch {a.batch}, crop {params['crop']}, iteration {a.it} "
+          f"(weights {seco_weights(m, a.it)}), {params['precision']}, "
+          f"{torch.get_num_threads()} thread(s){', seco ' + str(overrides) if overrides else ''}")
+    for r in range(max(a.repeats, 1) + 1):  # the first is a warm-up
+        ctx = StepContext(epoch=0, step=a.it, max_step=max_step, epochs=epochs,
+                          device=torch.device("cpu"))
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        with timer.part("step"):
+            with timer.part("forward (training_step)"), autocast():
+                losses = m.training_step(batch, ctx)
+            with timer.part("backward"):
+                losses["total"].backward()
+            with timer.part("optimiser step"):
+                for o in opts:
+                    o.step()
+        timer.end_step()
+        if r == 0:  # warm-up step: allocator, oneDNN kernels
+            timer.steps.clear()
+    med = timer.medians()
+    total = med["step"]
+    print(f"{'part':<58} {'ms':>10} {'share':>7}")
+    for key, t in med.items():
+        depth = key.count("/")
+        print(f"{'  ' * depth + key.rsplit('/', 1)[-1]:<58} {t * 1e3:10.1f} {t / total:7.1%}")
+    if a.profile:
+        with torch.profiler.profile() as prof:
+            losses = m.training_step(batch, ctx)
+            losses["total"].backward()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def seco_weights(m, it: int) -> str:
+    from wsss_core.methods.seco import loss_weights
+    return " ".join(f"{k} {v:g}" for k, v in loss_weights(m.settings, it).items() if v)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", nargs="?", choices=("ops", "step", "all"), default="all")
+    p.add_argument("--it", type=int, default=130, help="step: iteration (0-based; 130 = every loss on)")
+    p.add_argument("--batch", type=int, default=16, help="step: batch size")
+    p.add_argument("--profile", action="store_true", help="step: add a torch.profiler op table")
+    p.add_argument("--seco", action="append", default=[], metavar="KEY=YAML",
+                   help="step: override a key of the tiny preset's seco block (repeatable)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="step: the stage's precision (default: the preset's)")
     p.add_argument("--size", type=int, default=112, help="PAR image side (pixels), official form")
     p.add_argument("--loop-size", type=int, default=48, help="PAR image side for the formula loop")
     p.add_argument("--classes", type=int, default=3, help="PAR mask channels")
@@ -164,6 +344,13 @@ def main(argv=None) -> None:
                    help="torch threads (on a shared, loaded machine more threads only add noise)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.what in ("step", "all"):
+        step_main(a)
+    if a.what in ("ops", "all"):
+        ops_main(a)
+
+
+def ops_main(a) -> None:
     g = torch.Generator().manual_seed(0)
 
     def par_inputs(size):

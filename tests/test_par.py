@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from wsss_core.ops.par import par_refine, par_weights
+from wsss_core.ops.par import (gather_neighbours, neighbour_index, par_refine, par_weights,
+                               shifted_views)
 
 OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
@@ -68,3 +69,44 @@ def test_par_keeps_labels_inside_colour_regions():
     out = par_refine(image, mask, dilations=(1, 2), iterations=10)
     assert out[0, 0, :, 8:].min() > out[0, 0, :, :6].max() + 0.5
     assert out[0, 0, :, 6:8].mean() < 0.5 * out[0, 0, :, 8:].mean()
+
+
+def test_shifted_views_are_the_clamped_index_neighbours():
+    """The padded views against one gather on the clamped index grids (replicate border)."""
+    x = torch.arange(2 * 3 * 9 * 11, dtype=torch.float64).reshape(2, 3, 9, 11)
+    dil = (1, 3, 12)  # 12 > the image: every neighbour of that dilation is a border pixel
+    want = gather_neighbours(x, neighbour_index((9, 11), dil))
+    assert torch.equal(torch.stack(shifted_views(x, dil), dim=2), want)
+
+
+def test_par_zero_channels_stay_zero_and_gradients_flow():
+    g = torch.Generator().manual_seed(2)
+    image = torch.rand(1, 3, 6, 8, generator=g, dtype=torch.float64)
+    masks = torch.rand(1, 2, 6, 8, generator=g, dtype=torch.float64)
+    masks[:, 1] = 0
+    masks.requires_grad_()
+    out = par_refine(image, masks, dilations=(1, 2), iterations=3)
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
+    out[:, 0].sum().backward()
+    assert masks.grad[:, 0].abs().sum() > 0
+
+
+def test_par_chunks_the_batch_like_one_image_at_a_time(monkeypatch):
+    from wsss_core.ops import par
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(3, 3, 10, 12, generator=g, dtype=torch.float64)
+    masks = torch.rand(3, 2, 5, 6, generator=g, dtype=torch.float64)
+    whole = par_refine(image, masks, dilations=(1, 3), iterations=4)
+    monkeypatch.setattr(par, "CHUNK_FLOATS", 16 * 10 * 12)  # one image per chunk
+    torch.testing.assert_close(par_refine(image, masks, dilations=(1, 3), iterations=4), whole,
+                               rtol=1e-12, atol=1e-14)
+    per_image = torch.cat([par_refine(i, m, (1, 3), 4) for i, m in zip(image.split(1), masks.split(1))])
+    torch.testing.assert_close(whole, per_image, rtol=1e-12, atol=1e-14)
+
+
+def test_replicate_pad_into_is_replicate_padding():
+    from wsss_core.ops.par import replicate_pad_into
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    padded = torch.full((2, 3, 5 + 8, 7 + 8), float("nan"), dtype=torch.float64)
+    assert torch.equal(replicate_pad_into(padded, x, 4),
+                       torch.nn.functional.pad(x, [4] * 4, mode="replicate"))

@@ -176,6 +176,15 @@ def test_bilateral_filter_matches_loop():
                             + float(((img[b, :, i, j] - img[b, :, y, x]) ** 2).sum()) / (2 * 15.0 ** 2)
                         want[b, :, i, j] += math.exp(-d) * v[b, :, y, x]
     torch.testing.assert_close(got, want)
+    # float32 on saturated colours (most pairs below float32's normal range, floored there)
+    # against the float64 filter, whose kernel has no floor that matters (exp(−708))
+    img = torch.zeros(1, 3, 12, 12, dtype=torch.float64)
+    img[0, 0, :, ::2] = 255
+    img[0, 1, ::3] = 255
+    v = torch.rand(1, 2, 12, 12, generator=g, dtype=torch.float64)
+    want = bilateral_filter(img, v, sigma_rgb=5.0, sigma_xy=4.0)
+    got = bilateral_filter(img.float(), v.float(), sigma_rgb=5.0, sigma_xy=4.0, chunk=50)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=0)
 
 
 # --- invariants: backbone and heads (§21.1-5) -----------------------------------------------
@@ -211,6 +220,84 @@ def test_cam_logits_decoder_and_projection():
     assert out["global_tokens"].shape == (2, 2, 32) and out["q"].shape == (2 * 5, 32)
     torch.testing.assert_close(out["global_tokens"][:, 0], net.encoder(x)[0])
     torch.testing.assert_close(out["global_tokens"][:, 1], net.encoder(views[0])[0])
+
+
+def _hybrid_encoder(**kw) -> SeCoEncoder:
+    """A hybrid SeCo encoder on a random-weight Lite0 stem whose BatchNorms carry random
+    statistics and affine terms, so folding them is not the identity."""
+    torch.manual_seed(0)
+    enc = SeCoEncoder("h", aux_layer=-1, img_size=32, embed_dim=16, depth=2, num_heads=2,
+                      hybrid_stem="tf_efficientnet_lite0", **kw)
+    with torch.no_grad():
+        for m in enc.vit.patch_embed.backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return enc.train()  # the stem's BatchNorms stay in eval mode (frozen statistics)
+
+
+def test_folded_frozen_stem_matches_the_stem_and_is_reused():
+    """Oracle: the stem module itself (BatchNorm in eval mode). The folded, chunked stem gives
+    its features up to float rounding; forward with precomputed stem features gives the plain
+    forward; the fold is rebuilt when a stem weight changes (the teacher's EMA)."""
+    from wsss_core.models import seco_vit
+    enc = _hybrid_encoder()
+    stem = enc.vit.patch_embed.backbone
+    x = torch.randn(5, 3, 48, 32)
+    with torch.no_grad():
+        want = stem(x)
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in stem.modules())
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc._folded_stem().modules())
+        torch.testing.assert_close(enc.stem_features(x), want, rtol=1e-4, atol=1e-4)
+        # odd sizes: TF "SAME" padding with the odd pixel at the bottom / right; NCHW and
+        # channels-last inputs
+        odd = torch.randn(2, 3, 45, 37)
+        for inp in (odd, odd.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(enc._folded_stem()(inp), stem(odd), rtol=1e-4, atol=1e-4)
+        old = seco_vit.STEM_CHUNK_PIXELS
+        seco_vit.STEM_CHUNK_PIXELS = 2 * 48 * 32  # chunks of two images
+        try:
+            torch.testing.assert_close(enc.stem_features(x), want, rtol=1e-4, atol=1e-4)
+        finally:
+            seco_vit.STEM_CHUNK_PIXELS = old
+    feats = enc.stem_features(x)
+    assert not feats.requires_grad
+    for a, b in zip(enc(x, feats), enc(x)):
+        torch.testing.assert_close(a, b)
+    folded = enc._folded_stem()
+    with torch.no_grad():
+        stem.cnn.stem[0].weight.mul_(0.5)  # in place, as the EMA
+        assert enc._folded_stem() is not folded
+        torch.testing.assert_close(enc.stem_features(x), stem(x), rtol=1e-4, atol=1e-4)
+    # a trained stem is not folded: the forward runs it with gradients
+    trained = _hybrid_encoder(train_stem=True)
+    assert trained.stem_features(x) is None
+    trained(x)[0].sum().backward()
+    assert trained.vit.patch_embed.backbone.cnn.stem[0].weight.grad is not None
+
+
+def test_hybrid_cams_on_sizes_that_are_not_multiples_of_16():
+    """The hybrid stem pads to whole patches (⌈H/16⌉ × ⌈W/16⌉ tokens): the CAM export of a
+    168x224 toy image (once a reshape error)."""
+    net = SeCoNet(_hybrid_encoder(), 3, proj_hidden=8, proj_dim=16).eval()
+    cam, aux = net.cams(torch.randn(2, 3, 168, 150))
+    assert cam.shape == aux.shape == (2, 3, 11, 10)
+    assert net.encoder.encode(torch.randn(1, 3, 168, 150))[3] == (11, 10)
+
+
+def test_multi_scale_cam_keeps_the_stem_features_of_the_scale_one_pass():
+    enc = _hybrid_encoder()
+    net = SeCoNet(enc, 3, proj_hidden=8, proj_dim=16)
+    x = torch.randn(2, 3, 64, 96)
+    cams, aux, stem = multi_scale_cam(net, x, [0.5, 1.0], keep_stem=True)
+    want = multi_scale_cam(net, x, [0.5, 1.0])
+    torch.testing.assert_close((cams, aux), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stem, enc.vit.patch_embed.backbone(x), rtol=1e-4, atol=1e-4)
+    out, ref = net(x, stem=stem), net(x)
+    for k in ("cls", "cls_aux", "seg", "cls_token"):
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4)
 
 
 # --- CAM and labels (§21.6-12) ---------------------------------------------------------------
@@ -256,6 +343,50 @@ def test_refine_cams_with_bkg_uniform_cases():
         cam[0, 1] = value
         lab = refine_cams_with_bkg(img, cam * y[:, :, None, None], y, 0.7, 0.25)
         assert (lab == want).all(), value
+
+
+def _refine_loop(image01, valid_cam, y, high, low, refine):
+    """seco.md §7.5 one image and one background level at a time: the kept channels only."""
+    B, C, H, W = valid_cam.shape
+    half = (H // 2, W // 2)
+    images = F.interpolate(image01, size=half, mode="bilinear", align_corners=False)
+    out = torch.empty(2, B, H, W, dtype=torch.long)
+    for i, t in enumerate((high, low)):
+        cams = torch.cat([torch.full_like(valid_cam[:, :1], t), valid_cam], dim=1)
+        cams = F.interpolate(cams, size=half, mode="bilinear", align_corners=False)
+        for b in range(B):
+            keep = [0] + [c + 1 for c in range(C) if y[b, c] > 0]
+            ref = refine(images[b:b + 1], cams[b:b + 1, keep].softmax(dim=1))
+            ref = F.interpolate(ref, size=(H, W), mode="bilinear", align_corners=False)[0]
+            for p in range(H):
+                for q in range(W):
+                    out[i, b, p, q] = keep[int(ref[:, p, q].argmax())]
+    label = torch.where(out[0] == 0, 255, out[0])
+    return torch.where((out[0] == 0) & (out[1] == 0), 0, label)
+
+
+def test_refine_cams_with_bkg_matches_per_image_loop():
+    """The batched form (channels packed to the most classes, padding at −inf) against the
+    per-image loop, with images of 0, 1 and 3 classes in one batch."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.tensor([[0.0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 1]])
+    img = torch.rand(3, 3, 20, 24, generator=g, dtype=torch.float64)
+    cam = torch.rand(3, 4, 20, 24, generator=g, dtype=torch.float64) * y[:, :, None, None]
+    from wsss_core.ops.par import par_refine
+
+    def refine(im, m):
+        return par_refine(im, m, (1, 2), 3)
+
+    got = refine_cams_with_bkg(img, cam, y, 0.7, 0.25, refine=refine)
+    want = _refine_loop(img, cam, y, 0.7, 0.25, refine)
+    assert torch.equal(got, want)
+    assert {0, 255} <= set(got.unique().tolist()) and len(got.unique()) >= 4
+
+
+def test_first_argmax_is_argmax_with_ties():
+    from wsss_core.methods.seco_losses import _first_argmax
+    x = torch.randint(0, 3, (2, 4, 5, 6)).float()  # many ties
+    assert torch.equal(_first_argmax(x.unbind(1)), x.argmax(dim=1))
 
 
 def test_ptc_loss_and_affinity_mask():

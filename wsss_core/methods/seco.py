@@ -105,23 +105,35 @@ def loss_weights(s: SeCoSettings, it: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def multi_scale_cam(net: SeCoNet, x: torch.Tensor, scales) -> tuple[torch.Tensor, torch.Tensor]:
+def multi_scale_cam(net: SeCoNet, x: torch.Tensor, scales, keep_stem: bool = False):
     """Training/evaluation CAMs (seco.md §6): per scale, [x; flip x] → raw CAMs → bilinear to
     (H, W) → max with the un-flipped mirror → ReLU; summed over scales, then per (image,
-    channel) min-subtracted and divided by (max + 1e-5). Returns (cams, cams_aux) [B, C, H, W]."""
+    channel) min-subtracted and divided by (max + 1e-5). Returns (cams, cams_aux) [B, C, H, W];
+    with `keep_stem` also x's frozen-stem features from the scale-1 pass (`stem_features`,
+    [B, C', H/16, W/16], or None), which the student forward reuses instead of running the
+    stem on the same crop again."""
     B, _, H, W = x.shape
     sums = [0, 0]
+    stem = None
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(x, size=(int(s * H), int(s * W)), mode="bilinear",
                                               align_corners=False)
-        for i, cam in enumerate(net.cams(torch.cat([xs, xs.flip(-1)]))):
+        pair = torch.cat([xs, xs.flip(-1)])
+        if keep_stem:
+            feats = net.encoder.stem_features(pair)
+            if s == 1.0 and feats is not None:
+                stem = feats[:B]
+            maps = net.cams(pair, feats)
+        else:
+            maps = net.cams(pair)
+        for i, cam in enumerate(maps):
             cam = F.interpolate(cam.float(), size=(H, W), mode="bilinear", align_corners=False)
             sums[i] = sums[i] + F.relu(torch.maximum(cam[:B], cam[B:].flip(-1)))
     out = []
     for cam in sums:
         cam = cam - cam.flatten(2).min(dim=2).values[..., None, None]
         out.append(cam / (cam.flatten(2).max(dim=2).values[..., None, None] + 1e-5))
-    return out[0], out[1]
+    return (out[0], out[1], stem) if keep_stem else (out[0], out[1])
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
@@ -310,7 +322,7 @@ class SeCoMethod(Method):
         glob = batch["glob"].to(ctx.device, non_blocking=True)
 
         net, teacher = self.net, self.models["teacher"]
-        cams, cams_aux = multi_scale_cam(net, x, s.cam_scales)
+        cams, cams_aux, x_stem = multi_scale_cam(net, x, s.cam_scales, keep_stem=True)
         valid_cam, _ = cam_to_label(cams, y, s.high_thre, s.low_thre, s.bkg_thre, img_box)
         refine = lambda im, m: par_refine(im, m, s.par_dilations, s.par_iterations)  # noqa: E731
         with torch.no_grad():
@@ -322,7 +334,7 @@ class SeCoMethod(Method):
                                                   s.tag_threshold, s.tag_proportion)
         tags = tags.reshape(-1)
 
-        out = self.models["net"](x, glob[None], q_crops)
+        out = self.models["net"](x, glob[None], q_crops, stem=x_stem)
         if it >= s.update_prototype:
             update_prototypes(self.prototypes, out["cls_token"].detach(), label_idx, s.proto_m)
         prototypes = self.prototypes.clone()

@@ -10,6 +10,7 @@ the balanced segmentation CE and the dense energy (regularised) loss (official
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -80,26 +81,47 @@ def refine_cams_with_bkg(image01: torch.Tensor, valid_cam: torch.Tensor, cls_lab
     t ∈ {high, low}: background channel t + present-class CAMs at half size → softmax → PAR
     → bilinear to (H, W) → argmax. Merge: high label, its background → 255, background in both
     → 0. Returns [B, H, W] long in {0, present classes, 255}.
+
+    One `refine` call for the batch and both levels (the image's affinities are shared): each
+    image's kept channels (background, then its classes in increasing order) are packed into
+    K = 1 + the most classes any image has; the unused channels get softmax weight 0 (−inf
+    logits), PAR keeps them 0 and the argmax never picks them (kept channels stay > 0).
     """
     B, C, H, W = valid_cam.shape
     half = (H // 2, W // 2)
     images = F.interpolate(image01, size=half, mode="bilinear", align_corners=False)
-    labels = []
+    cams = F.interpolate(valid_cam, size=half, mode="bilinear", align_corners=False)
+    keep = torch.cat([torch.ones_like(cls_label[:, :1], dtype=torch.bool), cls_label > 0], dim=1)
+    count = keep.sum(dim=1)
+    K = int(count.max())
+    # per image the kept channel ids in increasing order, then the others: [B, K]
+    channel = torch.arange(C + 1, device=valid_cam.device).expand(B, -1)
+    order = torch.sort((~keep).long() * (C + 1) + channel, dim=1).values[:, :K] % (C + 1)
+    used = torch.arange(K, device=valid_cam.device)[None] < count[:, None]  # [B, K]
+    index = order[:, :, None, None].expand(-1, -1, *half)
+    levels = []
     for t in (high, low):
-        cams = torch.cat([torch.full_like(valid_cam[:, :1], t), valid_cam], dim=1)
-        cams = F.interpolate(cams, size=half, mode="bilinear", align_corners=False)
-        out = torch.empty(B, H, W, dtype=torch.long, device=valid_cam.device)
-        for b in range(B):
-            keep = torch.cat([cls_label.new_zeros(1, dtype=torch.long),
-                              cls_label[b].nonzero()[:, 0] + 1])
-            ref = refine(images[b:b + 1], cams[b:b + 1, keep].softmax(dim=1))
-            ref = F.interpolate(ref, size=(H, W), mode="bilinear", align_corners=False)
-            out[b] = keep[ref[0].argmax(dim=0)]
-        labels.append(out)
-    high_l, low_l = labels
+        logits = torch.cat([torch.full_like(cams[:, :1], t), cams], dim=1).gather(1, index)
+        levels.append(logits.masked_fill(~used[:, :, None, None], float("-inf")).softmax(dim=1))
+    ref = refine(images, torch.cat(levels, dim=1))  # [B, 2K, h/2, w/2]
+    ref = F.interpolate(ref, size=(H, W), mode="bilinear", align_corners=False)
+    best = _first_argmax(ref.view(B, 2, K, H, W).unbind(2))  # [B, 2, H, W]
+    high_l, low_l = order.gather(1, best.flatten(1)).view(B, 2, H, W).unbind(1)
     label = torch.where(high_l == 0, torch.full_like(high_l, IGNORE), high_l)
     label = torch.where((high_l == 0) & (low_l == 0), torch.zeros_like(label), label)
     return _apply_box(label, img_box)
+
+
+def _first_argmax(planes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The index of the largest of K same-shaped planes per element, the first on ties (as
+    `argmax`); K elementwise passes, where `argmax` over a short middle dimension of a large
+    tensor runs ~8x slower on CPU."""
+    best, index = planes[0], torch.zeros_like(planes[0], dtype=torch.long)
+    for k, plane in enumerate(planes[1:], start=1):
+        better = plane > best
+        index.masked_fill_(better, k)
+        best = torch.maximum(best, plane)
+    return index
 
 
 def assign_csc_tags(images: Sequence[torch.Tensor], roi: torch.Tensor, num_crops: int = 10,
@@ -267,23 +289,38 @@ def seg_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 
 def bilateral_filter(image: torch.Tensor, values: torch.Tensor, sigma_rgb: float, sigma_xy: float,
-                     chunk: int = 4096) -> torch.Tensor:
+                     chunk: int = 512) -> torch.Tensor:
     """Exact dense bilateral filter (W v)(i) = Σ_j exp(−|p_i−p_j|²/2σ_xy² − |I_i−I_j|²/2σ_rgb²) v(j).
 
     image [B, 3, h, w] (0-255 float), values [B, K, h, w] → [B, K, h, w]. The kernel includes
     j = i and is not normalised (the permutohedral filter of the official rloss extension,
     computed here exactly, in chunks of `chunk` output pixels: O(chunk · h·w) memory).
+
+    With features f = (p/σ_xy, I/σ_rgb), centred per image, the exponent −|f_i − f_j|²/2 is
+    one matrix product of [f_i, −|f_i|²/2, 1] and [f_j, 1, −|f_j|²/2] (the form `cdist` uses
+    too, without its square root and re-squaring). Exponents below log of the dtype's smallest
+    normal number (−87 in float32) are raised to it: such a kernel entry (< 1.2e-38) is below
+    the float resolution of every output, which holds the j = i term v(i), and denormal
+    arithmetic is slow on x86 CPUs (3.6x for the whole filter on a toy batch at 56² px;
+    colourful images have many such pairs).
     """
     B, K, h, w = values.shape
     yy, xx = torch.meshgrid(torch.arange(h, device=image.device, dtype=image.dtype),
                             torch.arange(w, device=image.device, dtype=image.dtype), indexing="ij")
     pos = torch.stack([yy, xx]).flatten(1) / sigma_xy  # [2, N]
+    floor = float(math.ceil(math.log(torch.finfo(image.dtype).tiny)))
     out = torch.empty_like(values.flatten(2))
     for b in range(B):
         f = torch.cat([pos, image[b].flatten(1) / sigma_rgb]).T  # [N, 5]
+        f = f - f.mean(dim=0)  # distances unchanged; smaller norms cancel less in the product
+        half = f.square().sum(dim=1, keepdim=True).mul_(-0.5)  # [N, 1]
+        one = torch.ones_like(half)
+        left = torch.cat([f, half, one], dim=1)  # [N, 7]
+        right = torch.cat([f, one, half], dim=1).T.contiguous()  # [7, N]
         v = values[b].flatten(1)  # [K, N]
         for s in range(0, f.shape[0], chunk):
-            k = torch.exp(-0.5 * torch.cdist(f[s:s + chunk], f).square())  # [c, N]
+            # rounding can leave the j = i exponent a hair above 0: clamp to the exact bound
+            k = torch.mm(left[s:s + chunk], right).clamp_(floor, 0.0).exp_()  # [c, N]
             out[b, :, s:s + chunk] = v @ k.T
     return out.reshape(B, K, h, w)
 

@@ -10,7 +10,13 @@ dilation-major), replicate padding at the border; the weights
 
 (std: unbiased, over the neighbours; delta_n = d * sqrt(2) on diagonals, d on axes) sum to
 1.01 per pixel, and the mask is propagated `iterations` times: Y(p) <- sum_n a_n(p) Y(n(p)).
-All neighbours are gathered at once by one `gather` on clamped index grids (no loop over pixels or dilations).
+
+Every neighbour is a shifted view of one replicate-padded copy (pad = the largest dilation):
+the affinities stack the views of the image once; each propagation accumulates the weighted
+views of the padded mask (`addcmul_`, no [B, K, N, h, w] intermediate and no index reads,
+~7x faster per iteration than one `gather` on clamped index grids, which `neighbour_index` /
+`gather_neighbours` keep as the reference form). No loop over pixels; the loop over the N
+offsets is a loop of whole-image operations.
 """
 from __future__ import annotations
 
@@ -25,6 +31,10 @@ NEIGHBOUR_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0
 #: colour and position temperatures, and the position term's weight (AFA's w1, w2)
 COLOR_TEMP = 0.3
 POSITION_WEIGHT = 0.01
+#: images refined together: as many as keep their N·h·w affinities within this many floats
+#: (2 MiB, a core's L2 cache); one 112² image with 32 neighbours refines ~1.8x faster
+#: alone than in a batch of 16, whose weights and masks only fit the L3 cache
+CHUNK_FLOATS = 2 ** 19
 
 
 def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
@@ -56,17 +66,24 @@ def gather_neighbours(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out.view(B, K, -1, h, w)
 
 
-def par_weights(image: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
-                index: torch.Tensor | None = None) -> torch.Tensor:
+def shifted_views(x: torch.Tensor, dilations: Sequence[int]) -> list[torch.Tensor]:
+    """The N = 8·len(dilations) neighbour maps of x [B, K, h, w], dilation-major, each a
+    [B, K, h, w] view of one replicate-padded copy of x (so a neighbour outside the image is
+    the nearest border pixel, as the clamped index of `neighbour_index`)."""
+    h, w = x.shape[-2:]
+    p = max(dilations)
+    padded = F.pad(x, [p, p, p, p], mode="replicate")
+    return [padded[..., p + dy:p + dy + h, p + dx:p + dx + w] for dy, dx in neighbour_offsets(dilations)]
+
+
+def par_weights(image: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)) -> torch.Tensor:
     """Affinities a [B, N, h, w] (each pixel's N weights sum to 1 + 0.01) for image [B, 3, h, w]."""
-    if index is None:
-        index = neighbour_index(image.shape[-2:], dilations, image.device)
-    nb = gather_neighbours(image, index)  # [B, 3, N, h, w]
+    nb = torch.stack(shifted_views(image, dilations), dim=2)  # [B, 3, N, h, w]
     # unbiased std over the neighbours, written out: Tensor.std over a middle dim is ~30x slower
     centred = nb - nb.mean(dim=2, keepdim=True)
-    std = (centred.square().sum(dim=2, keepdim=True) / (nb.shape[2] - 1)).sqrt()
-    color = -((nb - image[:, :, None]).abs() / (std + 1e-8) / COLOR_TEMP) ** 2
-    color = color.mean(dim=1)  # [B, N, h, w]
+    std = (centred.square_().sum(dim=2, keepdim=True) / (nb.shape[2] - 1)).sqrt_()
+    # -(|I_n - I_p| / (std + 1e-8) / 0.3)^2 averaged over RGB; the square makes |.| redundant
+    color = (nb - image[:, :, None]).div_((std + 1e-8) * COLOR_TEMP).square_().mean(dim=1).neg_()
     dist = neighbour_distances(dilations).to(image.dtype).to(image.device)
     pos = -(dist / (dist.std() + 1e-8) / COLOR_TEMP) ** 2
     return color.softmax(dim=1) + POSITION_WEIGHT * pos.softmax(dim=0)[None, :, None, None]
@@ -77,9 +94,10 @@ def par_refine(image: torch.Tensor, masks: torch.Tensor,
     """Refine soft masks along image colour (PAR).
 
     image: [B, 3, h, w] float in [0, 1]; masks: [B, K, h', w'] float (any K), resized to (h, w)
-    bilinearly with align_corners=True first. Returns [B, K, h, w] in masks' dtype. Gradients
-    are not blocked (callers use it under no_grad). Source: the AFA paper (PAR module), official
-    `model/PAR.py`.
+    bilinearly with align_corners=True first. Returns [B, K, h, w] in masks' dtype. Channels
+    are refined independently with the image's affinities (a channel of zeros stays zero).
+    Gradients flow to masks (callers use it under no_grad). Source: the AFA paper (PAR
+    module), official `model/PAR.py`.
     """
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"par_refine: image must be [B, 3, h, w], got {tuple(image.shape)}")
@@ -87,8 +105,47 @@ def par_refine(image: torch.Tensor, masks: torch.Tensor,
         raise ValueError(f"par_refine: masks must be [B, K, h', w'] with B={image.shape[0]}, "
                          f"got {tuple(masks.shape)}")
     masks = F.interpolate(masks, size=image.shape[-2:], mode="bilinear", align_corners=True)
-    index = neighbour_index(image.shape[-2:], dilations, image.device)
-    aff = par_weights(image.to(masks.dtype), dilations, index)[:, None]  # [B, 1, N, h, w]
+    image = image.to(masks.dtype)
+    h, w = image.shape[-2:]
+    n = max(1, CHUNK_FLOATS // (8 * len(dilations) * h * w))
+    if image.shape[0] > n:
+        return torch.cat([_propagate(i, m, dilations, iterations)
+                          for i, m in zip(image.split(n), masks.split(n))])
+    return _propagate(image, masks, dilations, iterations)
+
+
+def replicate_pad_into(padded: torch.Tensor, x: torch.Tensor, p: int) -> torch.Tensor:
+    """In place: padded [..., h + 2p, w + 2p] ← x [..., h, w] with replicate padding p (the
+    values of `F.pad(x, [p] * 4, mode="replicate")`, copies only). Returns padded."""
+    h, w = x.shape[-2:]
+    padded[..., p:p + h, p:p + w] = x
+    padded[..., p:p + h, :p] = x[..., :, :1]
+    padded[..., p:p + h, p + w:] = x[..., :, w - 1:]
+    padded[..., :p, :] = padded[..., p:p + 1, :]
+    padded[..., p + h:, :] = padded[..., p + h - 1:p + h, :]
+    return padded
+
+
+def _propagate(image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int],
+               iterations: int) -> torch.Tensor:
+    """PAR of masks [B, K, h, w] already at the size of image [B, 3, h, w]."""
+    aff = par_weights(image, dilations)  # [B, N, h, w]
+    # one [B, 1, h, w] weight map per neighbour, broadcast over the K channels
+    weights = aff.transpose(0, 1).contiguous()[:, :, None].unbind(0)  # N x [B, 1, h, w]
+    h, w = image.shape[-2:]
+    p = max(dilations)
+    offsets = neighbour_offsets(dilations)
+    # without autograd one padded buffer and its N views serve every iteration (the Python
+    # cost of re-slicing dominates small images); autograd needs each iteration's own copy
+    reuse = not (torch.is_grad_enabled() and (masks.requires_grad or image.requires_grad))
+    padded = views = None
     for _ in range(iterations):
-        masks = (gather_neighbours(masks, index) * aff).sum(dim=2)
+        if padded is None or not reuse:
+            padded = masks.new_empty(*masks.shape[:2], h + 2 * p, w + 2 * p)
+            views = [padded[..., p + dy:p + dy + h, p + dx:p + dx + w] for dy, dx in offsets]
+        replicate_pad_into(padded, masks, p)
+        out = torch.mul(weights[0], views[0])
+        for a, view in zip(weights[1:], views[1:]):
+            out.addcmul_(a, view)
+        masks = out
     return masks
