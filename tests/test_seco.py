@@ -2,8 +2,8 @@
 filter; the spec's testable invariants (§21); the paper preset on CPU with random weights."""
 from __future__ import annotations
 
+import importlib
 import math
-import pickle
 
 import numpy as np
 import pytest
@@ -614,8 +614,11 @@ def test_tiny_method_step_state_roundtrip_and_segmentation():
     torch.testing.assert_close(m2.reservoir.feats, m.reservoir.feats)
     torch.testing.assert_close(m2.prototypes, m.prototypes)
     torch.testing.assert_close(m2.models["teacher"].state_dict(), m.models["teacher"].state_dict())
-    views = m.train_views()  # the data loader's workers receive it pickled
-    assert pickle.loads(pickle.dumps(views)).keywords == views.keywords == {
+    # the data loader's spawned workers receive it by reference: a partial of a function
+    # importable by its module and qualified name, with plain keyword values
+    views = m.train_views()
+    assert getattr(importlib.import_module(views.func.__module__), views.func.__qualname__) is views.func
+    assert views.args == () and views.keywords == {
         "crop": 32, "scale_range": (250, 1000), "flip_whole": True}
     m.eval()
     assert m.single_stage
