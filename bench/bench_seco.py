@@ -5,7 +5,7 @@ of one training step of the tiny preset, per part.
                                [--dim 768] [--repeats 3] [--it 130] [--batch 16]
                                [--seco KEY=YAML ...] [--precision fp32|bf16] [--profile]
 
-PAR: `wsss_core.ops.par.par_refine` (all neighbours gathered at once) against the formula
+PAR: `wsss_core.ops.par.par_refine` (every neighbour a shifted view of one padded copy) against the formula
 looped per pixel and neighbour, and the official structure (one replicate pad + one conv per
 dilation: vectorised over pixels, looped over dilations).
 LiL: `lil_loss` (reference variant) against the formula looped per anchor and bank entry, and

@@ -5,8 +5,7 @@ import math
 
 import torch
 
-from wsss_core.ops.par import (gather_neighbours, neighbour_index, par_refine, par_weights,
-                               shifted_views)
+from wsss_core.ops.par import neighbour_offsets, par_refine, par_weights, shifted_views
 
 OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
@@ -71,11 +70,22 @@ def test_par_keeps_labels_inside_colour_regions():
     assert out[0, 0, :, 6:8].mean() < 0.5 * out[0, 0, :, 8:].mean()
 
 
+def _gather_neighbours(x: torch.Tensor, dilations) -> torch.Tensor:
+    """x [B, K, h, w] → [B, K, N, h, w]: one `gather` on the flat indices of each pixel's
+    neighbours, coordinates clamped to the image (the replicate border)."""
+    B, K, h, w = x.shape
+    offs = torch.tensor(neighbour_offsets(dilations))
+    rows = (torch.arange(h)[None, :] + offs[:, :1]).clamp_(0, h - 1)  # [N, h]
+    cols = (torch.arange(w)[None, :] + offs[:, 1:]).clamp_(0, w - 1)  # [N, w]
+    index = (rows[:, :, None] * w + cols[:, None, :]).flatten()
+    return torch.gather(x.reshape(B, K, h * w), 2, index.expand(B, K, -1)).view(B, K, -1, h, w)
+
+
 def test_shifted_views_are_the_clamped_index_neighbours():
     """The padded views against one gather on the clamped index grids (replicate border)."""
     x = torch.arange(2 * 3 * 9 * 11, dtype=torch.float64).reshape(2, 3, 9, 11)
     dil = (1, 3, 12)  # 12 > the image: every neighbour of that dilation is a border pixel
-    want = gather_neighbours(x, neighbour_index((9, 11), dil))
+    want = _gather_neighbours(x, dil)
     assert torch.equal(torch.stack(shifted_views(x, dil), dim=2), want)
 
 

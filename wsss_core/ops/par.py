@@ -14,8 +14,8 @@ dilation-major), replicate padding at the border; the weights
 Every neighbour is a shifted view of one replicate-padded copy (pad = the largest dilation):
 the affinities stack the views of the image once; each propagation accumulates the weighted
 views of the padded mask (`addcmul_`, no [B, K, N, h, w] intermediate and no index reads,
-~7x faster per iteration than one `gather` on clamped index grids, which `neighbour_index` /
-`gather_neighbours` keep as the reference form). No loop over pixels; the loop over the N
+~7x faster per iteration than one `gather` on clamped index grids, the form
+tests/test_par.py keeps as the reference). No loop over pixels; the loop over the N
 offsets is a loop of whole-image operations.
 """
 from __future__ import annotations
@@ -48,32 +48,21 @@ def neighbour_distances(dilations: Sequence[int]) -> torch.Tensor:
                         dtype=torch.float64)
 
 
-def neighbour_index(size: tuple[int, int], dilations: Sequence[int],
-                    device: torch.device | None = None) -> torch.Tensor:
-    """[N·h·w] long: the flat (row-major) index of each pixel's N neighbours, replicate border
-    (coordinates clamped), neighbour-major."""
+def window_views(padded: torch.Tensor, dilations: Sequence[int], size: tuple[int, int]
+                 ) -> list[torch.Tensor]:
+    """The N = 8·len(dilations) neighbour maps, dilation-major: [..., h, w] views of `padded`
+    [..., h + 2p, w + 2p], p = max(dilations)."""
     h, w = size
-    offs = torch.tensor(neighbour_offsets(dilations), device=device)
-    rows = (torch.arange(h, device=device)[None, :] + offs[:, :1]).clamp_(0, h - 1)  # [N, h]
-    cols = (torch.arange(w, device=device)[None, :] + offs[:, 1:]).clamp_(0, w - 1)  # [N, w]
-    return (rows[:, :, None] * w + cols[:, None, :]).flatten()
-
-
-def gather_neighbours(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, K, h, w], index from `neighbour_index` → [B, K, N, h, w] neighbour values."""
-    B, K, h, w = x.shape
-    out = torch.gather(x.reshape(B, K, h * w), 2, index.expand(B, K, -1))
-    return out.view(B, K, -1, h, w)
+    p = max(dilations)
+    return [padded[..., p + dy:p + dy + h, p + dx:p + dx + w] for dy, dx in neighbour_offsets(dilations)]
 
 
 def shifted_views(x: torch.Tensor, dilations: Sequence[int]) -> list[torch.Tensor]:
     """The N = 8·len(dilations) neighbour maps of x [B, K, h, w], dilation-major, each a
     [B, K, h, w] view of one replicate-padded copy of x (so a neighbour outside the image is
-    the nearest border pixel, as the clamped index of `neighbour_index`)."""
-    h, w = x.shape[-2:]
+    the nearest border pixel, as with clamped coordinates)."""
     p = max(dilations)
-    padded = F.pad(x, [p, p, p, p], mode="replicate")
-    return [padded[..., p + dy:p + dy + h, p + dx:p + dx + w] for dy, dx in neighbour_offsets(dilations)]
+    return window_views(F.pad(x, [p, p, p, p], mode="replicate"), dilations, x.shape[-2:])
 
 
 def par_weights(image: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)) -> torch.Tensor:
@@ -134,7 +123,6 @@ def _propagate(image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int
     weights = aff.transpose(0, 1).contiguous()[:, :, None].unbind(0)  # N x [B, 1, h, w]
     h, w = image.shape[-2:]
     p = max(dilations)
-    offsets = neighbour_offsets(dilations)
     # without autograd one padded buffer and its N views serve every iteration (the Python
     # cost of re-slicing dominates small images); autograd needs each iteration's own copy
     reuse = not (torch.is_grad_enabled() and (masks.requires_grad or image.requires_grad))
@@ -142,7 +130,7 @@ def _propagate(image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int
     for _ in range(iterations):
         if padded is None or not reuse:
             padded = masks.new_empty(*masks.shape[:2], h + 2 * p, w + 2 * p)
-            views = [padded[..., p + dy:p + dy + h, p + dx:p + dx + w] for dy, dx in offsets]
+            views = window_views(padded, dilations, (h, w))
         replicate_pad_into(padded, masks, p)
         out = torch.mul(weights[0], views[0])
         for a, view in zip(weights[1:], views[1:]):
