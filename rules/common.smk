@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 
 from pathlib import Path
 
@@ -202,8 +203,6 @@ def remove_unfinished_outputs(dag):
     #2011, #2966). Without this the next run would report nothing to do and keep, say, a
     seg_miou.txt from before a parameter change whose train_seg job failed. Returns the paths
     removed (files, and directory outputs as a whole)."""
-    import shutil
-
     removed = []
     for job in dag.needrun_jobs(exclude_finished=True):
         for path in map(str, job.output):
