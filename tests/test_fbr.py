@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.stats import chisquare
+from scipy.stats import chisquare, kstest
 
 from wsss_core.config import load_config, method_params, stage_params
 from wsss_core.engine import load_checkpoint, save_checkpoint
 from wsss_core.methods import StepContext, create_method
 from wsss_core.errors import ConfigError
-from wsss_core.methods.fbr import (FBRMethod, FBRNet, NROIBank, active_class_distribution, background_target,
+from wsss_core.methods.fbr import (FBRMethod, _SampledCosine, sample_bank_negatives, sorted_uniforms, FBRNet, NROIBank, active_class_distribution, background_target,
                                    batched_kmeans, cap_queries, class_prototypes,
                                    decorrelation_loss, fb_loss, host_pseudo_labels, if_loss,
                                    image_nrois, key_similarities, query_mask,
@@ -316,7 +316,7 @@ def test_fb_loss_matches_loop_oracle_and_gradients():
     f, query, pseudo, protos = _loss_inputs()
     bank = torch.rand(13, f.shape[1])
     loss = fb_loss(f, query, pseudo, protos, bank, 6, 0.5, _gen(3))
-    idx = torch.randint(0, 13, (int(query.sum()), 6), generator=_gen(3))
+    idx = sample_bank_negatives(int(query.sum()), 13, 6, _gen(3))
     ce = []
     for q, (b, i, j) in enumerate(_query_positions(query)):
         c = int(pseudo[b, i, j])
@@ -330,19 +330,35 @@ def test_fb_loss_matches_loop_oracle_and_gradients():
     assert f.grad.abs().sum() > 0 and protos.grad is None and bank.grad is None
 
 
-def test_key_similarity_forms_agree_with_a_loop():
+def test_key_similarities_agree_with_a_loop():
     g = _gen(13)
     a = F.normalize(torch.randn(5, 4, generator=g), dim=1)
     rows = torch.randn(30, 4, generator=g)
     rows[3] = 0  # a zero row: cosine 0
     idx = torch.randint(0, 30, (5, 7), generator=g)
     idx[0, 0] = 3
+    idx[1, :3] = 7  # repeated draws of one row (draws are with replacement)
+    idx = idx.sort(dim=1).values
     want = torch.tensor([[_cos(a[q], rows[j]) for j in idx[q]] for q in range(5)])
-    for dense in (True, False):
-        torch.testing.assert_close(key_similarities(a, rows, idx, dense=dense), want)
-    a64, rows64 = a.double().requires_grad_(True), rows.double()
-    for dense in (True, False):
-        assert torch.autograd.gradcheck(lambda v: key_similarities(v, rows64, idx, dense=dense), (a64,))
+    torch.testing.assert_close(key_similarities(a, rows, idx), want)
+    assert torch.autograd.gradcheck(lambda v: _SampledCosine.apply(v, rows.double(), idx),
+                                    (a.double().requires_grad_(True),))
+    with pytest.raises(ValueError, match="ascending"):
+        key_similarities(a, rows, idx.flip(1))
+
+
+def test_bank_negatives_are_uniform_with_replacement_and_ascending():
+    idx = sample_bank_negatives(400, 7, 50, _gen(21))
+    assert idx.shape == (400, 50) and idx.min() >= 0 and idx.max() <= 6
+    assert bool((idx[:, 1:] >= idx[:, :-1]).all())
+    assert chisquare(torch.bincount(idx.flatten(), minlength=7).numpy()).pvalue > 1e-3
+    # i.i.d. per query: the count of row 0 among one query's 50 draws is Binomial(50, 1/7)
+    per_query = (idx == 0).sum(1).double()
+    assert per_query.mean().item() == pytest.approx(50 / 7, rel=0.05)
+    assert per_query.var().item() == pytest.approx(50 / 7 * 6 / 7, rel=0.2)
+    u = sorted_uniforms(1, 20000, _gen(22))[0]
+    assert bool((u[1:] >= u[:-1]).all()) and 0 <= u.min() and u.max() < 1
+    assert kstest(u.numpy(), "uniform").statistic < 0.02  # the sorted values are an i.i.d. sample
 
 
 def test_if_loss_matches_loop_oracle_and_negatives():
@@ -368,12 +384,15 @@ def test_active_sampling_frequencies_follow_prototype_softmax():
     pseudo = torch.tensor([[[1, 2, 3, 4, 0]]]).repeat(1, 4, 1)
     protos = torch.tensor([[0, 0, 0.], [1, 0, 0], [0.9, 0.3, 0], [0, 1, 0], [-1, 0, 0.2]])
     query = pseudo == 1
-    pixels = sample_if_negatives(query, pseudo, protos, 5000, 0.5, _gen(5))
+    pixels = sample_if_negatives(query, pseudo, protos, 5000, 0.5, _gen(6))
     counts = torch.bincount(pseudo.flatten()[pixels.flatten()], minlength=5)[2:].numpy()
     row = active_class_distribution(protos, torch.tensor([False, True, True, True, True]), 0.5)[1]
     expected = row[2:].double().numpy()
     expected = expected / expected.sum() * counts.sum()
     assert chisquare(counts, expected).pvalue > 1e-3
+    for c in (2, 3, 4):  # within a drawn class, every pixel of that class equally often
+        of_class = pixels.flatten()[pseudo.flatten()[pixels.flatten()] == c]
+        assert chisquare(torch.bincount(of_class, minlength=pseudo.numel())[pseudo.flatten() == c].numpy()).pvalue > 1e-3
     cos = [_cos(protos[1], protos[c]) / 0.5 for c in (2, 3, 4)]
     np.testing.assert_allclose(row[2:].numpy(), np.exp(cos) / np.exp(cos).sum(), rtol=1e-5)
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
@@ -316,25 +318,35 @@ def _inv_norm(x: torch.Tensor) -> torch.Tensor:
     return 1.0 / x.norm(dim=-1).clamp_min(EPS)  # rows are scaled after gathering: no unit copy
 
 
-class _GatheredCosine(torch.autograd.Function):
-    """cos(a[q], rows[idx[q, j]]) for unit a [Q, d]: [Q, n], differentiable in a only, without
-    keeping the [Q, n, d] keys: the forward gathers them a chunk of queries at a time (their
-    norms too, so no pass over all M rows), the backward (∂L/∂a_q = Σ_j g_qj k̂_j) is one
-    `embedding_bag` with per-sample weights."""
+def _sampled_dots(a: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """a_q · rows[idx[q, j]] as [Q, n] (a [Q, d], rows [M, d], idx [Q, n] long, each row of idx
+    ascending), without materialising the [Q, n, d] keys: one sampled dense-dense matmul
+    (`torch.sparse.sampled_addmm`) over the distinct (q, m) pairs. A CSR pattern holds sorted,
+    distinct columns per row: the draws come sorted (`sample_bank_negatives`,
+    `sample_if_negatives`), and repeats of a row (draws are with replacement) share one entry."""
+    q, n = idx.shape
+    first = torch.ones_like(idx, dtype=torch.bool)
+    first[:, 1:] = idx[:, 1:] != idx[:, :-1]
+    crow = F.pad(first.sum(1).cumsum(0), (1, 0))
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is stable API
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, idx[first], a.new_zeros(int(crow[-1])),
+                                          size=(q, rows.shape[0]), check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern, a, rows.t(), beta=0.0).values()
+    return dots.take(first.flatten().cumsum(0) - 1).view(q, n)
 
-    CHUNK = 64  # queries per gathered block (64 x 256 x 128 fp32 = 8 MiB)
+
+class _SampledCosine(torch.autograd.Function):
+    """cos(a[q], rows[idx[q, j]]) for unit a [Q, d]: [Q, n], differentiable in a only. The
+    forward is `_sampled_dots` scaled by the rows' inverse norms (one pass over the M rows,
+    then a gather of Q·n scalars); the backward, ∂L/∂a_q = Σ_j g_qj k̂_j, is one `embedding_bag`
+    with per-sample weights. Neither keeps the [Q, n, d] keys."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        out = a.new_empty(idx.shape)
-        inv = a.new_empty(idx.shape)
-        for s in range(0, idx.shape[0], _GatheredCosine.CHUNK):
-            i = idx[s:s + _GatheredCosine.CHUNK]
-            keys = rows.index_select(0, i.flatten()).view(*i.shape, rows.shape[1])
-            inv[s:s + i.shape[0]] = _inv_norm(keys)
-            out[s:s + i.shape[0]] = torch.bmm(keys, a[s:s + i.shape[0], :, None])[..., 0]
+        inv = _inv_norm(rows).take(idx)
         ctx.save_for_backward(rows, idx, inv)
-        return out * inv
+        return _sampled_dots(a, rows, idx) * inv
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -342,22 +354,21 @@ class _GatheredCosine(torch.autograd.Function):
         return F.embedding_bag(idx, rows, per_sample_weights=(grad * inv).contiguous(), mode="sum"), None, None
 
 
-def key_similarities(a: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
-                     dense: bool | None = None) -> torch.Tensor:
-    """cos(a_q, rows[idx[q, j]]) as [Q, n] for unit anchors a [Q, d], rows [M, d] (treated as
-    constants), idx [Q, n]; the gradient flows to a only.
+def key_similarities(a: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """cos(a_q, rows[idx[q, j]]) as [Q, n] fp32 for unit anchors a [Q, d], rows [M, d] (treated
+    as constants; a zero row gives cosine 0), idx [Q, n] long with every row ascending (the
+    samplers draw them so; the losses only see the multiset of a query's keys); the gradient
+    flows to a only. Raises ValueError on a row of idx that is not ascending.
 
-    Two exact forms: `dense` multiplies a by every row (one [Q, M] matmul) and gathers the
-    needed scalars; otherwise `_GatheredCosine` gathers each query's own keys. The matmul is far
-    faster per multiply-add than the memory-bound gather, so it is chosen while M ≤ 64·n (the
-    IF loss's batch pixels); the 50,000-row bank takes the gather.
+    The FB loss's keys are 256 draws from a 50,000-row bank per query and the IF loss's 256
+    draws from the batch's pixels: a dense [Q, M] product would compute 200x (FB) or 30x (IF)
+    more dot products than needed, and gathering the keys is memory-bound, so only the drawn
+    pairs are computed (`_SampledCosine`).
     """
-    rows = rows.detach()
-    if dense is None:
-        dense = rows.shape[0] <= 64 * idx.shape[1]
-    if dense:
-        return (a @ rows.t()).gather(1, idx) * _inv_norm(rows)[idx]
-    return _GatheredCosine.apply(a, rows, idx)
+    if idx.shape[1] > 1 and bool((idx[:, 1:] < idx[:, :-1]).any()):
+        raise ValueError("key_similarities: every row of idx must be ascending (sort it, or draw "
+                         "it with sample_bank_negatives / sample_if_negatives)")
+    return _SampledCosine.apply(a.float(), rows.detach().float(), idx)
 
 
 def _nce(anchor: torch.Tensor, positive: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
@@ -393,6 +404,27 @@ def _present(pseudo: torch.Tensor, ch: int) -> torch.Tensor:
     return present
 
 
+@torch.no_grad()
+def sorted_uniforms(n_rows: int, n: int, generator: torch.Generator,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """[n_rows, n] fp32, each row n i.i.d. U(0, 1) draws in ascending order (the order
+    statistics, made without a sort: the normalised partial sums of n + 1 Exp(1) variables)."""
+    s = torch.rand(n_rows, n + 1, generator=generator, device=device).neg_().log1p_().neg_().cumsum(1)
+    return (s[:, :n] / s[:, n:]).clamp_(0.0, 1.0 - 2 ** -24)
+
+
+@torch.no_grad()
+def sample_bank_negatives(n_queries: int, bank_size: int, n_neg: int, generator: torch.Generator,
+                          device: torch.device | str = "cpu") -> torch.Tensor:
+    """FB negatives (spec: `n_neg` bank rows per query, uniform, with replacement, independent per
+    query): [n_queries, n_neg] long in [0, bank_size), each row ascending. The losses only see a
+    query's keys as a set of logits, and a sorted row is what `key_similarities` computes without
+    a gather; sorting i.i.d. draws and drawing the order statistics directly give the same
+    distribution."""
+    u = sorted_uniforms(n_queries, n_neg, generator, device)
+    return (u * bank_size).long().clamp_max(bank_size - 1)
+
+
 def fb_loss(f: torch.Tensor, query: torch.Tensor, pseudo: torch.Tensor, protos: torch.Tensor,
             bank: torch.Tensor, n_neg: int, tau: float, generator: torch.Generator,
             axis_bug: bool = False) -> torch.Tensor:
@@ -410,7 +442,7 @@ def fb_loss(f: torch.Tensor, query: torch.Tensor, pseudo: torch.Tensor, protos: 
         return f.new_zeros((), dtype=torch.float32)
     fq = f.float().permute(0, 2, 3, 1)[query]
     cls = pseudo[query]
-    idx = torch.randint(0, bank.shape[0], (fq.shape[0], n_neg), generator=generator, device=f.device)
+    idx = sample_bank_negatives(fq.shape[0], bank.shape[0], n_neg, generator, f.device)
     pos = protos.detach()[cls]
     if axis_bug:
         ce = _nce_axis_bug(fq, pos, bank.detach()[idx], tau)
@@ -428,23 +460,45 @@ def active_class_distribution(protos: torch.Tensor, present: torch.Tensor, tau_g
 
 
 @torch.no_grad()
+def _if_negative_slots(query: torch.Tensor, pseudo: torch.Tensor, protos: torch.Tensor, n_neg: int,
+                       tau_graph: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_if_negatives` as (slots [Q, n_neg] ascending, order [B·h·w]): slot s names pixel
+    order[s], `order` listing the batch pixels grouped by pseudo label. One sorted uniform u per
+    draw gives both choices: its class c by inverse CDF of P(· | c_q), its pixel from the residual
+    (u − F(c−1)) / P(c | c_q), which is U(0, 1) and independent of c; sorted u give slots sorted
+    by (class, pixel), i.e. ascending."""
+    ch = protos.shape[0]
+    cls = pseudo[query]
+    dist = active_class_distribution(protos, _present(pseudo, ch), tau_graph).nan_to_num(0.0)
+    cdf = F.pad(dist.cumsum(1), (1, 0))[cls]  # [Q, ch + 1]: class c is [cdf[c], cdf[c + 1])
+    u = sorted_uniforms(cls.shape[0], n_neg, generator, pseudo.device) * cdf[:, -1:]
+    u = torch.minimum(u, torch.nextafter(cdf[:, -1:], torch.zeros(())))  # below the row's end
+    # the u are sorted, so draw j is of class #{k ≥ 1 : cdf[k] ≤ u_j} = #{k : cut_k ≤ j} with
+    # cut_k = #{u < cdf[k]}: a search of the ch − 1 inner bounds into each row (not of every
+    # draw into the bounds), a histogram and a running sum; an empty interval gets no draw
+    cut = torch.searchsorted(u, cdf[:, 1:ch].contiguous())
+    drawn = torch.zeros(u.shape[0], n_neg + 1, dtype=torch.long, device=u.device).scatter_add_(
+        1, cut, torch.ones_like(cut)).cumsum(1)[:, :n_neg]
+    low, high = cdf.gather(1, drawn), cdf.gather(1, drawn + 1)
+    residual = (u - low) / (high - low)
+    flat = pseudo.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=ch)
+    starts = counts.cumsum(0) - counts
+    n_of = counts.take(drawn)
+    offset = torch.minimum((residual * n_of).long(), n_of - 1)
+    return starts.take(drawn) + offset, order
+
+
 def sample_if_negatives(query: torch.Tensor, pseudo: torch.Tensor, protos: torch.Tensor, n_neg: int,
                         tau_graph: float, generator: torch.Generator) -> torch.Tensor:
     """Active sampling (paper Eq. 8): for each query (in `query`'s row-major order) of class c,
     `n_neg` classes drawn i.i.d. from `active_class_distribution` row c, then for each one pixel
     uniformly among all batch pixels with that pseudo label. Returns flat pixel indices into
-    B·h·w, [Q, n_neg] long. Needs |C_b| ≥ 2."""
-    ch = protos.shape[0]
-    cls = pseudo[query]
-    dist = active_class_distribution(protos, _present(pseudo, ch), tau_graph)
-    drawn = torch.multinomial(dist[cls], n_neg, replacement=True, generator=generator)
-    flat = pseudo.flatten()
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=ch)
-    starts = counts.cumsum(0) - counts
-    u = torch.rand(drawn.shape, generator=generator, device=pseudo.device)
-    offset = torch.minimum((u * counts[drawn]).long(), counts[drawn] - 1)
-    return order[starts[drawn] + offset]
+    B·h·w, [Q, n_neg] long, each row grouped by class (the multiset is what matters). Needs
+    |C_b| ≥ 2."""
+    slots, order = _if_negative_slots(query, pseudo, protos, n_neg, tau_graph, generator)
+    return order[slots]
 
 
 def if_loss(f: torch.Tensor, query: torch.Tensor, pseudo: torch.Tensor, protos: torch.Tensor,
@@ -459,11 +513,11 @@ def if_loss(f: torch.Tensor, query: torch.Tensor, pseudo: torch.Tensor, protos: 
     n_present = int(_present(pseudo, ch).sum())
     if n_present <= 1 or not bool(query.any()):
         return f.new_zeros((), dtype=torch.float32)
-    pixels = sample_if_negatives(query, pseudo, protos, n_neg, tau_graph, generator)
+    slots, order = _if_negative_slots(query, pseudo, protos, n_neg, tau_graph, generator)
     fq = f.float().permute(0, 2, 3, 1)[query]
     cls = pseudo[query]
-    rows = f.detach().float().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-    ce = _nce(fq, protos.detach()[cls], rows, pixels, tau)
+    rows = f.detach().float().permute(0, 2, 3, 1).reshape(-1, f.shape[1])[order]
+    ce = _nce(fq, protos.detach()[cls], rows, slots, tau)
     return _class_mean(ce, cls, ch, n_present)
 
 
