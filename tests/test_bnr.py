@@ -345,6 +345,39 @@ def test_tiny_preset_hybrid_starts_from_frozen_imagenet_lite0(cfg):
     assert not torch.equal(after["conv_cls_head.weight"], before["conv_cls_head.weight"])
 
 
+def test_hybrid_cnn_branch_at_stride_16_and_identity_attention_start():
+    """`hybrid_cnn_stride=16`: the CNN branch starts from the same stride-16 Lite0 features as
+    the patches (no coupled block downsamples; the CNN map and the token grid coincide);
+    `attn_init="identity"`: query = key = the block's normed input, so each patch's attention
+    row is the softmax of its scaled dot products with all tokens (checked against that formula
+    for the first block), far from uniform, whereas the random start is near-uniform."""
+    from wsss_core.models.conformer import conformer_lite0_hybrid
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    entropy = {}
+    for init in ("random", "identity"):
+        torch.manual_seed(0)
+        net = conformer_lite0_hybrid(num_classes=VOC, hybrid_cnn_stride=16, attn_init=init,
+                                     stem_pretrained=False).eval()
+        assert net.conv_1.conv1.in_channels == net.trans_patch_conv.in_channels == 112
+        assert all(b.cnn_block.conv2.stride == (1, 1) and b.token_stride == 1 for b in net.coupled_blocks())
+        with torch.no_grad():
+            out = net(x)
+        assert out["cam"].shape == (1, VOC, 4, 6) and out["attn"].shape == (1, 6, 25, 25)
+        a = out["attn"][0, :, 1:, :]
+        entropy[init] = (-(a * a.clamp_min(1e-12).log()).sum(-1)).mean().item() / math.log(25)
+        if init == "identity":
+            blk = net.trans_1
+            with torch.no_grad():
+                t = net.trans_patch_conv(net.stem.layer3(net.stem.layer2(net.stem.layer1(net.stem.stem(x)))))
+                t = torch.cat([net.cls_token, t.flatten(2).transpose(1, 2)], dim=1)
+                z = blk.norm1(t)[0]
+            heads, hd = blk.attn.num_heads, z.shape[-1] // blk.attn.num_heads
+            want = torch.stack([torch.softmax(z[:, h * hd:(h + 1) * hd] @ z[:, h * hd:(h + 1) * hd].t()
+                                              / math.sqrt(hd), dim=-1) for h in range(heads)]).mean(0)
+            torch.testing.assert_close(out["attn"][0, 0], want, rtol=1e-4, atol=1e-5)
+    assert entropy["random"] > 0.98 and entropy["identity"] < 0.9
+
+
 @pytest.mark.slow
 def test_paper_preset_step_and_export_on_a_375x500_image(cfg):
     """The paper preset (Conformer-S, random weights) runs one AdamW step at constant lr and

@@ -56,6 +56,8 @@ class ConformerSettings:
     hybrid_stem: str | None = None  # e.g. tf_efficientnet_lite0; None: the Conformer's own stem
     stem_pretrained: bool = True  # hybrid: the stem's ImageNet weights (offline Lite0)
     train_stem: bool = False  # hybrid: fine-tune the stem (false: frozen, CPU-cheap)
+    hybrid_cnn_stride: int = 4  # hybrid: the stem stage (4 or 16) whose output starts the CNN branch
+    attn_init: str = "random"  # "identity": query/key projections start as the identity
 
 
 @dataclass
@@ -81,10 +83,16 @@ class BNRMethod(Method):
         s = self.settings = self.blocks["bnr"]
         if s.infer_shape not in ("square", "keep"):
             raise ConfigError(f"config key bnr.infer_shape: {s.infer_shape!r} is not square or keep")
+        if m.hybrid_cnn_stride not in (4, 16):
+            raise ConfigError(f"config key model.hybrid_cnn_stride: {m.hybrid_cnn_stride} is not 4 or 16")
+        if m.attn_init not in ("random", "identity"):
+            raise ConfigError(f"config key model.attn_init: {m.attn_init!r} is not random or identity")
         extra = {} if m.drop_path_rate is None else {"drop_path_rate": m.drop_path_rate}
         if m.hybrid_stem is not None:
             extra.update(hybrid_stem=m.hybrid_stem, stem_pretrained=m.stem_pretrained,
-                         train_stem=m.train_stem)
+                         train_stem=m.train_stem, hybrid_cnn_stride=m.hybrid_cnn_stride)
+        if m.attn_init != "random":
+            extra["attn_init"] = m.attn_init
         net = create_timm(m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file,
                           num_classes=self.num_classes, **extra)
         crop = int(self.train_params.get("crop", net.output_stride))

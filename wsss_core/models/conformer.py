@@ -151,12 +151,17 @@ class Conformer(nn.Module):
                  num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path_rate: float = 0.1, stem_stride: int = 2, in_chans: int = 3,
                  hybrid_stem: str | None = None, stem_pretrained: bool = False,
-                 train_stem: bool = True) -> None:
+                 train_stem: bool = True, hybrid_cnn_stride: int = 4,
+                 attn_init: str = "random") -> None:
         super().__init__()
         if depth % 3 or depth < 3:
             raise ValueError(f"conformer depth {depth}: must be a positive multiple of 3")
         if stem_stride not in (1, 2):
             raise ValueError(f"conformer stem_stride {stem_stride}: must be 1 or 2")
+        if hybrid_cnn_stride not in (4, 16):
+            raise ValueError(f"conformer hybrid_cnn_stride {hybrid_cnn_stride}: must be 4 or 16")
+        if attn_init not in ("random", "identity"):
+            raise ValueError(f"conformer attn_init {attn_init!r}: must be random or identity")
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.depth = depth
@@ -173,7 +178,10 @@ class Conformer(nn.Module):
             lite = cnn_stages(hybrid_stem, strides=(2, 2, 2, 1), pretrained=stem_pretrained,
                               frozen_bn=True)
             lite.layer4 = nn.Identity()
-            stem_channels = lite.out_channels[1]
+            # stride 16: the CNN branch too starts from the stride-16 features, so every coupled
+            # block runs on ImageNet features at the token grid (none of them downsamples)
+            self.hybrid_cnn_stride = hybrid_cnn_stride
+            stem_channels = lite.out_channels[1 if hybrid_cnn_stride == 4 else 3]
             patch_in, patch_kernel = lite.out_channels[3], 1
         else:
             self.conv1 = nn.Conv2d(in_chans, stem_channels, 7, stride=stem_stride, padding=3, bias=False)
@@ -188,11 +196,12 @@ class Conformer(nn.Module):
                              drop_path=dpr[0], norm_layer=_LayerNorm)
         per_stage = depth // 3
         index, in_ch = 2, ch[0]
-        for stage, (out_ch, token_stride) in enumerate(zip(ch, (4, 2, 1))):
+        at_token_grid = self.hybrid and hybrid_cnn_stride == 16
+        for stage, (out_ch, token_stride) in enumerate(zip(ch, (1, 1, 1) if at_token_grid else (4, 2, 1))):
             for j in range(per_stage - 1 if stage == 0 else per_stage):
                 first = stage > 0 and j == 0
                 self.add_module(f"conv_trans_{index}", ConvTransBlock(
-                    in_ch, out_ch, res_conv=first, stride=2 if first else 1,
+                    in_ch, out_ch, res_conv=first, stride=2 if first and not at_token_grid else 1,
                     token_stride=token_stride, embed_dim=embed_dim, num_heads=num_heads,
                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[index - 1],
                     last_fusion=index == depth))
@@ -202,6 +211,9 @@ class Conformer(nn.Module):
         self.conv_cls_head = nn.Conv2d(ch[2], num_classes, 3, padding=1)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
+        if attn_init == "identity":
+            for blk in [self.trans_1] + [b.trans_block for b in self.coupled_blocks()]:
+                _identity_query_key(blk.attn.qkv)
         if self.hybrid:  # added after the initialisation: keeps its ImageNet weights
             self.stem = lite
             self.stem.requires_grad_(train_stem)
@@ -217,8 +229,9 @@ class Conformer(nn.Module):
             raise ValueError(f"conformer input {tuple(x.shape[-2:])}: height and width must be "
                              f"multiples of {s}")
         if self.hybrid:
-            base = self.stem.layer1(self.stem.stem(x))
-            patches = self.stem.layer3(self.stem.layer2(base))
+            early = self.stem.layer1(self.stem.stem(x))
+            patches = self.stem.layer3(self.stem.layer2(early))
+            base = early if self.hybrid_cnn_stride == 4 else patches
         else:
             base = patches = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         x, _ = self.conv_1(base)
@@ -276,6 +289,18 @@ class Conformer(nn.Module):
             raise WeightsError(f"{path}: does not match this Conformer ({what}); use the official "
                                f"file of the same size (Conformer-S: Conformer_small_patch16.pth)")
         self.load_state_dict(state, strict=False)
+
+
+def _identity_query_key(qkv: nn.Linear) -> None:
+    """Query and key projections set to the identity (values keep their random start): a
+    block's attention then starts as the softmax of scaled dot products of its LayerNorm-ed
+    input tokens, a feature affinity, instead of near-uniform weights. For hybrid Conformers,
+    whose tokens are ImageNet features, on data too small to learn attention from scratch."""
+    d = qkv.in_features
+    with torch.no_grad():
+        qkv.weight[: 2 * d].copy_(torch.eye(d).repeat(2, 1))
+        if qkv.bias is not None:
+            qkv.bias[: 2 * d].zero_()
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -336,7 +361,9 @@ def conformer_lite0_hybrid(pretrained: bool = False, **kwargs) -> Conformer:
     stem and first stage (stride 4), the patches are Lite0's stride-16 features (1x1 embedding),
     then 6 coupled blocks (embed 192, 3 heads; CNN 32/64/128 channels), output stride 16.
     `pretrained` must be false (no Conformer weights); `stem_pretrained` loads the offline Lite0
-    ImageNet weights into the stem, `train_stem: false` freezes it."""
+    ImageNet weights into the stem, `train_stem: false` freezes it; `hybrid_cnn_stride=16`
+    starts the CNN branch from the stride-16 features too; `attn_init="identity"` starts every
+    attention as a feature affinity (`_identity_query_key`)."""
     if pretrained:
         raise WeightsError("backbone conformer_lite0_hybrid: no Conformer weights exist; set "
                            "pretrained: false (the Lite0 stem loads its own with stem_pretrained)")
