@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_core.methods.fbr import (class_prototypes, fb_loss, host_pseudo_labels, if_loss,
+                                   sample_bank_negatives,
                                    query_mask, sample_if_negatives)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,7 +76,7 @@ def main() -> None:
         return loss
 
     def loop() -> torch.Tensor:
-        idx = torch.randint(0, bank.shape[0], (n_q, args.n_neg), generator=torch.Generator().manual_seed(1))
+        idx = sample_bank_negatives(n_q, bank.shape[0], args.n_neg, torch.Generator().manual_seed(1))
         pixels = sample_if_negatives(query, pseudo, protos, args.n_neg, 0.5, torch.Generator().manual_seed(2))
         flat = f.detach().permute(0, 2, 3, 1).reshape(-1, d)
         loss = (_per_query_loss(f, query, pseudo, protos, lambda q: bank[idx[q]], 0.5)
