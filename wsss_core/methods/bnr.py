@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import conformer  # noqa: F401  (registers the Conformer models with timm)
 from ..models.backbones import create_timm
+from ..models.conformer import ATTN_INITS, HYBRID_CNN_STRIDES
 from ._registry import register_method
 from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
 from .cobra_losses import multilabel_soft_margin
@@ -83,16 +84,17 @@ class BNRMethod(Method):
         s = self.settings = self.blocks["bnr"]
         if s.infer_shape not in ("square", "keep"):
             raise ConfigError(f"config key bnr.infer_shape: {s.infer_shape!r} is not square or keep")
-        if m.hybrid_cnn_stride not in (4, 16):
-            raise ConfigError(f"config key model.hybrid_cnn_stride: {m.hybrid_cnn_stride} is not 4 or 16")
-        if m.attn_init not in ("random", "identity"):
-            raise ConfigError(f"config key model.attn_init: {m.attn_init!r} is not random or identity")
-        extra = {} if m.drop_path_rate is None else {"drop_path_rate": m.drop_path_rate}
+        if m.hybrid_cnn_stride not in HYBRID_CNN_STRIDES:
+            raise ConfigError(f"config key model.hybrid_cnn_stride: {m.hybrid_cnn_stride} is not one of "
+                              f"{HYBRID_CNN_STRIDES}")
+        if m.attn_init not in ATTN_INITS:
+            raise ConfigError(f"config key model.attn_init: {m.attn_init!r} is not one of {ATTN_INITS}")
+        extra = {"attn_init": m.attn_init}
+        if m.drop_path_rate is not None:
+            extra["drop_path_rate"] = m.drop_path_rate
         if m.hybrid_stem is not None:
             extra.update(hybrid_stem=m.hybrid_stem, stem_pretrained=m.stem_pretrained,
                          train_stem=m.train_stem, hybrid_cnn_stride=m.hybrid_cnn_stride)
-        if m.attn_init != "random":
-            extra["attn_init"] = m.attn_init
         net = create_timm(m.backbone, pretrained=m.pretrained, pretrained_file=m.pretrained_file,
                           num_classes=self.num_classes, **extra)
         crop = int(self.train_params.get("crop", net.output_stride))

@@ -17,9 +17,8 @@ Similarities, softmaxes and normalisations run in fp32 even under autocast.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
@@ -472,7 +471,7 @@ def _if_negative_slots(query: torch.Tensor, pseudo: torch.Tensor, protos: torch.
     dist = active_class_distribution(protos, _present(pseudo, ch), tau_graph).nan_to_num(0.0)
     cdf = F.pad(dist.cumsum(1), (1, 0))[cls]  # [Q, ch + 1]: class c is [cdf[c], cdf[c + 1])
     u = sorted_uniforms(cls.shape[0], n_neg, generator, pseudo.device) * cdf[:, -1:]
-    u = torch.minimum(u, torch.nextafter(cdf[:, -1:], torch.zeros(())))  # below the row's end
+    u = torch.minimum(u, torch.nextafter(cdf[:, -1:], torch.zeros_like(cdf[:, -1:])))  # below the row's end
     # the u are sorted, so draw j is of class #{k ≥ 1 : cdf[k] ≤ u_j} = #{k : cut_k ≤ j} with
     # cut_k = #{u < cdf[k]}: a search of the ch − 1 inner bounds into each row (not of every
     # draw into the bounds), a histogram and a running sum; an empty interval gets no draw

@@ -33,6 +33,10 @@ from ..errors import WeightsError
 from .backbones import cnn_stages
 from .vit_cam import _block_forward
 
+#: the stem stages a hybrid Conformer's CNN branch can start from, and the attention starts
+HYBRID_CNN_STRIDES = (4, 16)
+ATTN_INITS = ("random", "identity")
+
 #: the heads of the ImageNet file (1000 classes) never load into a WSSS model
 HEAD_PREFIXES = ("trans_cls_head.", "conv_cls_head.")
 
@@ -158,10 +162,10 @@ class Conformer(nn.Module):
             raise ValueError(f"conformer depth {depth}: must be a positive multiple of 3")
         if stem_stride not in (1, 2):
             raise ValueError(f"conformer stem_stride {stem_stride}: must be 1 or 2")
-        if hybrid_cnn_stride not in (4, 16):
-            raise ValueError(f"conformer hybrid_cnn_stride {hybrid_cnn_stride}: must be 4 or 16")
-        if attn_init not in ("random", "identity"):
-            raise ValueError(f"conformer attn_init {attn_init!r}: must be random or identity")
+        if hybrid_cnn_stride not in HYBRID_CNN_STRIDES:
+            raise ValueError(f"conformer hybrid_cnn_stride {hybrid_cnn_stride}: must be one of {HYBRID_CNN_STRIDES}")
+        if attn_init not in ATTN_INITS:
+            raise ValueError(f"conformer attn_init {attn_init!r}: must be one of {ATTN_INITS}")
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.depth = depth
