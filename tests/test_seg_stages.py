@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_PARAMS = dict(model="deeplabv3plus", encoder="resnet18", encoder_from="weights", pretrained=False,
                     pretrained_file=None, output_stride=16, crop=64, batch_size=8, epochs=1,
                     optimizer="sgd", lr=0.01, decoder_lr_mult=10.0, momentum=0.9,
-                    weight_decay=1e-4, poly_power=0.9, scale_range=[0.5, 2.0], flip=True,
+                    weight_decay=1e-4, poly_power=0.9, scale_range=[0.5, 2.0], flip=True, frozen_bn=False,
                     precision="fp32", seed=0, num_workers=0)
 EVAL_PARAMS = dict(scales=[1.0, 0.75], flip=True, crf=False,
                    crf_params=dict(gauss_sxy=1, gauss_compat=3, bi_sxy=67, bi_srgb=3, bi_compat=4,
@@ -263,3 +263,22 @@ def test_encoder_from_classifier_needs_a_matching_timm_encoder(tiny_classifier):
     with pytest.raises(ConfigError, match="needs the classifier model"):
         train_seg_module.build_seg_model(dict(TRAIN_PARAMS, encoder="tu-resnet_tiny", encoder_from="classifier"),
                                          9, None)
+
+
+@pytest.mark.parametrize("frozen_bn", [False, True])
+def test_frozen_bn_keeps_the_encoder_statistics_and_trains_the_rest(frozen_bn):
+    from wsss_core.models.segmentation import create_seg_model
+    torch.manual_seed(0)
+    model = create_seg_model("deeplabv3plus", "resnet18", 4, pretrained=False)
+    bns = lambda part: [m for m in part.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before_enc = [m.running_mean.clone() for m in bns(model.encoder)]
+    before_dec = [m.running_mean.clone() for m in bns(model.decoder)]
+    train_seg_module.train_mode(model, frozen_bn)
+    out = model(torch.randn(2, 3, 64, 64) * 3 + 1)
+    out.mean().backward()
+    moved_enc = [not torch.equal(a, m.running_mean) for a, m in zip(before_enc, bns(model.encoder))]
+    moved_dec = [not torch.equal(a, m.running_mean) for a, m in zip(before_dec, bns(model.decoder))]
+    assert all(moved_dec) and model.decoder.training
+    assert (not any(moved_enc)) if frozen_bn else all(moved_enc)
+    # the affine weights still learn either way
+    assert all(m.weight.grad is not None for m in bns(model.encoder))

@@ -42,7 +42,8 @@ log = logging.getLogger("wsss")
 #: the keys of a resolved (flat) parameter block
 TRAIN_KEYS = ("model", "encoder", "encoder_from", "pretrained", "pretrained_file", "output_stride", "crop",
               "batch_size", "epochs", "optimizer", "lr", "decoder_lr_mult", "momentum",
-              "weight_decay", "poly_power", "scale_range", "flip", "precision", "seed", "num_workers")
+              "weight_decay", "poly_power", "scale_range", "flip", "frozen_bn", "precision", "seed",
+              "num_workers")
 
 
 def _check_params(params: dict) -> None:
@@ -111,7 +112,7 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
                         precision=params["precision"])
         fit(dataset, cfg, step, [optimizer], model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
-            device=device, resume=resume, train_mode=model.train,
+            device=device, resume=resume, train_mode=lambda: train_mode(model, params["frozen_bn"]),
             fingerprint=resume_key(params, idx.num_classes, dataset.ids,
                                    files=[index, *idx.image_files("train_aug"), *dataset.mask_files(),
                                           *_start_files(params, classifier)]))
@@ -122,6 +123,17 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
                        class_names=idx.class_names, params=params)
         finish(out.with_name("checkpoint.pt"))
     return out
+
+
+def train_mode(model: nn.Module, frozen_bn: bool) -> None:
+    """Put `model` in training mode; with `frozen_bn` its encoder's BatchNorm layers stay in
+    eval mode, so they normalise with the pretrained running statistics and never update them
+    (the affine weights still receive gradients): a batch of 8 crops gives noisy statistics."""
+    model.train()
+    if frozen_bn:
+        for module in model.encoder.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _start_files(params: dict, classifier: str | Path | None) -> list[str | Path]:
