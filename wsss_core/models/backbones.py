@@ -31,6 +31,17 @@ class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
                             training=False, momentum=0.0, eps=self.eps)
 
 
+def batchnorm_eval(module: nn.Module) -> nn.Module:
+    """Put every BatchNorm of `module` in eval mode (in place; call after `train()`): they
+    normalise with their running statistics and never update them, while their affine weights
+    still train. The modules stay, unlike `freeze_batchnorm_stats`, so timm's `BatchNormAct2d`
+    keeps the activation it carries."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return module
+
+
 def freeze_batchnorm_stats(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d in `module` (in place) by a FrozenStatsBatchNorm2d."""
     for name, child in module.named_children():
@@ -219,9 +230,7 @@ class EfficientNetStages(nn.Module):
     def train(self, mode: bool = True) -> "EfficientNetStages":
         super().train(mode)
         if self.frozen_bn:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            batchnorm_eval(self)
         return self
 
     stages = ResNetStages.stages

@@ -26,6 +26,7 @@ from ..data.seg_dataset import SegmentationDataset
 from ..engine import FitConfig, data_parallel, distributed, finish, fit, resume_key
 from ..errors import ConfigError, DataError
 from ..methods.base import StepContext
+from ..models.backbones import batchnorm_eval
 from ..models.segmentation import (
     create_seg_model,
     load_classifier_backbone,
@@ -131,9 +132,7 @@ def train_mode(model: nn.Module, frozen_bn: bool) -> None:
     (the affine weights still receive gradients): a batch of 8 crops gives noisy statistics."""
     model.train()
     if frozen_bn:
-        for module in model.encoder.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        batchnorm_eval(model.encoder)
 
 
 def _start_files(params: dict, classifier: str | Path | None) -> list[str | Path]:
