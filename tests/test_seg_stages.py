@@ -222,15 +222,14 @@ def test_snakemake_dry_run_schedules_default_and_other_architecture(tmp_path):
     assert f"--pred {results}/toy/cobra/seg-segformer/pred" in log
 
 
-@pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory) -> Path:
-    """A model.pt as train_classifier writes it, with a random resnet_tiny CAM network."""
+def _classifier_file(tmp_path_factory, backbone: str) -> Path:
+    """A model.pt as train_classifier writes it, with a random `backbone` CAM network."""
     from wsss_core.checkpoint import save_model
     from wsss_core.methods import create_method
     cfg = load_config(REPO / "config.yaml")
     torch.manual_seed(4)
-    params = method_params(cfg, "toy", "cam")  # the tiny preset's Lite0 swapped for resnet_tiny
-    params["model"] = dict(params["model"], backbone="resnet_tiny", pretrained=False)
+    params = method_params(cfg, "toy", "cam")  # the tiny preset's Lite0, or resnet_tiny in its place
+    params["model"] = dict(params["model"], backbone=backbone, pretrained=False)
     train = stage_params(cfg, "toy", "cam", "train_classifier")
     method = create_method(params, 9, train_params=train)
     path = tmp_path_factory.mktemp("cls") / "model.pt"
@@ -238,17 +237,48 @@ def tiny_classifier(tmp_path_factory) -> Path:
     return path
 
 
-def test_encoder_from_classifier_copies_every_backbone_tensor(tiny_classifier):
-    params = dict(TRAIN_PARAMS, encoder="tu-resnet_tiny", encoder_from="classifier")
-    model = train_seg_module.build_seg_model(params, 9, tiny_classifier)
-    backbone = torch.load(tiny_classifier, weights_only=True)["state"]["cnn"]
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory) -> Path:
+    return _classifier_file(tmp_path_factory, "resnet_tiny")
+
+
+def _resnet_timm_name(key: str) -> str:
+    """ResNetStages: stem.0 is timm's conv1, stem.1 its bn1; the layers keep their names."""
+    return key.replace("stem.0.", "conv1.", 1).replace("stem.1.", "bn1.", 1)
+
+
+def _efficientnet_timm_name(key: str) -> str | None:
+    """EfficientNetStages, as its docstring splits timm's EfficientNet: stem = conv_stem, bn1,
+    blocks.0, blocks.1.0; layer1 = blocks.1.1..; layer2 = blocks.2; layer3 = blocks.3, blocks.4;
+    layer4 = blocks.5, blocks.6, conv_head, bn2 (the last two are not in an smp encoder)."""
+    stage, index, rest = key.split(".", 2)
+    index = int(index)
+    if stage == "stem":
+        return ["conv_stem.", "bn1.", "blocks.0.", "blocks.1.0."][index] + rest
+    if stage == "layer1":
+        return f"blocks.1.{index + 1}.{rest}"
+    if stage == "layer2":
+        return f"blocks.2.{index}.{rest}"
+    if stage == "layer3":
+        return f"blocks.{3 + index}.{rest}"
+    return f"blocks.{5 + index}.{rest}" if index < 2 else None
+
+
+@pytest.mark.parametrize("backbone, timm_name", [("resnet_tiny", _resnet_timm_name),
+                                                 ("tf_efficientnet_lite0", _efficientnet_timm_name)])
+def test_encoder_from_classifier_copies_every_backbone_tensor(tmp_path_factory, backbone, timm_name):
+    classifier = _classifier_file(tmp_path_factory, backbone)
+    params = dict(TRAIN_PARAMS, encoder=f"tu-{backbone}", encoder_from="classifier")
+    model = train_seg_module.build_seg_model(params, 9, classifier)
+    state = torch.load(classifier, weights_only=True)["state"]["cnn"]
     encoder = model.encoder.state_dict()
     copied = 0
-    for key, value in backbone.items():
+    for key, value in state.items():
         if not key.startswith("backbone."):
             continue
-        # ResNetStages: stem.0 is timm's conv1, stem.1 its bn1; the layers keep their names
-        name = key[len("backbone."):].replace("stem.0.", "conv1.", 1).replace("stem.1.", "bn1.", 1)
+        name = timm_name(key[len("backbone."):])
+        if name is None:
+            continue
         assert torch.equal(encoder["model." + name], value), key
         copied += 1
     assert copied == len(encoder) and copied > 50

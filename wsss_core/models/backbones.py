@@ -152,6 +152,15 @@ def load_offline_weights(model: nn.Module, name: str, prefix: str = "") -> None:
     nn.Module.load_state_dict(model, state, strict=True)
 
 
+def timm_key_map(stages: nn.Module, net: nn.Module) -> dict[str, str]:
+    """{state-dict key in `stages`: the same tensor's key in `net`}, for a stage split built from
+    the modules of the timm model `net` (matched by tensor identity, so no naming rule is
+    written twice). Lets weights trained in the split go back into timm-named models, such as
+    smp's `tu-` encoders."""
+    names = {id(t): k for k, t in net.state_dict(keep_vars=True).items()}
+    return {k: names[id(t)] for k, t in stages.state_dict(keep_vars=True).items()}
+
+
 class ResNetStages(nn.Module):
     """A timm ResNet split into the five IRN stages: stem (conv1..max-pool), layer1..layer4."""
 
@@ -173,6 +182,7 @@ class ResNetStages(nn.Module):
             _out_channels(net.layer3), _out_channels(net.layer4)]
         self.strides = tuple(strides)
         self.output_stride = 2 * strides[0] * strides[1] * strides[2] * strides[3]
+        self.timm_keys = timm_key_map(self, net)
         if frozen_bn:
             freeze_batchnorm_stats(self)
 
@@ -225,6 +235,7 @@ class EfficientNetStages(nn.Module):
                              net.conv_head.out_channels]
         self.strides = tuple(strides)
         self.output_stride = 2 * strides[0] * strides[1] * strides[2] * strides[3]
+        self.timm_keys = timm_key_map(self, net)
         self.frozen_bn = frozen_bn
 
     def train(self, mode: bool = True) -> "EfficientNetStages":

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import ConfigError, WeightsError
 from ..precision import place_model
 from .backbones import (
+    cnn_stages,
     load_offline_weights,  # also registers resnet_tiny: encoder tu-resnet_tiny
 )
 from .lite0 import OFFLINE_WEIGHTS
@@ -141,24 +142,27 @@ def load_encoder_file(encoder_module: nn.Module, path: str | os.PathLike, encode
 
 def load_classifier_backbone(encoder_module: nn.Module, backbone_state: dict[str, torch.Tensor],
                              encoder_name: str, source: str) -> None:
-    """Initialise a `tu-<resnet>` encoder with the trained classifier's CNN backbone
-    (`Method.backbone_state()`: `ResNetStages` keys, `stem.0` = conv1, `stem.1` = bn1,
-    `layerN`); smp's timm encoder holds the same modules under `model.`.
+    """Initialise a `tu-<timm CNN>` encoder (ResNet or EfficientNet) with the trained
+    classifier's CNN backbone (`Method.backbone_state()`: `cnn_stages` keys, `stem`, `layer1` ..
+    `layer4`). smp's timm encoder holds the timm model's modules under `model.`; each stage key
+    is renamed to the timm key of the same tensor (`timm_keys`), and tensors the encoder has no
+    place for (an EfficientNet's `conv_head` / `bn2`, the ImageNet head's features) are dropped.
     Only weights learnt from the image-level labels are used, so this stays weakly supervised.
+
+    Raises ConfigError when `encoder_name` is not `tu-<name>`, WeightsError when the state does
+    not fit the encoder strictly.
     """
-    renamed = {"stem.0.": "model.conv1.", "stem.1.": "model.bn1."}
-    weights = {}
-    for key, value in backbone_state.items():
-        for old, new in renamed.items():
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        else:
-            key = "model." + key
-        weights[key] = value
     if not encoder_name.startswith("tu-"):
         raise ConfigError(f"config key train_seg.encoder_from: 'classifier' needs the encoder "
                           f"tu-<the classifier's backbone>, not {encoder_name!r}")
+    with torch.random.fork_rng(devices=[]):  # the skeleton's init must not shift the caller's RNG
+        skeleton = cnn_stages(encoder_name.removeprefix("tu-"), pretrained=False)
+    own = set(encoder_module.state_dict())
+    weights = {}
+    for key, value in backbone_state.items():
+        timm_key = "model." + skeleton.timm_keys.get(key, key)
+        if timm_key in own or key not in skeleton.timm_keys:
+            weights[timm_key] = value  # an unknown key stays and fails the strict load
     _load_encoder_state(encoder_module, weights, encoder_name, source)
 
 
