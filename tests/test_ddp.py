@@ -152,8 +152,9 @@ def test_irn_and_segmentation_train_under_two_processes(classifier_runs, index_p
     cfg = load_config(repo_root / "config.yaml")
     labels = toy_root / "SegmentationClassAug"  # ground truth stands in for IR labels and masks
     irn = dict(stage_params(cfg, "toy", "cam", "train_irn"), epochs=1, crop=48, batch_size=4)
+    # the encoder starts from the classifier (the tiny preset's start), here its resnet_tiny
     seg = dict(resolve_seg_params(stage_params(cfg, "toy", "cam", "train_seg")), epochs=1,
-               crop=64, batch_size=4)
+               crop=64, batch_size=4, encoder="tu-resnet_tiny", encoder_from="classifier")
     runs = {
         "train_irn": ("wsss_core.data.datasets.IRNDataset", irn,
                       ["--labels", str(labels), "--classifier", str(single)]),

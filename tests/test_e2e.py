@@ -347,7 +347,7 @@ def test_a_failed_job_leaves_no_stale_result_for_the_next_run(run, tmp_path):
     weights = tmp_path / "encoder.pth"
     weights.write_bytes(b"not a state dict")
     change = {"methods": {"cam": {"presets": {"smoke": {"train_seg": {
-        "lr": 0.002, "pretrained_file": str(weights)}}}}}}
+        "lr": 0.002, "encoder_from": "weights", "pretrained_file": str(weights)}}}}}}
     seg_miou = root / "cam" / "seg_miou.txt"
     assert seg_miou.is_file()
     failed = _workflow(run, tmp_path, change, "--", str(seg_miou))

@@ -101,7 +101,9 @@ DATA = {"kind": "toy", "preset": "smoke", "seed": 4, "image_size": 48, "num_trai
 FAST = {"train_classifier": {"epochs": 1, "crop": 48, "scale_range": [40, 56], "batch_size": 8},
         "export_cams": {"scales": [1.0]}, "train_irn": {"epochs": 1, "crop": 48, "batch_size": 8,
                       "backbone": "resnet_tiny", "backbone_from": "classifier"},
-        "train_seg": {"epochs": 1, "crop": 48, "batch_size": 8}, "eval_seg": {"scales": [1.0]}}
+        "train_seg": {"epochs": 1, "crop": 48, "batch_size": 8,
+                      "encoders": {"deeplabv3plus": "tu-resnet_tiny", "segformer": "mit_b0"}},  # from the classifier
+        "eval_seg": {"scales": [1.0]}}
 
 
 @pytest.fixture(scope="module")

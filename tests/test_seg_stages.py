@@ -18,7 +18,7 @@ from wsss_core.config import load_config, method_params, stage_params, validate_
 from wsss_core.data.index import DatasetIndex, build_index
 from wsss_core.data.palette import IGNORE
 from wsss_core.data.toy import generate_toy
-from wsss_core.errors import ConfigError, DataError, WeightsError
+from wsss_core.errors import ConfigError, DataError
 from wsss_core.io import read_label_png, write_json
 from wsss_core.ops.crf import crf_from_probs
 from wsss_core.seg_engine import predict_multiscale
@@ -287,7 +287,8 @@ def test_encoder_from_classifier_copies_every_backbone_tensor(tmp_path_factory, 
 def test_encoder_from_classifier_needs_a_matching_timm_encoder(tiny_classifier):
     with pytest.raises(ConfigError, match="encoder_from: 'classifier' needs the encoder tu-"):
         train_seg_module.build_seg_model(dict(TRAIN_PARAMS, encoder_from="classifier"), 9, tiny_classifier)
-    with pytest.raises(WeightsError, match="not an encoder state dict for tu-resnet18"):
+    with pytest.raises(ConfigError, match="classifier's CNN backbone is not resnet18; set "
+                                          "train_seg.encoders to tu-<the classifier's backbone>"):
         train_seg_module.build_seg_model(dict(TRAIN_PARAMS, encoder="tu-resnet18", encoder_from="classifier"),
                                          9, tiny_classifier)
     with pytest.raises(ConfigError, match="needs the classifier model"):

@@ -149,14 +149,19 @@ def load_classifier_backbone(encoder_module: nn.Module, backbone_state: dict[str
     place for (an EfficientNet's `conv_head` / `bn2`, the ImageNet head's features) are dropped.
     Only weights learnt from the image-level labels are used, so this stays weakly supervised.
 
-    Raises ConfigError when `encoder_name` is not `tu-<name>`, WeightsError when the state does
-    not fit the encoder strictly.
+    Raises ConfigError when `encoder_name` is not `tu-<name>` or names another network than the
+    classifier's backbone, WeightsError when the state does not fit the encoder strictly.
     """
     if not encoder_name.startswith("tu-"):
         raise ConfigError(f"config key train_seg.encoder_from: 'classifier' needs the encoder "
                           f"tu-<the classifier's backbone>, not {encoder_name!r}")
     with torch.random.fork_rng(devices=[]):  # the skeleton's init must not shift the caller's RNG
         skeleton = cnn_stages(encoder_name.removeprefix("tu-"), pretrained=False)
+    shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
+    if shapes != {k: v.shape for k, v in backbone_state.items()}:
+        raise ConfigError(f"{source}: the classifier's CNN backbone is not {encoder_name[3:]}; "
+                          f"set train_seg.encoders to tu-<the classifier's backbone> or "
+                          f"train_seg.encoder_from to weights")
     own = set(encoder_module.state_dict())
     weights = {}
     for key, value in backbone_state.items():
