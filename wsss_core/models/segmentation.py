@@ -162,12 +162,10 @@ def load_classifier_backbone(encoder_module: nn.Module, backbone_state: dict[str
         raise ConfigError(f"{source}: the classifier's CNN backbone is not {encoder_name[3:]}; "
                           f"set train_seg.encoders to tu-<the classifier's backbone> or "
                           f"train_seg.encoder_from to weights")
+    # the shape check leaves only the skeleton's keys; those the encoder lacks are the head's
     own = set(encoder_module.state_dict())
-    weights = {}
-    for key, value in backbone_state.items():
-        timm_key = "model." + skeleton.timm_keys.get(key, key)
-        if timm_key in own or key not in skeleton.timm_keys:
-            weights[timm_key] = value  # an unknown key stays and fails the strict load
+    weights = {"model." + skeleton.timm_keys[k]: v for k, v in backbone_state.items()
+               if "model." + skeleton.timm_keys[k] in own}
     _load_encoder_state(encoder_module, weights, encoder_name, source)
 
 
