@@ -155,17 +155,18 @@ def load_classifier_backbone(encoder_module: nn.Module, backbone_state: dict[str
     if not encoder_name.startswith("tu-"):
         raise ConfigError(f"config key train_seg.encoder_from: 'classifier' needs the encoder "
                           f"tu-<the classifier's backbone>, not {encoder_name!r}")
+    backbone = encoder_name.removeprefix("tu-")
     with torch.random.fork_rng(devices=[]):  # the skeleton's init must not shift the caller's RNG
-        skeleton = cnn_stages(encoder_name.removeprefix("tu-"), pretrained=False)
+        skeleton = cnn_stages(backbone, pretrained=False)
     shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
     if shapes != {k: v.shape for k, v in backbone_state.items()}:
-        raise ConfigError(f"{source}: the classifier's CNN backbone is not {encoder_name[3:]}; "
+        raise ConfigError(f"{source}: the classifier's CNN backbone is not {backbone}; "
                           f"set train_seg.encoders to tu-<the classifier's backbone> or "
                           f"train_seg.encoder_from to weights")
     # the shape check leaves only the skeleton's keys; those the encoder lacks are the head's
     own = set(encoder_module.state_dict())
-    weights = {"model." + skeleton.timm_keys[k]: v for k, v in backbone_state.items()
-               if "model." + skeleton.timm_keys[k] in own}
+    renamed = {"model." + skeleton.timm_keys[k]: v for k, v in backbone_state.items()}
+    weights = {k: v for k, v in renamed.items() if k in own}
     _load_encoder_state(encoder_module, weights, encoder_name, source)
 
 
