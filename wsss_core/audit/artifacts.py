@@ -94,20 +94,24 @@ class RunArtifacts:
 
     def seed_threshold(self) -> float | None:
         report = self.metrics("seed")
-        return None if report is None else float(report["threshold"])
+        return None if report is None or report.get("threshold") is None else float(report["threshold"])
 
     # --- per-image scores --------------------------------------------------------------------
-    def image_miou(self, pred: np.ndarray, gt: np.ndarray) -> float:
-        """mIoU of one image over the classes in its prediction or ground truth (percent)."""
+    def image_miou(self, pred: np.ndarray, gt: np.ndarray | None) -> float | None:
+        """mIoU of one image over the classes in its prediction or ground truth (percent); None
+        without a ground truth or without a scorable pixel (255 everywhere)."""
+        if gt is None:
+            return None
         cm = ConfusionMatrix(self.index.num_classes)
         cm.update(pred, gt)
-        return cm.miou() * 100
+        return cm.miou() * 100 if cm.scorable else None
 
     def mask_ious(self, split: str = "train") -> dict[str, float]:
-        """Per-image pseudo-mask mIoU over `split` (images without a mask are left out)."""
+        """Per-image pseudo-mask mIoU over `split` (images without a pseudo mask, without a
+        ground-truth mask or without a scorable pixel are left out)."""
         out: dict[str, float] = {}
-        for image_id in self.index.ids(split):
+        for image_id in self.index.mask_ids(split):
             mask = self.label_png("masks", image_id)
-            if mask is not None:
-                out[image_id] = self.image_miou(mask, self.index.mask(image_id))
+            if mask is not None and (score := self.image_miou(mask, self.index.mask(image_id))) is not None:
+                out[image_id] = score
         return out

@@ -14,6 +14,30 @@ from ..io import read_json
 from .artifacts import BENCHMARK_RULES, METRIC_FILES, Benchmark, read_benchmark
 
 MISSING = "–"
+#: the cell of a metric whose split has no ground-truth mask (the `no ground truth` of *_miou.txt)
+NO_GT = "no ground truth"
+
+
+def scored(report: dict | None) -> dict | None:
+    """`report` when it holds scores, None when absent or written for a split without ground
+    truth (`"no_ground_truth": true`, `"miou": null`)."""
+    return None if not report or report.get("no_ground_truth") or report.get("miou") is None else report
+
+
+def miou_cell(report: dict | None) -> str:
+    """The mIoU cell of a metric report: two decimals, `no ground truth`, or `–` (not produced)."""
+    if report is None:
+        return MISSING
+    return NO_GT if report.get("no_ground_truth") else fmt(report.get("miou"))
+
+
+def sweep_cell(sweep: dict | None) -> str:
+    """`alpha=0.3: 61.20` for a mask sweep's arg-max, `no ground truth`, or `–`."""
+    if sweep is None:
+        return MISSING
+    if sweep.get("no_ground_truth") or sweep.get("best") is None:
+        return NO_GT
+    return f"{sweep['parameter']}={sweep['best']:g}: {sweep['best_miou']:.2f}"
 
 
 @dataclass
@@ -38,7 +62,7 @@ class MethodRecord:
 
     def class_names(self) -> list[str]:
         for report in self.metrics.values():
-            if report is not None:
+            if scored(report) is not None and "iou" in report:
                 return list(report["iou"])
         return []
 
@@ -115,16 +139,16 @@ def comparison_table(records: list[MethodRecord], class_names: list[str] | None 
 
     for key in METRIC_FILES:
         table.add("mIoU (%)", miou_label(key),
-                  [fmt(m["miou"]) if (m := metric(r, key)) else MISSING for r in records])
+                  [miou_cell(metric(r, key)) for r in records])
     table.add("mIoU (%)", "seed threshold",
-              [fmt(m.get("threshold")) if (m := metric(r, "seed")) else MISSING for r in records])
+              [fmt(m.get("threshold")) if (m := scored(metric(r, "seed"))) else MISSING for r in records])
     table.add("mIoU (%)", "mask sweep best",
-              [f"{r.sweep['parameter']}={r.sweep['best']:g}: {r.sweep['best_miou']:.2f}" if r.sweep else MISSING
-               for r in records])
+              [sweep_cell(r.sweep) for r in records])
     for key in METRIC_FILES:
         for c in names:
             table.add(f"{METRIC_FILES[key][1]}: per-class IoU (%)", iou_label(key, c),
-                      [fmt(percent(m["iou"].get(c))) if (m := metric(r, key)) else MISSING for r in records])
+                      [fmt(percent(m["iou"].get(c))) if (m := scored(metric(r, key))) else MISSING
+                       for r in records])
     for rule in BENCHMARK_RULES:
         table.add("wall time (s)", f"time {rule} (s)",
                   [fmt(b.seconds) if (b := r.benchmarks.get(rule)) else MISSING for r in records])
@@ -142,8 +166,10 @@ def collect(results: str | Path, dataset: str, methods: list[str]) -> list[Metho
 
 
 def class_names_of(results: str | Path, dataset: str) -> list[str] | None:
-    index = Path(results) / dataset / "index.json"
-    return list(read_json(index)["class_names"]) if index.is_file() else None
+    for index in (Path(results) / dataset / "index.json", Path(results) / dataset / "index" / "train.json"):
+        if index.is_file():
+            return list(read_json(index)["class_names"])
+    return None
 
 
 COMPARISON_CSS = """
@@ -187,12 +213,12 @@ def summary_table(record: MethodRecord, class_names: list[str] | None = None,
     def row(label: str, section: str, value) -> None:
         table.add(section, label, [value(r) if r else MISSING for r in reports])
 
-    row("mIoU (%)", "summary", lambda r: fmt(r["miou"]))
+    table.add("summary", "mIoU (%)", [miou_cell(r) for r in reports])
     row("split", "summary", lambda r: str(r.get("split", MISSING)))
     row("images", "summary", lambda r: str(r.get("images", MISSING)))
     row("FP/TP (foreground)", "summary", lambda r: fmt(r.get("fp_tp_overall")))
     for c in names if per_class else []:
-        row(c, "per-class IoU (%)", lambda r, c=c: fmt(percent(r["iou"].get(c))))
+        row(c, "per-class IoU (%)", lambda r, c=c: fmt(percent((r.get("iou") or {}).get(c))))
     return table
 
 

@@ -22,7 +22,7 @@ from ..data.index import DatasetIndex
 from ..io import atomic_dir
 from ..metrics import ConfusionMatrix
 from .artifacts import METRIC_FILES, RunArtifacts
-from .compare import MISSING, MethodRecord, Table, fmt, percent, summary_table
+from .compare import MISSING, MethodRecord, Table, fmt, miou_cell, percent, scored, summary_table
 from .panels import write_panels
 from .plots import plot_confusions, plot_sweeps
 
@@ -76,7 +76,7 @@ def confusion_of(report: dict) -> ConfusionMatrix:
 
 def pair_table(pairs: list[tuple[int, int, int]], reports: dict[str, dict | None],
                class_names: list[str]) -> Table:
-    present = {k: r for k, r in reports.items() if r is not None and r.get("confusion")}
+    present = {k: r for k, r in reports.items() if scored(r) is not None and r.get("confusion")}
     header = ["images with both"]
     for key in present:
         header += [f"{METRIC_FILES[key][1]}: a on b", f"{METRIC_FILES[key][1]}: b on a"]
@@ -96,12 +96,12 @@ def per_class_table(reports: dict[str, dict | None], class_names: list[str]) -> 
     keys = list(METRIC_FILES)
     header = [f"{METRIC_FILES[k][1]} IoU" for k in keys] + [f"{METRIC_FILES[k][1]} FP/TP" for k in keys]
     table = Table(header)
-    table.add("mIoU", "mIoU", [fmt(reports[k]["miou"]) if reports[k] else MISSING for k in keys] +
-              [fmt(reports[k].get("fp_tp_overall"), 3) if reports[k] else MISSING for k in keys])
+    table.add("mIoU", "mIoU", [miou_cell(reports[k]) for k in keys] +
+              [fmt(reports[k].get("fp_tp_overall"), 3) if scored(reports[k]) else MISSING for k in keys])
     for c in class_names:
         table.add("classes", c,
-                  [fmt(percent(reports[k]["iou"].get(c))) if reports[k] else MISSING for k in keys]
-                  + [fmt(reports[k]["fp_tp"].get(c), 3) if reports[k] else MISSING for k in keys])
+                  [fmt(percent(reports[k]["iou"].get(c))) if scored(reports[k]) else MISSING for k in keys]
+                  + [fmt(reports[k]["fp_tp"].get(c), 3) if scored(reports[k]) else MISSING for k in keys])
     return table
 
 

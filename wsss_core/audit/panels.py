@@ -134,8 +134,12 @@ class PanelBuilder:
         if image_id not in idx.data["images"]:
             raise DataError(f"{idx.source}: no image {image_id!r} in the dataset index")
         split = next((s for s in ("train", "val", "train_aug") if image_id in set(idx.ids(s))), "?")
-        gt = idx.mask(image_id)
-        data = PanelData(image_id, split, note, idx.image(image_id), [LabelView("ground truth", gt)])
+        # an image without a ground-truth mask is shown with its labels, without scores
+        gt = idx.mask(image_id) if idx.has_mask(image_id) else None
+        data = PanelData(image_id, split, note, idx.image(image_id),
+                         [] if gt is None else [LabelView("ground truth", gt)])
+        if gt is None:
+            data.missing.append("ground truth")
 
         def add_label(title: str, labels: np.ndarray | None) -> None:
             if labels is None:

@@ -28,7 +28,9 @@ def plot_sweeps(seed_report: dict | None, mask_sweep: dict | None, mask_report: 
 
     fig = Figure(figsize=(9, 3.4))
     left, right = fig.subplots(1, 2)
-    if seed_report and seed_report.get("curve"):
+    if seed_report and seed_report.get("no_ground_truth"):
+        left.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=left.transAxes)
+    elif seed_report and seed_report.get("curve"):
         x, y = _curve(seed_report["curve"])
         left.plot(x, y, marker=".", color="tab:blue")
         t = seed_report["threshold"]
@@ -38,7 +40,10 @@ def plot_sweeps(seed_report: dict | None, mask_sweep: dict | None, mask_report: 
     else:
         left.text(0.5, 0.5, "no seed_metrics.json", ha="center", va="center", transform=left.transAxes)
     left.set(title="seeds: background threshold", xlabel="threshold", ylabel="mIoU (%)")
-    if mask_sweep and mask_sweep.get("curve"):
+    if mask_sweep and mask_sweep.get("no_ground_truth"):
+        right.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=right.transAxes)
+        right.set(title="pseudo masks: threshold sweep")
+    elif mask_sweep and mask_sweep.get("curve"):
         x, y = _curve(mask_sweep["curve"])
         name = mask_sweep.get("parameter", "threshold")
         right.plot(x, y, marker=".", color="tab:green", label="sweep (no CRF)")
@@ -47,7 +52,7 @@ def plot_sweeps(seed_report: dict | None, mask_sweep: dict | None, mask_report: 
         if mask_sweep.get("configured") is not None:
             right.axvline(mask_sweep["configured"], color="grey", linestyle=":", linewidth=1,
                           label=f"configured {name}={mask_sweep['configured']:g}")
-        if mask_report is not None:
+        if mask_report is not None and mask_report.get("miou") is not None:
             right.axhline(mask_report["miou"], color="tab:purple", linewidth=1,
                           label=f"written masks: {mask_report['miou']:.2f}")
         right.legend(fontsize=7, loc="lower center")
@@ -73,7 +78,8 @@ def plot_confusions(reports: dict[str, dict | None], class_names: list[str], pat
     """Row-normalised confusion matrices (ground truth × prediction) side by side."""
     from matplotlib.figure import Figure
 
-    present = {k: r for k, r in reports.items() if r is not None and r.get("confusion")}
+    present = {k: r for k, r in reports.items()
+               if r is not None and r.get("confusion") and r.get("miou") is not None}
     c = len(class_names)
     ncols = min(max(len(present), 1), 2)
     nrows = -(-max(len(present), 1) // ncols)

@@ -23,7 +23,9 @@ from tqdm import tqdm
 from ..data.index import DatasetIndex
 from ..errors import ConfigError, DataError
 from ..map_store import MapReader
-from ..metrics import ConfusionMatrix, threshold_grid, write_metrics
+from ..metrics import (ConfusionMatrix, check_ground_truth, check_scorable, mask_dir_of,
+                       no_ground_truth_report,
+                       threshold_grid, write_metrics)
 from ..seeds import percentile_seed_labels_sweep, seed_labels_sweep
 from . import common
 
@@ -57,15 +59,25 @@ def eval_seeds(index: str | Path, seeds: str | Path, params: dict, out: str | Pa
                split: str = "train", cams: str | Path | None = None) -> dict:
     """Score seeds.h5 on `split` with both protocols and write seed_miou.txt (the arg-max of
     `params["background"]`) and seed_metrics.json beside it. `cams` (cams.h5) supplies the
-    class-agnostic map of the percentile protocol; without it only the constant sweep runs."""
+    class-agnostic map of the percentile protocol; without it only the constant sweep runs.
+
+    Only the images of `split` with a ground-truth mask are scored; when none has one, both
+    files say `no ground truth` (metrics.no_ground_truth_report). Raises DataError when a scored
+    image has no map, or when every ground-truth pixel of the split is 255 (ignore)."""
     background = params.get("background", "constant")
     if background not in PROTOCOLS:
         raise ConfigError(f"config key eval_seeds.background: {background!r} is not one of {PROTOCOLS}")
     idx = DatasetIndex.load(index)
+    ids = check_ground_truth(idx, split, f"the seeds {seeds}")
+    if not ids:
+        report = no_ground_truth_report(split, len(idx.ids(split)), protocol=background)
+        write_metrics(out, report)
+        log.warning("no ground truth: none of the %d images of %s has a mask; seeds not scored",
+                    report["split_images"], split)
+        return report
     thresholds = threshold_grid(params["thresholds"])
     cms = [ConfusionMatrix(idx.num_classes) for _ in thresholds]
     all_background = ConfusionMatrix(idx.num_classes)
-    ids = idx.ids(split)
     with MapReader(seeds) as reader, (MapReader(cams) if cams else nullcontext()) as maps:
         att_name = agnostic_map(maps, params)
         percentiles = threshold_grid(params["percentiles"]) if att_name else []
@@ -84,6 +96,7 @@ def eval_seeds(index: str | Path, seeds: str | Path, params: dict, out: str | Pa
                 for pred, cm in zip(percentile_seed_labels_sweep(seed, keys, att, percentiles), pcms):
                     cm.update(pred, gt)
             all_background.update(np.zeros_like(gt), gt)
+    check_scorable(all_background, split, mask_dir_of(idx), f"the seeds {seeds}")
     curve = {f"{t:g}": cm.miou() * 100 for t, cm in zip(thresholds, cms)}
     best_t = int(np.nanargmax([cm.miou() for cm in cms]))
     extra = {"protocol": background, "threshold": thresholds[best_t], "curve": curve,
@@ -97,7 +110,7 @@ def eval_seeds(index: str | Path, seeds: str | Path, params: dict, out: str | Pa
         if background == "percentile":
             best = pcms[best_p]
     report = best.report(idx.class_names, split=split, all_background_miou=all_background.miou() * 100,
-                         **extra)
+                         split_images=len(idx.ids(split)), **extra)
     write_metrics(out, report)
     log.info("seed mIoU %.2f (%s protocol); constant sweep %.2f at %g%s (all-background %.2f)",
              report["miou"], background, extra["best"]["constant"], thresholds[best_t],

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from ..data.index import DatasetIndex
 from ..errors import ConfigError, DataError
 from ..io import atomic_dir, save_label_png
-from ..metrics import ConfusionMatrix, write_metrics
+from ..metrics import (ConfusionMatrix, check_ground_truth, check_scorable, mask_dir_of,
+                       no_ground_truth_report, write_metrics)
 from ..checkpoint import load_method
 from ..models.segmentation import load_seg_model
 from ..ops.crf import crf_from_probs, die_with
@@ -106,6 +107,7 @@ def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path
                                                                                  **crf_kwargs)
     workers = max(1, int(threads or 1))
     ids = idx.ids(split)
+    check_ground_truth(idx, split, f"the predictions of {model}")  # before any prediction
     cm = ConfusionMatrix(idx.num_classes)
     t0 = time.perf_counter()
     pool = (ProcessPoolExecutor(max_workers=workers, initializer=die_with, initargs=(os.getpid(),),
@@ -119,7 +121,8 @@ def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path
             def finish(image_id: str, scores: Future | _Done) -> None:
                 label = np.argmax(scores.result(), axis=0).astype(np.uint8)
                 save_label_png(tmp / f"{image_id}.png", label)
-                cm.update(label, idx.mask(image_id))
+                if idx.has_mask(image_id):
+                    cm.update(label, idx.mask(image_id))
                 bar.update(1)
 
             for image_id in ids:
@@ -140,9 +143,17 @@ def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     seconds = time.perf_counter() - t0
-    report = cm.report(idx.class_names, split=split, scales=scales, flip=flip, crf=use_crf,
-                       crf_params=crf_kwargs if use_crf else None, model=meta["model"],
-                       encoder=meta["encoder"], seconds=round(seconds, 2))
+    settings = dict(split=split, split_images=len(ids), scales=scales, flip=flip, crf=use_crf,
+                    crf_params=crf_kwargs if use_crf else None, model=meta["model"],
+                    encoder=meta["encoder"], seconds=round(seconds, 2))
+    if not idx.mask_ids(split):  # predictions written, nothing to score them against
+        report = no_ground_truth_report(**settings)
+        write_metrics(out, report)
+        log.warning("no ground truth: none of the %d images of %s has a mask; %d predictions "
+                    "written, not scored", len(ids), split, len(ids))
+        return report
+    check_scorable(cm, split, mask_dir_of(idx), f"the predictions of {model}")
+    report = cm.report(idx.class_names, **settings)
     write_metrics(out, report)
     log.info("seg mIoU %.2f on %s (%d images, scales %s, flip %s, crf %s) in %.1f s",
              report["miou"], split, cm.images, scales, flip, use_crf, seconds)

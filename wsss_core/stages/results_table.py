@@ -8,8 +8,10 @@ import re
 from pathlib import Path
 
 from ..audit.artifacts import BENCHMARK_RULES, read_benchmark
+from ..audit.compare import NO_GT
 from ..errors import DataError
 from ..io import write_text
+from ..metrics import read_miou
 from . import common
 
 #: the timed stages of the table: the benchmarked rules but the mask sweep (a diagnostic)
@@ -22,12 +24,19 @@ def paper_voc() -> dict[str, dict]:
     return {m: method_class(m).published for m in list_methods() if method_class(m).published}
 
 
-def _miou(path: Path) -> float | None:
-    return float(path.read_text().strip()) if path.is_file() else None
+def _miou(path: Path) -> float | str | None:
+    """The mIoU of a `*_miou.txt`, NO_GT when it says `no ground truth`, None when absent."""
+    if not path.is_file():
+        return None
+    value = read_miou(path)
+    return NO_GT if value is None else value
 
 
-def _ir_miou(path: Path) -> float | None:
-    return json.loads(path.read_text())["miou"] if path.is_file() else None
+def _ir_miou(path: Path) -> float | str | None:
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    return NO_GT if report.get("no_ground_truth") else report["miou"]
 
 
 def _seconds(bench: Path) -> float | None:
@@ -55,7 +64,9 @@ def collect(results: Path, dataset: str, methods: list[str] | None) -> list[dict
     return rows
 
 
-def _fmt(v: float | None, digits: int = 2) -> str:
+def _fmt(v: float | str | None, digits: int = 2) -> str:
+    if isinstance(v, str):
+        return v
     return "–" if v is None else f"{v:.{digits}f}"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..audit.compare import MethodRecord, summary_table, timing_table
+from ..audit.compare import MethodRecord, summary_table, sweep_cell, timing_table
 from ..errors import DataError
 from ..io import read_json
 from . import common
@@ -21,8 +21,8 @@ def summary(run_dir: str | Path) -> str:
     text = f"{run_dir}\n\n" + summary_table(record, names).text()
     if record.sweep:
         s = record.sweep
-        text += (f"\nmask sweep ({s['rule']} rule, no CRF): best {s['parameter']}={s['best']:g} "
-                 f"mIoU {s['best_miou']:.2f}, configured {s['configured']:g}\n")
+        text += (f"\nmask sweep ({s['rule']} rule, no CRF): {sweep_cell(s)}, configured "
+                 f"{s['configured']:g}\n")
     timing = timing_table(record)
     if timing.rows:
         text += "\n" + timing.text("rule")

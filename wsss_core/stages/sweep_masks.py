@@ -10,10 +10,11 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.index import DatasetIndex
-from ..io import write_json
 from ..map_store import MapReader
 from ..masks import RULE_PARAMETER, pseudo_mask, rule_threshold
-from ..metrics import ConfusionMatrix, threshold_grid
+from ..metrics import (ConfusionMatrix, check_ground_truth, check_scorable, mask_dir_of,
+                       no_ground_truth_report,
+                       threshold_grid, write_metric_json)
 from . import common
 
 log = logging.getLogger("wsss")
@@ -21,20 +22,36 @@ log = logging.getLogger("wsss")
 
 def sweep_masks(index: str | Path, rw: str | Path, params: dict, out: str | Path,
                 split: str = "train") -> dict:
+    """Sweep the mask rule's threshold over `params["sweep"]` on the images of `split` with a
+    ground-truth mask and write `out` (mask_sweep.json: curve, arg-max, configured value).
+    Without any mask in the split the report says `no_ground_truth` (best and best_miou null).
+    Raises DataError when the split's ground truth is 255 everywhere."""
     idx = DatasetIndex.load(index)
     grid = threshold_grid(params["sweep"])
+    ids = check_ground_truth(idx, split, f"the masks of {rw}")
+    if not ids:
+        report = no_ground_truth_report(split, len(idx.ids(split)), rule=params["rule"],
+                                        parameter=RULE_PARAMETER[params["rule"]], best=None,
+                                        best_miou=None, configured=rule_threshold(params), crf=False,
+                                        curve={})
+        write_metric_json(out, report)
+        log.warning("no ground truth: none of the %d images of %s has a mask; sweep not scored",
+                    report["split_images"], split)
+        return report
     cms = [ConfusionMatrix(idx.num_classes) for _ in grid]
     with MapReader(rw) as reader:
-        for image_id in tqdm(idx.ids(split), desc="mask sweep", unit="img", mininterval=2.0):
+        for image_id in tqdm(ids, desc="mask sweep", unit="img", mininterval=2.0):
             rw_up, keys, gt = reader.get(image_id, "rw"), reader.keys(image_id), idx.mask(image_id)
             for t, cm in zip(grid, cms):
                 cm.update(pseudo_mask(None, rw_up, keys, params, threshold=t, crf=False), gt)
+    check_scorable(cms[0], split, mask_dir_of(idx), f"the masks of {rw}")
     curve = {f"{t:g}": cm.miou() * 100 for t, cm in zip(grid, cms)}
     best = int(np.nanargmax([cm.miou() for cm in cms]))
     report = {"rule": params["rule"], "parameter": RULE_PARAMETER[params["rule"]],
               "best": grid[best], "best_miou": cms[best].miou() * 100,
-              "configured": rule_threshold(params), "crf": False, "split": split, "curve": curve}
-    write_json(out, report)
+              "configured": rule_threshold(params), "crf": False, "split": split, "images": cms[best].images,
+              "split_images": len(idx.ids(split)), "curve": curve}
+    write_metric_json(out, report)
     log.info("best %s %g: mIoU %.2f without CRF (configured %g)", report["parameter"], grid[best],
              report["best_miou"], report["configured"])
     return report
