@@ -145,6 +145,58 @@ def epoch_loader(dataset: Dataset, cfg: FitConfig, epoch: int, drop_last: bool,
                       persistent_workers=False)
 
 
+def batch_used(n: int, batch_size: int) -> int:
+    """Images per step actually trained on: `batch_size`, or all `n` images in one step per
+    epoch when there are fewer of them (fit keeps the incomplete batch then)."""
+    return batch_size if n >= batch_size else n
+
+
+def batch_note(n: int, batch_size: int, world_size: int = 1) -> str:
+    """What a training log says of its batch: `batch 16`, or for 16 images and batch_size 64
+    `batch 16 (batch_size 64 exceeds the 16 images: one step of 16 per epoch)`; with several
+    processes each one's share too."""
+    used = batch_used(n, batch_size)
+    text = f"batch {used}"
+    if used != batch_size:
+        text += f" (batch_size {batch_size} exceeds the {n} images: one step of {used} per epoch)"
+    if world_size > 1:
+        text += f", {used // world_size} per process"
+    return text
+
+
+#: name of the checkpoint a diverged run leaves for inspection (beside checkpoint.pt; never resumed)
+DIVERGED_CHECKPOINT = "diverged_checkpoint.pt"
+
+
+def _diverged(cfg: FitConfig, value: float, epoch: int, epoch_step: int, step: int, max_step: int,
+              checkpoint: Path, info: DistInfo) -> ConfigError:
+    """The error of a non-finite loss. The last complete epoch's checkpoint is moved aside to
+    DIVERGED_CHECKPOINT (kept for inspection; a re-run never resumes a diverged run)."""
+    kept = checkpoint.with_name(DIVERGED_CHECKPOINT)
+    if info.is_main:
+        if checkpoint.is_file():
+            os.replace(checkpoint, kept)
+        else:
+            kept.unlink(missing_ok=True)  # an older run's: not this run's last finite epoch
+    if kept.is_file():
+        last = f"the checkpoint of the last finite epoch is kept at {kept} for inspection (never resumed)"
+    else:
+        last = "no epoch had finished, so no checkpoint is kept"
+    fp16 = " or train in bf16 / fp32 (precision)" if cfg.precision == "fp16" else ""
+    return ConfigError(
+        f"config key {cfg.stage}.lr: training diverged: the loss became {value} at epoch "
+        f"{epoch + 1}/{cfg.epochs}, step {epoch_step + 1} (step {step + 1} of {max_step}, "
+        f"precision {cfg.precision}); lower the learning rate{fp16}; {last}")
+
+
+def _finite_everywhere(total: torch.Tensor, info: DistInfo) -> bool:
+    """Whether the loss is finite on every process (all stop together, none waits forever)."""
+    ok = torch.isfinite(total.detach()).to(torch.float32).reshape(1)
+    if info.world_size > 1:
+        tdist.all_reduce(ok, op=tdist.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
 def _check_global_batch(cfg: FitConfig, n: int, world_size: int) -> None:
     if world_size == 1:
         return
@@ -189,7 +241,11 @@ def fit(
     train_mode: Callable[[], None] | None = None,
     fingerprint: str = "",
 ) -> None:
-    """Train for cfg.epochs; checkpoint after every epoch; write the CSV log."""
+    """Train for cfg.epochs; checkpoint after every epoch; write the CSV log.
+
+    Raises ConfigError (one line naming `<stage>.lr`) when the loss becomes NaN or infinite:
+    the checkpoint of the last complete epoch is moved to DIVERGED_CHECKPOINT beside
+    `checkpoint`, kept for inspection and never resumed."""
     info = dist_info()
     n = len(dataset)
     _check_global_batch(cfg, n, info.world_size)
@@ -213,7 +269,7 @@ def fit(
         if train_mode is not None:
             train_mode()
         sums: dict[str, float] = {}
-        count = 0
+        count = 0  # steps of this epoch
         t0 = time.perf_counter()
         bar = tqdm(loader, desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2.0,
                    disable=not info.is_main)
@@ -226,9 +282,9 @@ def fit(
             with autocast():
                 losses = step_fn(batch, ctx)
             total = losses["total"]
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"loss became {total.item()} at epoch {epoch} step {step}; "
-                                         f"lower the learning rate")
+            if not _finite_everywhere(total, info):
+                raise _diverged(cfg, float(total.detach()), epoch, count, step, max_step,
+                                checkpoint, info)
             if scaler is not None:
                 scaler.scale(total).backward()
                 for opt in optimizers:

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..data.datasets import ClassificationDataset
 from ..data.index import DatasetIndex
 from ..checkpoint import fingerprint, pretrained_blocks, save_model
-from ..engine import FitConfig, data_parallel, distributed, finish, fit, resume_key
+from ..engine import FitConfig, batch_note, data_parallel, distributed, finish, fit, resume_key
 from ..methods import create_method
 from . import common
 
@@ -37,9 +37,9 @@ def train_classifier(index: str | Path, method: dict, params: dict, out: str | P
         dataset = ClassificationDataset(idx, "train_aug", params["crop"], params["scale_range"],
                                         seed=params["seed"], extra=extra, extra_cache=cache,
                                         views=model.train_views())
-        log.info("%s on %s: %d images, %d epochs, batch %d, device %s, %d process(es)",
-                 method["plugin"], idx.name, len(dataset), params["epochs"], params["batch_size"],
-                 device, dist.world_size)
+        log.info("%s on %s: %d images, %d epochs, %s, device %s, %d process(es)",
+                 method["plugin"], idx.name, len(dataset), params["epochs"],
+                 batch_note(len(dataset), params["batch_size"], dist.world_size), device, dist.world_size)
         cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
                         poly_power=params["poly_power"], num_workers=params["num_workers"],
                         desc=f"train {method['plugin']}", stage="train_classifier",

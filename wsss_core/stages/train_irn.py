@@ -14,7 +14,7 @@ import torch
 from ..checkpoint import classifier_backbone_state, save_model
 from ..data.datasets import IRNDataset
 from ..data.index import DatasetIndex
-from ..engine import FitConfig, data_parallel, distributed, finish, fit, resume_key
+from ..engine import FitConfig, batch_note, data_parallel, distributed, finish, fit, resume_key
 from ..errors import ConfigError
 from ..methods.base import StepContext
 from ..models.irn import IRN, affinity_displacement_loss
@@ -63,8 +63,9 @@ def train_irn(index: str | Path, labels: str | Path, params: dict, out: str | Pa
                              seed=params["seed"])
         grid = (params["crop"] - 1) // 4 + 1
         path_index = PathIndex(params["radius"], (grid, grid))
-        log.info("IRN (%s) on %d images, crop %d, radius %d: %d directions x %d sources, "
-                 "%d process(es)", params["backbone"], len(dataset), params["crop"],
+        log.info("IRN (%s) on %d images, %s, crop %d, radius %d: %d directions x %d sources, "
+                 "%d process(es)", params["backbone"], len(dataset),
+                 batch_note(len(dataset), params["batch_size"], dist.world_size), params["crop"],
                  params["radius"], path_index.n_dirs, path_index.n_src, dist.world_size)
 
         def step(batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from ..checkpoint import classifier_backbone_state, save_model
 from ..config import resolve_seg_params
 from ..data.index import DatasetIndex
 from ..data.seg_dataset import SegmentationDataset
-from ..engine import FitConfig, data_parallel, distributed, finish, fit, resume_key
+from ..engine import FitConfig, batch_note, data_parallel, distributed, finish, fit, resume_key
 from ..errors import ConfigError, DataError
 from ..methods.base import StepContext
 from ..models.backbones import batchnorm_eval
@@ -94,9 +94,10 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
         optimizer = make_optimizer(param_groups(model, params["decoder_lr_mult"]), params["lr"],
                                    params["weight_decay"], params["momentum"], params["optimizer"])
         net = data_parallel(model, device)  # training forwards go through it
-        log.info("%s/%s on %s: %d images, %d epochs, batch %d, crop %d, device %s, "
+        log.info("%s/%s on %s: %d images, %d epochs, %s, crop %d, device %s, "
                  "%d process(es)", params["model"], params["encoder"], idx.name, len(dataset),
-                 params["epochs"], params["batch_size"], params["crop"], device, dist.world_size)
+                 params["epochs"], batch_note(len(dataset), params["batch_size"], dist.world_size),
+                 params["crop"], device, dist.world_size)
 
         def step(batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
             # dropout (DeepLabV3+ ASPP) and stochastic depth (MiT) draw from the global
