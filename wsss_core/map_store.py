@@ -144,15 +144,19 @@ class MapWriter:
         """Copy one image's group (maps, keys, size) from another store as stored: the same
         chunks, filters and bytes, nothing decoded."""
         assert self._file is not None, "use MapWriter as a context manager"
-        try:
+        with _reading(source.path, image_id):  # the source's own structure, before any write
             group = source._file[image_id]
+            names = list(group.keys())
+        try:
             source._file.copy(group, self._file, name=image_id)
             self._file.flush()
         except (OSError, RuntimeError) as e:
             if not source.path.is_file() or "read" in str(e).lower():
                 raise store_error(source.path, e, image_id) from None
             raise self._failed(e) from None
-        self._map_names.update(group.keys())
+        except Exception as e:  # noqa: BLE001 - a damaged source (KeyError, ValueError, ...)
+            raise store_error(source.path, e, image_id) from None
+        self._map_names.update(names)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self._file is not None and self._tmp is not None
@@ -199,19 +203,39 @@ def map_roles(attrs: Mapping[str, Any]) -> MapRoles:
     return MapRoles(walk=walk[:-3] if walk.endswith("_s4") else walk)
 
 
+@contextlib.contextmanager
+def _reading(path: Path, image_id: str | None = None) -> Iterator[None]:
+    """Every HDF5 read of a MapReader runs in here: damage anywhere in the file (a data chunk,
+    a B-tree or heap of the group structure, an object header, an attribute) surfaces from
+    h5py as OSError, RuntimeError, KeyError, ValueError, ... depending on what was hit; each
+    becomes `store_error`'s one line naming the file (and the image)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - h5py raises many kinds for a damaged file
+        raise store_error(path, e, image_id) from None
+
+
 class MapReader:
-    """Random access to a map store: `reader.keys(id)`, `reader.get(id, name)`."""
+    """Random access to a map store: `reader.keys(id)`, `reader.get(id, name)`.
+
+    Every read raises DataError (one line naming the file and, where known, the image) for a
+    missing, locked, incomplete or damaged store, whatever part of the file is damaged."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._file = None
         try:
             # no lock: a store is never changed once renamed into place, and a reader must not
             # fail because a viewer or another job holds the file open
             self._file = h5py.File(self.path, "r", locking=False)
             complete = self._file.attrs.get("complete", False)
-        except (OSError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - see _reading
+            self.close()
             raise store_error(self.path, e) from None
         if not complete:
+            self.close()
             raise DataError(f"{self.path}: incomplete map store; delete it and {_rerun(self.path)}")
 
     def __enter__(self) -> "MapReader":
@@ -221,12 +245,21 @@ class MapReader:
         self.close()
 
     def close(self) -> None:
-        self._file.close()
+        """Close the file; a damaged file's close errors are dropped (the read that met the
+        damage has raised already, and nothing was written)."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:  # noqa: BLE001
+                pass
 
     @property
     def attrs(self) -> dict:
+        """File attributes, JSON text decoded."""
         out = {}
-        for k, v in self._file.attrs.items():
+        with _reading(self.path):
+            items = list(self._file.attrs.items())
+        for k, v in items:
             if isinstance(v, str):
                 try:
                     v = json.loads(v)
@@ -239,51 +272,55 @@ class MapReader:
     def stored_attrs(self) -> dict:
         """File attributes as written (JSON text left undecoded), numbers as Python numbers:
         what a MapWriter needs to write the same attributes again."""
-        return {k: v.item() if isinstance(v, np.generic) else v for k, v in self._file.attrs.items()}
+        with _reading(self.path):
+            return {k: v.item() if isinstance(v, np.generic) else v for k, v in self._file.attrs.items()}
 
     @property
     def map_names(self) -> list[str]:
         return list(self.attrs.get("maps", []))
 
     def ids(self) -> list[str]:
-        return list(self._file.keys())
+        """The image ids in file order."""
+        with _reading(self.path):
+            return list(self._file.keys())
 
     def agnostic_map_names(self) -> list[str]:
         """Names of the class-agnostic maps (stored as (H, W), not (K, H, W)), read from the
         first image; [] for an empty store."""
-        first = next(iter(self._file.keys()), None)
-        if first is None:
-            return []
-        group = self._file[first]
-        return sorted(n for n in self.map_names if n in group and group[n].ndim == 2)
+        names = self.map_names
+        with _reading(self.path):
+            first = next(iter(self._file.keys()), None)
+            if first is None:
+                return []
+            group = self._file[first]
+            return sorted(n for n in names if n in group and group[n].ndim == 2)
 
     def __contains__(self, image_id: str) -> bool:
-        return image_id in self._file
+        with _reading(self.path, image_id):
+            return image_id in self._file
 
     def has(self, image_id: str, name: str) -> bool:
         """Whether `image_id` holds map `name` (`map_names` is the union over images: an image
         without a foreground class has no boundary map in rw.h5, for example)."""
-        return image_id in self._file and name in self._file[image_id]
+        with _reading(self.path, image_id):
+            return image_id in self._file and name in self._file[image_id]
 
     def keys(self, image_id: str) -> np.ndarray:
-        try:
+        """int64 [K]: the segmentation ids of the image's K class maps."""
+        with _reading(self.path, image_id):
             return np.asarray(self._file[image_id].attrs["keys"], dtype=np.int64)
-        except (OSError, RuntimeError) as e:
-            raise store_error(self.path, e, image_id) from None
 
     def size(self, image_id: str) -> tuple[int, int]:
-        try:
+        """(H, W) of the image."""
+        with _reading(self.path, image_id):
             h, w = self._file[image_id].attrs["size"]
-        except (OSError, RuntimeError) as e:
-            raise store_error(self.path, e, image_id) from None
-        return int(h), int(w)
+            return int(h), int(w)
 
     def get(self, image_id: str, name: str, dtype=np.float32) -> np.ndarray:
-        """One map of one image, decoded; damaged chunks raise a DataError naming the image."""
-        try:
+        """One map of one image, decoded ((K, H, W) or (H, W), `dtype`); any damage raises a
+        DataError naming the image."""
+        with _reading(self.path, image_id):
             return np.asarray(self._file[image_id][name], dtype=dtype)
-        except (OSError, RuntimeError) as e:
-            raise store_error(self.path, e, image_id) from None
 
     def items(self, name: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """(id, keys, map) for every image, one at a time."""
