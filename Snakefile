@@ -38,6 +38,7 @@ include: "rules/cams.smk"
 include: "rules/refine.smk"
 include: "rules/seg.smk"
 include: "rules/audit.smk"
+include: "rules/predict.smk"
 
 
 rule all:

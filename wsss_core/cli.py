@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep-masks": ("wsss_core.stages.sweep_masks", "mask threshold (alpha / bg) sweep without CRF"),
     "train-seg": ("wsss_core.stages.train_seg", "train the segmentation network on pseudo masks"),
     "eval-seg": ("wsss_core.stages.eval_seg", "multi-scale segmentation evaluation on val"),
+    "predict": ("wsss_core.stages.predict", "segment new images (file, folder or list) with a trained model"),
+    "export-model": ("wsss_core.stages.export_model", "export a segmentation model.pt to TorchScript + ONNX"),
     "results-table": ("wsss_core.stages.results_table", "collect metric files into a table"),
     "audit": ("wsss_core.stages.audit", "audit page of a results folder, or one image's panel"),
     "summary": ("wsss_core.stages.summary", "print the metric table of a results folder"),

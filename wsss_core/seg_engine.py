@@ -4,11 +4,17 @@ loop, schedule and optimiser are the shared ones: engine.fit, optim).
 Training: random scale (0.5-2.0), horizontal flip, padded random crop, cross-entropy with the
 ignore label 255.
 Inference: multi-scale (+ flip) softmax averaging at the image's own size, then an optional
-dense-CRF callable.
+dense-CRF callable (`predict_multiscale`); over many images, with the CRF in a process pool
+while the network goes on (`segment_images`, the one loop of eval_seg and predict).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Callable, Hashable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -17,12 +23,16 @@ from torch import nn
 
 from .data.palette import IGNORE
 from .data.transforms import normalize, random_crop, random_hflip, random_rescale, to_chw
+from .ops.crf import crf_from_probs, die_with
 
 #: smp encoders need input sides divisible by their total stride (32 for both presets)
 SIZE_DIVISOR = 32
 
 #: crf(image_uint8 [H,W,3], probs [C,H,W]) -> refined probs [C,H,W]
 CRFFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: CRF jobs in flight per worker: enough to keep every worker busy, few enough to bound memory
+IN_FLIGHT_PER_WORKER = 2
+K = TypeVar("K", bound=Hashable)
 
 
 class SegTrainAugment:
@@ -100,3 +110,60 @@ def predict_multiscale(model: nn.Module, image_uint8: np.ndarray, scales: Sequen
     if crf is not None:
         result = np.asarray(crf(image_uint8, result), dtype=np.float32)
     return result
+
+
+class _Done:
+    """The `result()` interface of a Future for a value computed in this process."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        self._value = value
+
+    def result(self) -> np.ndarray:
+        return self._value
+
+
+def segment_images(model: nn.Module, images: Iterable[tuple[K, np.ndarray]],
+                   scales: Sequence[float], flip: bool, device: torch.device | str,
+                   crf_params: Mapping[str, float] | None = None,
+                   workers: int = 1) -> Iterator[tuple[K, np.ndarray, np.ndarray]]:
+    """Segment a stream of images: yield (key, image, label) per `(key, image)` of `images`,
+    in input order; image uint8 [H,W,3] as given, label uint8 [H,W] = argmax over classes of
+    `predict_multiscale(model, image, scales, flip, device)`, refined first by the dense CRF
+    (`ops.crf.crf_from_probs(**crf_params)`) when `crf_params` is given.
+
+    The network runs in this process; the CRF, CPU-bound per image, runs in a pool of
+    `workers` processes (forkserver, importing only `ops.crf`) while the network goes on with
+    the next images, at most IN_FLIGHT_PER_WORKER x workers images in flight, so memory stays
+    bounded; with one worker the CRF runs in this process. Close the generator (or exhaust it)
+    to stop the pool: `with contextlib.closing(segment_images(...)) as results: ...`.
+    Errors raised by `images` (an unreadable file) pass through unchanged."""
+    scales = [float(s) for s in scales]
+    workers = max(1, int(workers or 1))
+    # a module-level function with plain kwargs: picklable, and unpickling imports only ops.crf
+    crf_fn: CRFFn | None = (functools.partial(crf_from_probs, **crf_params)
+                            if crf_params is not None else None)
+    pool = (ProcessPoolExecutor(max_workers=workers, initializer=die_with, initargs=(os.getpid(),),
+                                mp_context=multiprocessing.get_context("forkserver"))
+            if crf_fn is not None and workers > 1 else None)
+    pending: deque[tuple[K, np.ndarray, Future | _Done]] = deque()
+
+    def finish(key: K, image: np.ndarray, scores: Future | _Done):
+        return key, image, np.argmax(scores.result(), axis=0).astype(np.uint8)
+
+    try:
+        for key, image in images:
+            probs = predict_multiscale(model, image, scales, flip, device)
+            if crf_fn is None:
+                yield finish(key, image, _Done(probs))
+            elif pool is None:
+                # pydensecrf needs a writable buffer; a decoded image may be read-only
+                yield finish(key, image, _Done(crf_fn(np.array(image), probs)))
+            else:
+                pending.append((key, image, pool.submit(crf_fn, image, probs)))
+                while len(pending) > workers * IN_FLIGHT_PER_WORKER:
+                    yield finish(*pending.popleft())
+        while pending:
+            yield finish(*pending.popleft())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)

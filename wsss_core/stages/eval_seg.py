@@ -13,17 +13,11 @@ pool starts quickly; with one thread the CRF runs in this process.
 """
 from __future__ import annotations
 
-import functools
 import logging
-import multiprocessing
-import os
 import time
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import closing
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 from tqdm import tqdm
 
 from ..data.index import DatasetIndex
@@ -33,8 +27,7 @@ from ..metrics import (ConfusionMatrix, check_ground_truth, check_scorable, mask
                        no_ground_truth_report, write_metrics)
 from ..checkpoint import load_method
 from ..models.segmentation import load_seg_model
-from ..ops.crf import crf_from_probs, die_with
-from ..seg_engine import predict_multiscale
+from ..seg_engine import segment_images
 from . import common
 
 log = logging.getLogger("wsss")
@@ -42,18 +35,6 @@ log = logging.getLogger("wsss")
 #: eval_seg keys every parameter block must hold
 EVAL_KEYS = ("scales", "flip", "crf", "crf_params")
 CRF_KEYS = ("gauss_sxy", "gauss_compat", "bi_sxy", "bi_srgb", "bi_compat", "iterations")
-#: CRF jobs in flight per worker: enough to keep every worker busy, few enough to bound memory
-_IN_FLIGHT_PER_WORKER = 2
-
-
-class _Done:
-    """The `result()` interface of a Future for a value computed in this process."""
-
-    def __init__(self, value: np.ndarray) -> None:
-        self._value = value
-
-    def result(self) -> np.ndarray:
-        return self._value
 
 
 class MethodSegmenter:
@@ -102,46 +83,21 @@ def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path
     scales = [float(s) for s in params["scales"]]
     flip, use_crf = bool(params["flip"]), bool(params["crf"])
     crf_kwargs = {k: params["crf_params"][k] for k in CRF_KEYS}
-    # a module-level function with plain kwargs: picklable, and unpickling imports only ops.crf
-    crf_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] = functools.partial(crf_from_probs,
-                                                                                 **crf_kwargs)
     workers = max(1, int(threads or 1))
     ids = idx.ids(split)
     check_ground_truth(idx, split, f"the predictions of {model}")  # before any prediction
     cm = ConfusionMatrix(idx.num_classes)
     t0 = time.perf_counter()
-    pool = (ProcessPoolExecutor(max_workers=workers, initializer=die_with, initargs=(os.getpid(),),
-                                mp_context=multiprocessing.get_context("forkserver"))
-            if use_crf and workers > 1 else None)
-    pending: deque[tuple[str, Future | _Done]] = deque()
-    try:
-        with atomic_dir(pred_dir) as tmp, tqdm(total=len(ids), desc="eval seg", unit="img",
-                                               mininterval=2.0) as bar:
-
-            def finish(image_id: str, scores: Future | _Done) -> None:
-                label = np.argmax(scores.result(), axis=0).astype(np.uint8)
-                save_label_png(tmp / f"{image_id}.png", label)
-                if idx.has_mask(image_id):
-                    cm.update(label, idx.mask(image_id))
-                bar.update(1)
-
-            for image_id in ids:
-                image = idx.image(image_id)
-                probs = predict_multiscale(net, image, scales, flip, device)
-                if not use_crf:
-                    finish(image_id, _Done(probs))
-                elif pool is None:
-                    # pydensecrf needs a writable buffer; a decoded image may be read-only
-                    finish(image_id, _Done(crf_fn(np.array(image), probs)))
-                else:
-                    pending.append((image_id, pool.submit(crf_fn, image, probs)))
-                    while len(pending) > workers * _IN_FLIGHT_PER_WORKER:
-                        finish(*pending.popleft())
-            while pending:
-                finish(*pending.popleft())
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    # the one inference loop (network here, CRF in a process pool), shared with `wsss predict`
+    images = ((image_id, idx.image(image_id)) for image_id in ids)
+    with atomic_dir(pred_dir) as tmp, tqdm(total=len(ids), desc="eval seg", unit="img",
+                                           mininterval=2.0) as bar, closing(segment_images(
+            net, images, scales, flip, device, crf_kwargs if use_crf else None, workers)) as results:
+        for image_id, _, label in results:
+            save_label_png(tmp / f"{image_id}.png", label)
+            if idx.has_mask(image_id):
+                cm.update(label, idx.mask(image_id))
+            bar.update(1)
     seconds = time.perf_counter() - t0
     settings = dict(split=split, split_images=len(ids), scales=scales, flip=flip, crf=use_crf,
                     crf_params=crf_kwargs if use_crf else None, model=meta["model"],
