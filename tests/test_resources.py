@@ -57,13 +57,14 @@ def test_profiles(repo_root):
 
 
 def test_training_processes_run_torchrun_with_a_gpu_per_process(repo_root, tmp_path, cli_env):
-    """processes: 3 on train_irn → torchrun with 3 processes asking for gpus x 3 GPUs; the
-    other training rules keep one process and plain `wsss`."""
+    """processes: 4 on train_irn → torchrun with 4 processes asking for gpus x 4 GPUs; the
+    other training rules keep one process and plain `wsss`. (4: the toy batch of 16 must
+    split over them, or the config check refuses it.)"""
     shell: list[str] = []
     found = _dry_run_resources(repo_root, tmp_path, cli_env, shell=shell, rules={
-        "train_irn": {"mem_mb": 32000, "runtime": 360, "gpu": True, "processes": 3}})
-    assert "gpu=6" in found["train_irn"] and "gpu=2" in found["train_classifier"]
+        "train_irn": {"mem_mb": 32000, "runtime": 360, "gpu": True, "processes": 4}})
+    assert "gpu=8" in found["train_irn"] and "gpu=2" in found["train_classifier"]
     by_stage = {re.search(r"wsss ([\w-]+)", line).group(1): line for line in shell}
-    assert "torchrun --standalone --nproc_per_node 3 --no-python -- wsss train-irn " in by_stage["train-irn"]
+    assert "torchrun --standalone --nproc_per_node 4 --no-python -- wsss train-irn " in by_stage["train-irn"]
     for stage in ("train-classifier", "train-seg", "export-cams"):
         assert "torchrun" not in by_stage[stage] and f"wsss {stage} " in by_stage[stage]

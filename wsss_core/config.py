@@ -127,9 +127,77 @@ def validate_config(cfg: dict, plugins: bool = True, cache: str | Path | None = 
         for m in cfg["methods"]:
             for stage in STAGES:
                 stage_params(cfg, d, m, stage)
+    check_training_batches(cfg)
     if plugins:
         check_plugin_blocks(cfg, cache)
     return cfg
+
+
+#: training stages (a `processes` count of their own) and whether a per-process batch of one
+#: image fails there: DeepLabV3+'s ASPP pooling branch normalises a [B, C, 1, 1] tensor, so
+#: training batch norm needs 2 images per process (SegFormer shares the rule and its settings)
+TRAINING_STAGES = {"train_classifier": False, "train_irn": False, "train_seg": True}
+
+
+def rule_processes(cfg: dict, rule: str) -> int:
+    """Training processes of `rule`: resources.rules.<rule>.processes over resources.default
+    (as rules/common.smk reads them), 1 when unset."""
+    res = cfg.get("resources") or {}
+    spec = dict(res.get("default") or {}, **((res.get("rules") or {}).get(rule) or {}))
+    return int(spec.get("processes", 1))
+
+
+def train_aug_images(ds: dict) -> int | None:
+    """The train_aug image count where the config alone tells it (toy data), else None: a
+    VOC/COCO list is counted by the dataset index, and the training job checks it then."""
+    return int(ds.get("num_train_aug", 320)) if ds.get("kind") == "toy" else None
+
+
+def check_training_batches(cfg: dict) -> None:
+    """Batch settings that could only fail inside a training job, refused before any job runs:
+    a batch that does not split over the stage's processes; with several processes a batch
+    larger than train_aug (every process needs full batches: the last one is dropped); and
+    for train_seg a per-process batch of one image while batch norm trains (frozen_bn keeps
+    only the encoder's in eval mode; the decoder's always trains), counting the images there
+    are when that is known (toy data: a batch larger than train_aug is one step of all of them);
+    more export_cams shards than toy train_aug images (for VOC / COCO only the dataset index
+    knows the count, which Snakemake start does not read: not checked there).
+
+    Raises: ConfigError naming the key (and resources.rules.<stage>.processes)."""
+    shards = int(((cfg.get("resources") or {}).get("rules") or {}).get("export_cams", {}).get("shards", 1))
+    for name, ds in cfg["datasets"].items():
+        n = train_aug_images(ds)
+        if n is not None and shards > n:
+            raise ConfigError(f"config key resources.rules.export_cams.shards: {shards} jobs for the {n} "
+                              f"train_aug images of dataset {name} (datasets.{name}.num_train_aug) leave "
+                              f"some without an image; use at most {n}")
+        for method in cfg["methods"]:
+            for stage, needs_two in TRAINING_STAGES.items():
+                procs = rule_processes(cfg, stage)
+                block = stage_params(cfg, name, method, stage)
+                models = sorted(block["encoders"]) if stage == "train_seg" and "encoders" in block else [None]
+                for model in models:
+                    params = resolve_seg_params(block, model) if model else block
+                    _check_batch(params["batch_size"], procs, n, needs_two,
+                                 f"{stage}.batch_size (dataset {name}, method {method}"
+                                 f"{f', model {model}' if model else ''})", stage)
+
+
+def _check_batch(batch: int, procs: int, n: int | None, needs_two: bool, key: str, stage: str) -> None:
+    where = f"resources.rules.{stage}.processes"
+    if batch % procs:
+        raise ConfigError(f"config key {key}: {batch} does not split over the {procs} processes of "
+                          f"{where}; set it to a multiple of {procs} or change {where}")
+    if procs > 1 and n is not None and n < batch:
+        raise ConfigError(f"config key {key}: {batch} exceeds the {n} train_aug images, and the "
+                          f"{procs} processes of {where} need full batches; lower it or run one process")
+    used = batch if n is None else min(batch, n)
+    if needs_two and used // procs < 2:
+        why = (f"{batch} over the {procs} processes of {where}" if procs > 1
+               else f"the {n} train_aug images" if n is not None and n < batch else f"{batch}")
+        raise ConfigError(f"config key {key}: {why} leaves {used // procs} image per process, and "
+                          f"batch norm cannot train on one image (DeepLabV3+'s pooling branch); "
+                          f"use at least {2 * procs} or fewer processes")
 
 
 def check_or_exit(check: Callable[[], Any]) -> Any:
