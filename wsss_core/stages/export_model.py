@@ -4,7 +4,7 @@ Writes, into a temporary folder renamed into place when complete:
   DIR/model.torchscript.pt  TorchScript (traced; `torch.jit.load`), model.json also stored in it
                             as the extra file `model.json`
   DIR/model.onnx            ONNX (classic TorchScript-based exporter, opset 17), the same
-                            metadata as `metadata_props` (each value JSON text)
+                            metadata as `metadata_props` (lists and maps as JSON text)
   DIR/model.json            the metadata: class names, input normalisation, size constraints
 
 Both take `image` float32 [N, 3, H, W]: RGB scaled to 0..1, minus `mean`, divided by `std`
