@@ -96,6 +96,15 @@ def test_write_metrics_refuses_nan_and_writes_no_ground_truth(tmp_path):
         read_miou(tmp_path / "x_miou.txt")
 
 
+def test_metric_json_writers_write_null_for_nan(tmp_path):
+    """Every other metric JSON (mask_sweep.json, ir_label_metrics.json, ir_labels' thresholds.json)
+    goes through write_metric_json: strict JSON, NaN and inf as null."""
+    from wsss_core.metrics import write_metric_json
+    write_metric_json(tmp_path / "t.json", {"a": {"fg": float("nan")}, "b": [float("inf"), 1.5]})
+    text = (tmp_path / "t.json").read_text()
+    assert json.loads(text) == {"a": {"fg": None}, "b": [None, 1.5]} and "NaN" not in text
+
+
 def test_report_lists_absent_classes_and_refuses_an_unscorable_matrix():
     cm = ConfusionMatrix(4)
     cm.update(np.array([[0, 1], [3, 1]]), np.array([[0, 1], [1, 1]]))

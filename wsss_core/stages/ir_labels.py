@@ -17,8 +17,9 @@ import numpy as np
 
 from ..data.index import DatasetIndex
 from ..errors import ConfigError
-from ..io import atomic_dir, save_label_png, write_json
+from ..io import atomic_dir, save_label_png
 from ..map_store import MapReader, map_roles
+from ..metrics import write_metric_json
 from ..ops.crf import CRFParams, map_pool, pool_chunks
 from ..ops.refine import attention_thresholds, ir_label
 from . import common
@@ -77,8 +78,9 @@ def ir_labels(index: str | Path, seeds: str | Path, cams: str | Path, params: di
                 for c in pool_chunks(ids, threads)]
         scores = {i: (fg, bg) for chunk in map_pool(_chunk, jobs, threads) for i, fg, bg in chunk}
         done = [(i, *scores[i]) for i in ids]
-        # the per-image background scores, for auditing the per-image thresholds
-        write_json(Path(tmp) / "thresholds.json", {i: {"fg": fg, "bg": bg} for i, fg, bg in done})
+        # the per-image background scores, for auditing the per-image thresholds (null, never
+        # NaN, for a score an attention map without finite values gives)
+        write_metric_json(Path(tmp) / "thresholds.json", {i: {"fg": fg, "bg": bg} for i, fg, bg in done})
     fgs = np.array([fg for _, fg, _ in done])
     log.info("%d IR labels (%s thresholds; mean fg %.3f)", len(done), params["thresholds"],
              fgs.mean() if len(fgs) else 0)
