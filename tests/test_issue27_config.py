@@ -63,3 +63,18 @@ def test_export_shards_above_the_image_count_are_refused(cfg):
 
 def test_the_shipped_config_passes(cfg):
     wc.validate_config(wc.apply_defaults(cfg), plugins=False)
+
+
+def test_percentile_background_of_a_method_without_an_agnostic_map_is_refused(cfg):
+    """cam exports no class-agnostic map: eval_seeds / ir_labels would fail after training."""
+    cfg["methods"]["cam"].setdefault("presets", {}).setdefault("tiny", {})["eval_seeds"] = {
+        "background": "percentile"}
+    _rejected(cfg, "config key eval_seeds.background", "method cam", "no class-agnostic map", "constant")
+    cfg["methods"]["cam"]["presets"]["tiny"]["eval_seeds"] = {}
+    cfg["methods"]["cam"]["presets"]["tiny"]["ir_labels"] = {"thresholds": "percentile"}
+    _rejected(cfg, "config key ir_labels.thresholds", "method cam", "fixed")
+
+
+def test_seed_recipe_naming_a_map_the_method_lacks_is_refused(cfg):
+    cfg["methods"]["cam"].setdefault("presets", {}).setdefault("tiny", {})["fuse_seeds"] = {"recipe": "vit"}
+    _rejected(cfg, "config key fuse_seeds.recipe", "method cam", "'vit'", "['cam']")

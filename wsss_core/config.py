@@ -128,6 +128,7 @@ def validate_config(cfg: dict, plugins: bool = True, cache: str | Path | None = 
             for stage in STAGES:
                 stage_params(cfg, d, m, stage)
     check_training_batches(cfg)
+    check_map_settings(cfg)
     if plugins:
         check_plugin_blocks(cfg, cache)
     return cfg
@@ -137,6 +138,39 @@ def validate_config(cfg: dict, plugins: bool = True, cache: str | Path | None = 
 #: image fails there: DeepLabV3+'s ASPP pooling branch normalises a [B, C, 1, 1] tensor, so
 #: training batch norm needs 2 images per process (SegFormer shares the rule and its settings)
 TRAINING_STAGES = {"train_classifier": False, "train_irn": False, "train_seg": True}
+
+
+def check_map_settings(cfg: dict) -> None:
+    """Settings that ask cams.h5 for a map the method's plug-in never exports, which only the
+    eval_seeds / ir_labels / fuse_seeds job would find (after training and export): a
+    `percentile` background without a class-agnostic map, a seed recipe naming a map that is
+    not one of the plug-in's class maps. Read from the plug-in descriptions (no import of
+    torch when they are kept).
+
+    Raises: ConfigError naming the key, the method and the maps there are."""
+    from .methods import describe_methods
+    from .seeds import RECIPES
+
+    modules = tuple(e.get("module") for e in cfg["methods"].values()
+                    if isinstance(e, dict) and isinstance(e.get("module"), str))
+    described = describe_methods(modules)
+    for d in cfg["datasets"]:
+        for m, entry in cfg["methods"].items():
+            info = described.get(entry["plugin"], {})
+            if "agnostic_maps" not in info:
+                continue
+            where = f"(dataset {d}, method {m}: the {entry['plugin']} plug-in"
+            if not info["agnostic_maps"]:
+                for stage, key in (("eval_seeds", "background"), ("ir_labels", "thresholds")):
+                    if stage_params(cfg, d, m, stage).get(key) == "percentile":
+                        fix = "constant" if stage == "eval_seeds" else "fixed"
+                        raise ConfigError(f"config key {stage}.{key} {where} exports no class-agnostic "
+                                          f"map): 'percentile' needs one; use {fix}")
+            recipe = stage_params(cfg, d, m, "fuse_seeds").get("recipe")
+            if recipe is not None and recipe not in RECIPES and recipe not in info["class_maps"]:
+                raise ConfigError(f"config key fuse_seeds.recipe {where} exports the class maps "
+                                  f"{info['class_maps']}): {recipe!r} is neither one of them nor one "
+                                  f"of {sorted(RECIPES)}")
 
 
 def rule_processes(cfg: dict, rule: str) -> int:

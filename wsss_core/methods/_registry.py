@@ -97,7 +97,8 @@ def describe_methods(modules: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]
     """What config checking and the workflow need of every registered plug-in (the built-in
     ones, and those of `modules`, plug-ins kept outside the package), without building one:
     name → {"blocks": {block name: JSON-schema fragment of its settings dataclass},
-    "single_stage": bool}, blocks in declaration order.
+    "single_stage": bool, "class_maps": [names], "agnostic_maps": [names]}, blocks and maps
+    in declaration order.
 
     Read from the folder given to `keep_descriptions` when a description of the same code is
     there (a SHA-256 over the sources of this package and every wsss_core module it imports);
@@ -126,7 +127,10 @@ def describe_methods(modules: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]
         import_plugin(module)
     described = {name: {"blocks": {block: settings_schema(c)
                                    for block, c in cls.settings_blocks.items()},
-                        "single_stage": bool(cls.single_stage)}
+                        "single_stage": bool(cls.single_stage),
+                        # what eval_seeds / ir_labels / fuse_seeds settings may ask of cams.h5
+                        "class_maps": [m.name for m in cls.maps if m.kind == "class"],
+                        "agnostic_maps": [m.name for m in cls.maps if m.kind == "agnostic"]}
                  for name, cls in sorted(_REGISTRY.items())}
     if stored is not None:
         from ..io import write_json
