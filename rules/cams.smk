@@ -11,7 +11,7 @@ rule train_classifier:
     conda:
         CONDA_ENV
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("train"),
     output:
         model=out("classifier/model.pt"),
         log_csv=out("classifier/train_log.csv"),
@@ -35,7 +35,7 @@ rule export_cams:
     conda:
         CONDA_ENV
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("train"),
         model=out("classifier/model.pt"),
     output:
         out("cams.h5") if CAM_SHARDS == 1 else temp(out(CAM_SHARD_FILE)),
@@ -63,7 +63,7 @@ if CAM_SHARDS > 1:
         conda:
             CONDA_ENV
         input:
-            index=f"{RESULTS}/{{dataset}}/index.json",
+            index=index_part("train"),
             shards=[out(CAM_SHARD_FILE.format(shard=i)) for i in range(1, CAM_SHARDS + 1)],
         output:
             out("cams.h5"),
@@ -103,7 +103,7 @@ rule eval_seeds:
     conda:
         CONDA_ENV
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("train"),
         seeds=out("seeds.h5"),
         cams=out("cams.h5"),  # the class-agnostic map of the per-image percentile protocol
     output:

@@ -112,22 +112,60 @@ def _dataset_root(name):
     return str(root)
 
 
+#: the dataset index parts (data.index.PARTS): training reads `train`, val evaluation `val`
+INDEX_PARTS = ("train", "val")
+
+
+def index_part(part):
+    """results/{dataset}/index/<part>.json (`part` may itself be the `{part}` wildcard)."""
+    return f"{RESULTS}/{{dataset}}/index/{part}.json"
+
+
+def _part_splits(part):
+    from wsss_core.data.index import PARTS
+    return PARTS[part]
+
+
 def dataset_inputs(wildcards):
-    """The generated toy data is an input of the index; for real datasets the list files are,
-    so adding or removing ids re-runs the index and everything that reads it."""
+    """The generated toy data is an input of the index; for real datasets the list files of the
+    part's splits and the label table are (the images and masks are tracked by `dataset_files`).
+    At every start the lists are checked for val ids shared with the training lists."""
     ds = dataset_config(config, wildcards.dataset)
     if ds["kind"] == "toy":
         return [f"{RESULTS}/{wildcards.dataset}/data"]
-    from wsss_core.data.voc import list_file
+    from wsss_core.data.index import check_dataset_lists
     root = dataset_root(wildcards)
-    return [str(list_file(root, ds["lists"].get(s, s))) for s in ("train_aug", "train", "val")]
+    return check_or_exit(lambda: check_dataset_lists(root, ds.get("lists", {}), ds.get("labels"),
+                                                     _part_splits(wildcards.part),
+                                                     bool(ds.get("allow_split_overlap", False))))
 
 
-def dataset_lists(wildcards):
+def dataset_files(wildcards):
+    """Digest of the size and modification time of every file an index part reads (a rule
+    param: a changed image, mask, list or label file re-runs the part). Toy data is generated,
+    its folder is the input."""
+    ds = dataset_config(config, wildcards.dataset)
+    if ds["kind"] == "toy":
+        return ""
+    from wsss_core.data.index import files_fingerprint
+    root = dataset_root(wildcards)
+    return check_or_exit(lambda: files_fingerprint(root, ds.get("lists", {}),
+                                                   _part_splits(wildcards.part), ds.get("labels")))
+
+
+def dataset_options(wildcards):
+    """The dataset entry as `wsss dataset-index` options: lists, classes, label table, overlap."""
     ds = dataset_config(config, wildcards.dataset)
     lists = ds.get("lists", {})
-    return " ".join(f"--{s.replace('_', '-')}-list {shlex.quote(lists.get(s, s))}"
-                    for s in ("train_aug", "train", "val"))
+    opts = [f"--{s.replace('_', '-')}-list {shlex.quote(lists.get(s, s))}"
+            for s in ("train_aug", "train", "val")]
+    if "num_classes" in ds:
+        opts.append(f"--num-classes {ds['num_classes']}")
+    if ds.get("labels"):
+        opts.append(f"--labels {shlex.quote(ds['labels'])}")
+    if ds.get("allow_split_overlap"):
+        opts.append("--allow-split-overlap")
+    return " ".join(opts)
 
 
 def stage_json(stage):
@@ -158,7 +196,7 @@ def default_target():
 # A target naming a dataset or method the config does not define would otherwise get
 # Snakemake's "No rule to produce": these rules match exactly such targets and say which names
 # exist. (The lookaheads keep them off every path with known names.)
-DATASET_FOLDERS = ("data", "logs", "benchmarks")
+DATASET_FOLDERS = ("data", "logs", "benchmarks", "index")
 
 
 def _known(names):

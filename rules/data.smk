@@ -29,20 +29,40 @@ rule dataset_index:
     input:
         dataset_inputs,
     output:
+        index_part("{part}"),
+    params:
+        code=code("dataset_index"),
+        # size and modification time of every image, mask, list and label file the part reads:
+        # an edited dataset re-runs the part and what reads it
+        files=dataset_files,
+        root=dataset_root,
+        kind=lambda w: dataset_config(config, w.dataset)["kind"],
+        options=dataset_options,
+    wildcard_constraints:
+        part="|".join(INDEX_PARTS),
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/dataset_index_{{part}}.tsv",
+    resources:
+        **res("dataset_index"),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/dataset_index_{{part}}.log",
+    shell:
+        "wsss dataset-index --name {wildcards.dataset} --kind {params.kind} --root {params.root:q} "
+        "--part {wildcards.part} {params.options} --out {output:q} --log {log:q}"
+
+
+rule dataset_index_merge:
+    conda:
+        CONDA_ENV
+    input:
+        lambda w: [index_part(p).format(dataset=w.dataset) for p in INDEX_PARTS],
+    output:
         f"{RESULTS}/{{dataset}}/index.json",
     params:
         code=code("dataset_index"),
-        root=dataset_root,
-        kind=lambda w: dataset_config(config, w.dataset)["kind"],
-        lists=dataset_lists,
-        num_classes=lambda w: (f"--num-classes {dataset_config(config, w.dataset)['num_classes']}"
-                               if "num_classes" in dataset_config(config, w.dataset) else ""),
-    benchmark:
-        f"{RESULTS}/{{dataset}}/benchmarks/dataset_index.tsv",
     resources:
         **res("dataset_index"),
     log:
         f"{RESULTS}/{{dataset}}/logs/dataset_index.log",
     shell:
-        "wsss dataset-index --name {wildcards.dataset} --kind {params.kind} --root {params.root:q} "
-        "{params.lists} {params.num_classes} --out {output:q} --log {log:q}"
+        "wsss dataset-index --merge {input:q} --out {output:q} --log {log:q}"

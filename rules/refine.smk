@@ -5,7 +5,7 @@ rule ir_labels:
     conda:
         CONDA_ENV
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("train"),
         seeds=out("seeds.h5"),
         cams=out("cams.h5"),
     output:
@@ -29,7 +29,7 @@ rule train_irn:
     conda:
         CONDA_ENV
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("train"),
         labels=out("ir_labels"),
         classifier=out("classifier/model.pt"),
     output:
@@ -55,7 +55,7 @@ rule propagate:
     conda:
         CONDA_ENV
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("train"),
         cams=out("cams.h5"),
         seeds=out("seeds.h5"),
         irn=out("irn/model.pt"),
@@ -80,7 +80,7 @@ rule make_masks:
     conda:
         CONDA_ENV
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("train"),
         rw=out("rw.h5"),
     output:
         directory(out("masks")),
@@ -103,7 +103,7 @@ rule sweep_masks:
     conda:
         CONDA_ENV
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("train"),
         rw=out("rw.h5"),
     output:
         out("mask_sweep.json"),
@@ -125,7 +125,7 @@ rule eval_masks:
     conda:
         CONDA_ENV
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("train"),
         masks=out("masks"),
         ir_labels=out("ir_labels"),
     output:

@@ -49,7 +49,7 @@ rule train_seg:
     wildcard_constraints:
         method=MULTI_STAGE,
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("train"),
         masks=out("masks"),
         classifier=out("classifier/model.pt"),
     output:
@@ -73,7 +73,7 @@ rule train_seg_model:
     conda:
         CONDA_ENV
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("train"),
         masks=out("masks"),
         classifier=out("classifier/model.pt"),
     output:
@@ -101,7 +101,7 @@ rule eval_seg:
     wildcard_constraints:
         method=MULTI_STAGE,
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("val"),
         model=out("seg/model.pt"),
     output:
         miou=out("seg_miou.txt"),
@@ -125,7 +125,7 @@ rule eval_seg_model:
     conda:
         CONDA_ENV
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("val"),
         model=seg_out("model.pt"),
     output:
         miou=seg_out("seg_miou.txt"),
@@ -153,7 +153,7 @@ rule eval_method_seg:
     wildcard_constraints:
         method=SINGLE_STAGE,
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("val"),
         model=out("classifier/model.pt"),
     output:
         miou=out("seg_miou.txt"),
@@ -179,7 +179,7 @@ rule train_seg_multistage:
     wildcard_constraints:
         method=SINGLE_STAGE,
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("train"),
         masks=out("masks"),
         classifier=out("classifier/model.pt"),
     output:
@@ -205,7 +205,7 @@ rule eval_seg_multistage:
     wildcard_constraints:
         method=SINGLE_STAGE,
     input:
-        index=f"{RESULTS}/{{dataset}}/index.json",
+        index=index_part("val"),
         model=out("seg-multistage/model.pt"),
     output:
         miou=out("seg-multistage/seg_miou.txt"),

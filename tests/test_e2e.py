@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 import os
 import shutil
 import subprocess
@@ -359,6 +360,72 @@ def test_a_failed_job_leaves_no_stale_result_for_the_next_run(run, tmp_path):
     # the module's later tests expect the finished run of the unchanged config
     again = snakemake()
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+@contextmanager
+def _edited(path: Path, edit):
+    """`edit(path)` for the duration of the block; then the file's bytes and time as they were
+    (the module's other tests expect the finished run's dataset)."""
+    original, st = path.read_bytes(), path.stat()
+    try:
+        edit(path)
+        yield
+    finally:
+        path.write_bytes(original)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _smoke_data_root(run) -> Path:
+    root, _ = run
+    return Path(json.loads((root / "index.json").read_text())["root"])
+
+
+@pytest.mark.slow
+def test_a_replaced_train_aug_photo_reruns_the_train_index_and_every_stage_after_it(run):
+    root, snakemake = run
+    index = json.loads((root / "index.json").read_text())
+    photos = _smoke_data_root(run) / "JPEGImages"
+    other = (photos / f"{index['splits']['val'][0]}.jpg").read_bytes()
+    with _edited(photos / f"{index['splits']['train_aug'][-1]}.jpg", lambda p: p.write_bytes(other)):
+        jobs = _jobs(snakemake("-n"))
+    assert jobs == {"dataset_index", "dataset_index_merge", "train_classifier", "export_cams"} | AFTER_SEEDS
+
+
+@pytest.mark.slow
+def test_val_ids_in_train_aug_stop_the_workflow_at_start_with_one_line(run):
+    """Issue 27.4: scores on val measured on training images; refused before any job runs."""
+    root, snakemake = run
+    index = json.loads((root / "index.json").read_text())
+    lists = _smoke_data_root(run) / "ImageSets" / "Segmentation"
+    shared = index["splits"]["val"][:2]
+    with _edited(lists / "train_aug.txt", lambda p: p.write_text(p.read_text() + "\n".join(shared) + "\n")):
+        result = snakemake("-n")
+    assert result.returncode == 2
+    _one_line(result, "val.txt", "train_aug.txt", ", ".join(shared), "allow_split_overlap")
+
+
+@pytest.mark.slow
+def test_a_corrected_val_mask_reruns_the_val_index_and_the_evaluations_only(run):
+    """Issue 27.1: a val mask corrected after a complete run (a class added) re-runs the val part
+    of the index and what reads it, not the classifier; the run then scores the new mask. Late
+    in the module: the mask is put back, but the run's val results stay those of the edit."""
+    root, snakemake = run
+    val = json.loads((root / "index.json").read_text())["splits"]["val"]
+    path = _smoke_data_root(run) / "SegmentationClassAug" / f"{val[0]}.png"
+    mask = read_label_png(path)
+    added = next(c for c in range(1, 9) if c not in mask)
+
+    def add_class(p: Path) -> None:
+        edited = mask.copy()
+        edited[:4, :4] = added
+        save_label_png(p, edited)
+
+    with _edited(path, add_class):
+        assert _jobs(snakemake("-n")) == {"dataset_index", "dataset_index_merge", "eval_seg", "audit"}
+        done = snakemake()
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert added in json.loads((root / "index" / "val.json").read_text())["images"][val[0]]["labels"]
+        assert added in json.loads((root / "index.json").read_text())["images"][val[0]]["labels"]
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@
 
 List files hold one id per line or the two-column WSSS form
 `/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png`. Image-level labels are derived from the
-masks, so no pickled label table is needed.
+masks, or read from a label table (`data/labels.py`) for datasets whose masks nobody drew;
+then masks are optional, image by image.
 """
 from __future__ import annotations
 
@@ -73,9 +74,23 @@ def read_class_names(root: Path, num_classes: int | None = None) -> list[str]:
 
 
 class VocLayout:
-    """Paths and validated reads for one dataset root in VOC layout."""
+    """Paths and validated reads for one dataset root in VOC layout.
 
-    def __init__(self, root: str | os.PathLike, num_classes: int | None = None) -> None:
+    Args:
+        root: the dataset folder (JPEGImages/, SegmentationClassAug/ or SegmentationClass/,
+            ImageSets/Segmentation/).
+        num_classes: C with background, when there is no class_names.txt (default VOC's 21).
+        require_masks: a mask folder must exist (labels come from the masks); False for
+            datasets whose image-level labels come from a table (masks then optional, per image).
+        class_names: the classes when the caller knows them (a label table's), else read from
+            class_names.txt.
+
+    Raises:
+        DataError: the root, JPEGImages/ or (with `require_masks`) the mask folder is missing.
+    """
+
+    def __init__(self, root: str | os.PathLike, num_classes: int | None = None,
+                 require_masks: bool = True, class_names: list[str] | None = None) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DataError(f"{self.root}: dataset root not found; set datasets.<name>.root in "
@@ -83,14 +98,13 @@ class VocLayout:
         if not (self.root / "JPEGImages").is_dir():
             raise DataError(f"{self.root / 'JPEGImages'}: folder missing; the root must be in VOC "
                             f"layout (JPEGImages/, SegmentationClassAug/, ImageSets/Segmentation/)")
-        for d in MASK_DIRS:
-            if (self.root / d).is_dir():
-                self.mask_dir = d
-                break
-        else:
+        self.mask_dir: str | None = next((d for d in MASK_DIRS if (self.root / d).is_dir()), None)
+        if self.mask_dir is None and require_masks:
             raise DataError(f"{self.root}: neither SegmentationClassAug/ nor SegmentationClass/ "
-                            f"found; add the masks (labels are derived from them)")
-        self.class_names = read_class_names(self.root, num_classes)
+                            f"found; add the masks (labels are derived from them), or give the "
+                            f"image-level labels as a table (datasets.<name>.labels)")
+        self.class_names = (list(class_names) if class_names is not None
+                            else read_class_names(self.root, num_classes))
         self.num_classes = len(self.class_names)
 
     def list_path(self, name: str) -> Path:
@@ -100,7 +114,11 @@ class VocLayout:
         return self.root / "JPEGImages" / f"{image_id}.jpg"
 
     def mask_path(self, image_id: str) -> Path:
-        return self.root / self.mask_dir / f"{image_id}.png"
+        return self.root / (self.mask_dir or MASK_DIRS[0]) / f"{image_id}.png"
+
+    def has_mask(self, image_id: str) -> bool:
+        """Whether the image's ground-truth mask file exists."""
+        return self.mask_dir is not None and self.mask_path(image_id).is_file()
 
     def read_image(self, image_id: str) -> np.ndarray:
         return read_image(self.image_path(image_id))

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..audit.compare import MethodRecord, summary_table, sweep_cell, timing_table
+from ..audit.compare import MethodRecord, class_names_of, summary_table, sweep_cell, timing_table
 from ..errors import DataError
-from ..io import read_json
 from . import common
 
 
@@ -16,8 +15,7 @@ def summary(run_dir: str | Path) -> str:
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: no such results folder; give results/<dataset>/<method>")
     record = MethodRecord.read(run_dir)
-    index = run_dir.parent / "index.json"
-    names = list(read_json(index)["class_names"]) if index.is_file() else None
+    names = class_names_of(run_dir.parent.parent, run_dir.parent.name)
     text = f"{run_dir}\n\n" + summary_table(record, names).text()
     if record.sweep:
         s = record.sweep
