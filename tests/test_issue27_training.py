@@ -119,7 +119,8 @@ def test_log_states_the_batch_actually_used(repo_root, toy_root, tmp_path, capsy
                                             {s: s for s in ("train_aug", "train", "val")}, progress=False)))
     params = dict(stage_params(cfg, "toy", "cam", "train_classifier"), epochs=1, crop=32,
                   scale_range=[32, 40], batch_size=64, precision="fp32")
-    rc = train_classifier.main(["--index", str(index), "--method", json.dumps(method_params(cfg, "toy", "cam")),
+    method = json.dumps(method_params(cfg, "toy", "cam"))
+    rc = train_classifier.main(["--index", str(index), "--method", method,
                                 "--params", json.dumps(params), "--out", str(tmp_path / "model.pt")])
     err = capsys.readouterr().err
     assert rc == 0, err
