@@ -5,7 +5,7 @@
 # (dataset, method)'s eval_seg block with the set's `params` over it, so a set of val images
 # gets exactly eval_seg's PNGs. Multi-stage methods use seg/model.pt; single-stage methods their
 # own head (classifier/model.pt, --from-method), as their seg_miou.txt does.
-#   snakemake --cores 2 results/toy/cobra/predict/NAME --config 'predict={"NAME": "my/photos"}'
+#   snakemake --cores 2 results/toy/<method>/predict/NAME --config 'predict={"NAME": "my/photos"}'
 
 PREDICT = config.get("predict") or {}
 PREDICT_SINGLE_STAGE = set(single_stage_methods())
