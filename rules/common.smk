@@ -137,7 +137,8 @@ def dataset_inputs(wildcards):
     root = dataset_root(wildcards)
     return check_or_exit(lambda: check_dataset_lists(root, ds.get("lists", {}), ds.get("labels"),
                                                      _part_splits(wildcards.part),
-                                                     bool(ds.get("allow_split_overlap", False))))
+                                                     bool(ds.get("allow_split_overlap", False)),
+                                                     ds.get("num_classes")))
 
 
 def dataset_files(wildcards):

@@ -239,3 +239,55 @@ def test_a_csv_header_and_bom_are_read(root):
     path = write_csv(root, labels, header=True)
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert read_label_table(path, names(root)) == labels
+
+
+def test_photos_in_other_formats_are_read_and_counted(root):
+    from PIL import Image
+    labels = only_labelled(root, mask_labels(root))
+    write_csv(root, labels)
+    first = next(iter(labels))
+    jpg = root / "JPEGImages" / f"{first}.jpg"
+    Image.open(jpg).save(root / "JPEGImages" / f"{first}.png")
+    jpg.unlink()
+    index = build_index("t", "voc", root, LISTS, progress=False, labels="labels.csv")
+    assert index["images"][first]["labels"] == labels[first]
+    assert DatasetIndex(index).image(first).shape[:2] == tuple(index["images"][first]["size"])
+    shutil.rmtree(root / "ImageSets")
+    Image.open(root / "JPEGImages" / f"{first}.png").save(root / "JPEGImages" / "stray.PNG")
+    with pytest.raises(DataError, match="stray.PNG: photo without a row"):
+        build_index("t", "voc", root, LISTS, progress=False, labels="labels.csv")
+
+
+def test_table_mistakes_stop_the_workflow_start_not_the_index_job(root):
+    labels = only_labelled(root, mask_labels(root))
+    write_csv(root, labels)
+    assert check_dataset_lists(root, LISTS, "labels.csv", ("val",))[-1] == str(root / "labels.csv")
+    with open(root / "labels.csv", "a") as f:
+        f.write("ghost_1,polygon\n")
+    with pytest.raises(DataError, match=r"labels.csv:\d+: image ghost_1 has no file"):
+        check_dataset_lists(root, LISTS, "labels.csv", ("val",))
+    (root / "labels.csv").write_text("a,unicorn\n")
+    with pytest.raises(DataError, match="labels.csv:1: unknown class 'unicorn'"):
+        check_dataset_lists(root, LISTS, "labels.csv", ("train_aug", "train"))
+
+
+def test_class_names_twice_or_missing_beside_masks_is_one_line(root):
+    labels = only_labelled(root, mask_labels(root))
+    write_csv(root, labels)
+    cls = names(root)
+    (root / "class_names.txt").write_text("\n".join(cls + [cls[2]]) + "\n")
+    with pytest.raises(DataError, match=f"class '{cls[2]}' is named twice"):
+        build_index("t", "voc", root, LISTS, progress=False, labels="labels.csv")
+    (root / "class_names.txt").unlink()  # masks hold ids; the table's names cannot say which
+    with pytest.raises(DataError, match="class_names.txt: missing; the masks"):
+        build_index("t", "voc", root, LISTS, progress=False, labels="labels.csv")
+
+
+def test_a_row_that_disagrees_with_its_mask_names_the_line(root):
+    labels = only_labelled(root, mask_labels(root))
+    ids = list(labels)
+    wrong = dict(labels)
+    wrong[ids[2]] = [c for c in range(1, 9) if c not in labels[ids[2]]][:1]
+    write_csv(root, wrong)  # header on line 1: row k of the table is line k + 1
+    with pytest.raises(DataError, match=rf"labels.csv:4: image {ids[2]} is labelled"):
+        build_index("t", "voc", root, LISTS, progress=False, labels="labels.csv")

@@ -45,15 +45,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", stage: s
 
     Raises: DataError (missing, unreadable or not a dict)."""
     path = Path(path)
-    fix = f"re-run the {stage} stage" if stage else "replace the file"
+    fix = (f"re-run the {stage} stage" if stage else
+           "give a model.pt that wsss wrote (results/<dataset>/<method>/seg/model.pt)")
     if not path.is_file():
         raise DataError(f"{path}: model file not found; {fix}")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, bit rot: torch raises many kinds
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"{path}: unreadable or damaged model file ({reason}); delete it and "
-                        f"{fix}") from None
+        raise DataError(f"{path}: unreadable or damaged model file ({reason}); "
+                        f"{'delete it and ' + fix if stage else fix}") from None
     if not isinstance(ck, dict):
         raise DataError(f"{path}: not a wsss model file (holds a {type(ck).__name__}); {fix}")
     return ck
@@ -113,29 +114,6 @@ def read_model(path: str | Path, kind: str, map_location: Any = "cpu") -> dict:
 def fingerprint(*parts: Any) -> str:
     """SHA-256 of JSON-serialisable `parts`: the key a training checkpoint resumes under."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def load_method(path: str | Path, device: torch.device | str = "cpu"):
-    """The trained method (eval mode, on `device`) from a classifier model file."""
-    from .methods import create_method
-
-    record = read_model(path, "classifier", map_location=device)
-    method = dict(record["method"])
-    # weights come from the file: never fetch ImageNet weights again
-    for block in pretrained_blocks(method):
-        block["pretrained"] = False
-    m = create_method(method, int(record["num_classes"]), train_params=record.get("train_params"))
-    m.load_state_dict(record["state"])
-    m.to(device).eval()
-    return m
-
-
-def classifier_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The trained CNN backbone of a classifier model file (`Method.backbone_state`), for IRN
-    and segmentation encoders started from it. The global RNG is left as it was, so building
-    the method does not shift the initialisation of the model that receives the weights."""
-    with torch.random.fork_rng(devices=[]):
-        return load_method(path, "cpu").backbone_state()
 
 
 def pretrained_blocks(tree: Any):

@@ -17,6 +17,7 @@ A class without a ground-truth pixel in the split is listed in `absent_classes` 
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -160,6 +161,10 @@ def check_ground_truth(idx, split: str, what: str) -> list[str]:
 
     Raises DataError naming the split and the mask folder when every pixel is 255."""
     ids = idx.mask_ids(split)
+    total = len(idx.ids(split))
+    if 0 < len(ids) < total:
+        logging.getLogger("wsss").info("%d of the %d images of %s have a ground-truth mask: %s is "
+                                       "scored on those only", len(ids), total, split, what)
     if ids and not any((idx.mask(i) != IGNORE).any() for i in ids):
         cm = ConfusionMatrix(idx.num_classes)
         cm.images = len(ids)

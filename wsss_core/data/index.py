@@ -17,8 +17,8 @@ from ..errors import DataError
 from ..io import read_json
 from .palette import voc_palette
 from .labels import label_table_path, read_label_rows, read_label_table, table_class_names
-from .voc import (MASK_DIRS, VocLayout, labels_from_mask, list_file, multi_hot, read_class_names,
-                  read_list)
+from .voc import (IMAGE_SUFFIXES, MASK_DIRS, VocLayout, find_image, labels_from_mask, list_file,
+                  multi_hot, read_class_names, read_list)
 
 SPLITS = ("train_aug", "train", "val")
 #: the index parts the workflow builds as separate jobs, each from the files of its splits only,
@@ -70,9 +70,13 @@ def check_split_overlap(splits: Mapping[str, list[str]], sources: Mapping[str, s
 
 
 def check_dataset_lists(root: str | os.PathLike, lists: Mapping[str, str], labels: str | None,
-                        splits: tuple[str, ...], allow_split_overlap: bool = False) -> list[str]:
-    """The workflow's start-up check of a dataset's lists (cheap: no image is opened): they
-    exist and parse, and val shares no id with the training lists (`check_split_overlap`).
+                        splits: tuple[str, ...], allow_split_overlap: bool = False,
+                        num_classes: int | None = None) -> list[str]:
+    """The workflow's start-up check of a dataset's lists and label table (cheap: no image is
+    opened, one stat per table row): the lists exist and parse, val shares no id with the
+    training lists (`check_split_overlap`), and the table parses, names known classes and
+    covers exactly the listed ids and the photos (`_check_table_covers`). What needs the pixels
+    (corrupt photos, masks that disagree with the table) is left to the index job.
 
     Returns:
         the files an index part of `splits` depends on besides its images and masks: those
@@ -86,10 +90,15 @@ def check_dataset_lists(root: str | os.PathLike, lists: Mapping[str, str], label
     if table is not None and not table.is_file():
         raise DataError(f"{table}: label table not found; fix datasets.<name>.labels (a path "
                         f"relative to the dataset root, or absolute)")
-    if table is not None and not any(p.is_file() for p in paths.values()):
-        return [str(table)]  # no lists: the table's ids are train_aug and train, val is empty
-    ids = {s: read_list(p) for s, p in paths.items()}
-    check_split_overlap(ids, {s: str(p) for s, p in paths.items()}, allow_split_overlap)
+    layout = VocLayout(root, require_masks=table is None,
+                       class_names=dataset_class_names(root, num_classes, labels))
+    rows = read_label_table(table, layout.class_names) if table is not None else None
+    ids, sources = resolve_lists(layout, lists, rows)
+    check_split_overlap(ids, sources, allow_split_overlap)
+    if rows is not None:
+        _check_table_covers(rows, table, layout, ids, sources)
+        if sources["train_aug"] == "label table":
+            return [str(table)]  # no lists: the table's ids are train_aug and train, val is empty
     return [str(paths[s]) for s in splits] + ([str(table)] if table is not None else [])
 
 
@@ -100,7 +109,13 @@ def dataset_class_names(root: str | os.PathLike, num_classes: int | None,
     root = Path(root).expanduser()
     if labels is not None and not (root / "class_names.txt").is_file() and num_classes is None:
         named = table_class_names(label_table_path(root, labels))
-        if named is not None:
+        if named is not None and named != read_class_names(root):
+            masks = next((d for d in MASK_DIRS if (root / d).is_dir() and any((root / d).iterdir())), None)
+            if masks is not None:
+                raise DataError(f"{root / 'class_names.txt'}: missing; the masks in {root / masks} "
+                                f"hold class ids, and the table's names alone do not say which id "
+                                f"is which class: write class_names.txt (background first, one "
+                                f"name a line, line k = class id k-1)")
             return named
     return read_class_names(root, num_classes)
 
@@ -152,7 +167,8 @@ def build_index(name: str, kind: str, root: str | os.PathLike, lists: Mapping[st
             if mask_labels is not None and mask_labels != image_labels:
                 shown = ", ".join(layout.class_names[c] for c in mask_labels) or "no class"
                 given = ", ".join(layout.class_names[c] for c in image_labels)
-                raise DataError(f"{table_path}: image {image_id} is labelled {given} but its mask "
+                where = next(w for w, i, _ in read_label_rows(table_path) if i == image_id)
+                raise DataError(f"{where}: image {image_id} is labelled {given} but its mask "
                                 f"{layout.mask_path(image_id)} shows {shown}; fix the table row "
                                 f"or the mask")
         images[image_id] = {"size": list(size), "labels": image_labels, "has_mask": has_mask}
@@ -186,8 +202,8 @@ def _check_table_covers(table: Mapping[str, list[int]], table_path: Path, layout
             raise DataError(f"{line}: image {image_id} has no file {layout.image_path(image_id)}; "
                             f"add the photo or remove the row")
     if sources["train_aug"] == "label table":  # no lists: the photos folder is the dataset
-        for path in sorted((layout.root / "JPEGImages").glob("*.jpg")):
-            if path.stem not in table:
+        for path in sorted((layout.root / "JPEGImages").iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.stem not in table:
                 raise DataError(f"{path}: photo without a row in {table_path}; add a row with "
                                 f"its classes, or move the photo out of JPEGImages/")
 
@@ -248,7 +264,7 @@ def files_fingerprint(root: str | os.PathLike, lists: Mapping[str, str], splits:
             ids += read_list(list_paths[split])
     mask_dir = next((root / d for d in MASK_DIRS if (root / d).is_dir()), root / MASK_DIRS[0])
     for image_id in dict.fromkeys(ids):
-        add(root / "JPEGImages" / f"{image_id}.jpg")
+        add(find_image(root / "JPEGImages", image_id))
         add(mask_dir / f"{image_id}.png")
     h.update("\n".join(lines).encode())
     return h.hexdigest()

@@ -172,7 +172,9 @@ def _class_id(where: str, value, class_names: list[str]) -> int:
         return k
     lower = [n.lower() for n in class_names]
     if text.lower() == lower[0]:
-        raise DataError(f"{where}: {text!r} is the background class, never an image label; remove it")
+        raise DataError(f"{where}: {text!r} is the background class (the first name of "
+                        f"class_names.txt), never an image label; remove it, or put the "
+                        f"background first in class_names.txt")
     if text.lower() not in lower:
         raise DataError(f"{where}: unknown class {text!r}; use a name of class_names.txt "
                         f"({', '.join(class_names[1:4])}, ...) or a class id 1..{c - 1}")

@@ -25,6 +25,8 @@ from ..io import read_user_text
 from .palette import IGNORE, VOC_CLASSES
 
 MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
+#: photo formats read: `<id>.jpg` as VOC names them, else the first of these that exists
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -67,6 +69,12 @@ def read_class_names(root: Path, num_classes: int | None = None) -> list[str]:
         names = [line.strip() for line in read_user_text(f).splitlines() if line.strip()]
         if len(names) < 2:
             raise DataError(f"{f}: needs background plus at least one class, one name per line")
+        seen: dict[str, int] = {}
+        for n, name in enumerate(names, 1):
+            if name.lower() in seen:
+                raise DataError(f"{f}: class {name!r} is named twice (lines {seen[name.lower()]} and "
+                                f"{n}); class ids are line numbers, so each name must be unique")
+            seen[name.lower()] = n
         return names
     if num_classes is None or num_classes == len(VOC_CLASSES):
         return list(VOC_CLASSES)
@@ -111,7 +119,7 @@ class VocLayout:
         return list_file(self.root, name)
 
     def image_path(self, image_id: str) -> Path:
-        return self.root / "JPEGImages" / f"{image_id}.jpg"
+        return find_image(self.root / "JPEGImages", image_id)
 
     def mask_path(self, image_id: str) -> Path:
         return self.root / (self.mask_dir or MASK_DIRS[0]) / f"{image_id}.png"
@@ -135,6 +143,20 @@ class VocLayout:
             raise DataError(f"{path}: mask value {v} outside 0..{self.num_classes - 1} and {IGNORE}; "
                             f"fix the mask or the dataset's class list")
         return mask
+
+
+def find_image(folder: Path, image_id: str) -> Path:
+    """The photo of `image_id` in `folder`: `<id>.jpg` (one stat when it is there, as in VOC),
+    else `<id>` with the first of IMAGE_SUFFIXES (lower or upper case) that exists, else the
+    `.jpg` path (whose read then names what is missing)."""
+    jpg = folder / f"{image_id}.jpg"
+    if jpg.is_file():
+        return jpg
+    for suffix in IMAGE_SUFFIXES[1:] + tuple(s.upper() for s in IMAGE_SUFFIXES):
+        path = folder / f"{image_id}{suffix}"
+        if path.is_file():
+            return path
+    return jpg
 
 
 def list_file(root: str | os.PathLike, name: str) -> Path:

@@ -31,6 +31,10 @@ def dataset_index(name: str, kind: str, root: str, lists: dict[str, str], out: s
     with_mask = sum(1 for v in index["images"].values() if v["has_mask"])
     log.info("%s: %d images (%s), %d classes, labels from %s, %d with a ground-truth mask", name,
              len(index["images"]), counts, index["num_classes"], index["labels_from"], with_mask)
+    log.info("classes: %s (%s)", ", ".join(index["class_names"]),
+             "class_names.txt" if (Path(root) / "class_names.txt").is_file() else
+             "no class_names.txt: VOC's" if index["class_names"][:2] == ["background", "aeroplane"]
+             else "no class_names.txt: named by the label table, sorted" if labels else "generic")
     if index["train_aug_without_foreground"]:
         log.info("%d train_aug images have no foreground class (kept; they train background only)",
                  len(index["train_aug_without_foreground"]))
@@ -47,9 +51,9 @@ def merge(parts: list[str], out: str | Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("dataset-index", __doc__)
-    p.add_argument("--name", help="dataset name (the {dataset} wildcard)")
-    p.add_argument("--kind", choices=["toy", "voc", "coco"])
-    p.add_argument("--root", help="dataset root in VOC layout")
+    p.add_argument("--name", help="dataset name (the {dataset} wildcard); required unless --merge")
+    p.add_argument("--kind", choices=["toy", "voc", "coco"], help="required unless --merge")
+    p.add_argument("--root", help="dataset root in VOC layout; required unless --merge")
     for split in SPLITS:
         p.add_argument(f"--{split.replace('_', '-')}-list", dest=f"{split}_list", default=split,
                        help=f"list name under ImageSets/Segmentation or a path (default {split})")

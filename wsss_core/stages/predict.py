@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint
 from ..data.palette import IGNORE, voc_palette
-from ..data.voc import read_image
+from ..data.voc import IMAGE_SUFFIXES, read_image
 from ..errors import ConfigError, DataError, WeightsError
 from ..io import atomic_dir, read_user_text, save_label_png, write_json
 from ..seg_engine import segment_images
@@ -48,7 +48,6 @@ log = logging.getLogger("wsss")
 DEFAULT_PARAMS = {"scales": [1.0], "flip": True, "crf": True,
                   "crf_params": {"gauss_sxy": 1, "gauss_compat": 3, "bi_sxy": 67, "bi_srgb": 3,
                                  "bi_compat": 4, "iterations": 10}}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LIST_SUFFIXES = (".txt", ".lst")
 #: the file that marks a folder as predict output (only such a folder is ever replaced)
 RECORD = "predict.json"
@@ -112,6 +111,8 @@ def collect_images(path: str | Path) -> list[Path]:
     seen: dict[str, Path] = {}
     for file in files:
         _check_image(file)
+        if file.stem in seen and file.resolve() == seen[file.stem].resolve():
+            raise DataError(f"{file}: listed twice; remove the duplicate line")
         if file.stem in seen:
             raise DataError(f"{file}: same name as {seen[file.stem]}, both would be written as "
                             f"{file.stem}.png; rename one or predict them in separate runs")
