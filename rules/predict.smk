@@ -16,6 +16,22 @@ def predict_set(name):
     return {"images": spec} if isinstance(spec, str) else spec
 
 
+def predict_images(wildcards):
+    """The set's images (a path that must exist: one line naming the key otherwise)."""
+    path = predict_set(wildcards.name)["images"]
+    if not os.path.exists(path):
+        exit_with(ConfigError(f"config key predict.{wildcards.name}: {path} not found; give an "
+                              f"image, a folder of images or a list file"))
+    return path
+
+
+def unknown_predict_set(wildcards):
+    exit_with(ConfigError(f"config key predict.{wildcards.name}: no such image set (known: "
+                          f"{', '.join(sorted(PREDICT)) or 'none'}); name the folder under "
+                          f"predict: in config.yaml, e.g. --config 'predict={{\"{wildcards.name}\": "
+                          f"\"my/photos\"}}'"))
+
+
 def predict_model(wildcards):
     if wildcards.method in PREDICT_SINGLE_STAGE:
         return f"{RESULTS}/{wildcards.dataset}/{wildcards.method}/classifier/model.pt"
@@ -41,7 +57,7 @@ rule predict:
         name=method_regex([re.escape(n) for n in PREDICT]),
     input:
         model=predict_model,
-        images=lambda w: predict_set(w.name)["images"],
+        images=predict_images,
     output:
         directory(out("predict/{name}")),
     params:
@@ -58,3 +74,13 @@ rule predict:
     shell:
         "wsss predict --model {input.model:q} --images {input.images:q} --out {output:q} "
         "--params {params.stage:q} {params.flags} --threads {threads} --log {log:q}"
+
+
+# a target naming a set that config `predict:` does not define: one line listing the known ones
+rule unknown_predict:
+    input:
+        unknown_predict_set,
+    output:
+        directory(out("predict/{name}")),
+    wildcard_constraints:
+        name=(f"(?!(?:{'|'.join(map(re.escape, PREDICT))})$)[^/]+" if PREDICT else "[^/]+"),

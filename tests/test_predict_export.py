@@ -18,7 +18,7 @@ from wsss_core.data.transforms import normalize, to_chw
 from wsss_core.errors import ConfigError, DataError, WeightsError
 from wsss_core.io import read_label_png, write_json
 from wsss_core.models.segmentation import create_seg_model, load_seg_model
-from wsss_core.seg_engine import SIZE_DIVISOR
+from wsss_core.seg_inference import SIZE_DIVISOR
 from wsss_core.stages import export_model as export_stage
 from wsss_core.stages import predict as predict_stage
 from wsss_core.stages.eval_seg import eval_seg
@@ -261,3 +261,26 @@ def test_snakemake_dry_run_schedules_predict_for_both_kinds_of_method(tmp_path):
     assert '"crf": true' in cam and "--overlay" not in cam
     assert f"--model {results}/toy/seco/classifier/model.pt" in seco
     assert "--from-method --overlay" in seco and '"crf": false' in seco
+
+
+@pytest.mark.parametrize("sets, target, words", [
+    ({"demo": "{photos}"}, "nope", ["config key predict.nope: no such image set", "known: demo"]),
+    ({"demo": "{photos}/missing"}, "demo", ["config key predict.demo:", "missing not found"]),
+], ids=["unknown-set", "missing-images"])
+def test_snakemake_predict_mistakes_are_one_line_at_start(tmp_path, sets, target, words):
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("predict:\n" + "".join(f"  {k}: {v.format(photos=photos)}\n" for k, v in sets.items()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "config.yaml",
+         str(extra), "--config", f"results={tmp_path / 'results'}", "--",
+         str(tmp_path / "results" / "toy" / "cam" / "predict" / target)],
+        cwd=repo, capture_output=True, text=True, timeout=120)
+    text = proc.stdout + proc.stderr
+    errors = [line for line in text.splitlines() if line.startswith("wsss: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in text, text[-2000:]
+    assert all(w in errors[0] for w in words), errors[0]
