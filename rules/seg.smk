@@ -10,7 +10,8 @@
 # under seg-multistage/ (model.pt, train_log.csv, pred/, seg_miou.txt, seg_metrics.json).
 # X's encoder is `train_seg.encoders.X` and its training keys are the shared ones overlaid by
 # `train_seg.per_model.X`; the rule passes the block resolved for X, so changing one
-# architecture's settings re-runs only that architecture.
+# architecture's settings re-runs only that architecture. One training and one evaluation rule,
+# each defined once per variant (SEG_TRAIN_RULES, SEG_EVAL_RULES).
 
 SEG_MODEL_NAMES = "deeplabv3plus|segformer"
 
@@ -29,197 +30,82 @@ def seg_train_json(wildcards):
     return json.dumps(resolve_seg_params(block, model), sort_keys=True)
 
 
-def seg_out(path):
-    """results/{dataset}/{method}/seg-{seg_model}/<path>"""
-    return out(f"seg-{{seg_model}}/{path}")
+# (rule, wildcard constraints, network folder, benchmark and log names)
+SEG_TRAIN_RULES = (
+    ("train_seg", {"method": MULTI_STAGE}, "seg", "train_seg", "train_seg"),
+    ("train_seg_model", {"seg_model": SEG_MODEL_NAMES}, "seg-{seg_model}",
+     "train_seg_model-{seg_model}", "train_seg-{seg_model}"),
+    ("train_seg_multistage", {"method": SINGLE_STAGE}, "seg-multistage",
+     "train_seg-multistage", "train_seg-multistage"),
+)
+# (rule, wildcard constraints, model read, prefix of the metrics ("": the method folder, with
+# seg/pred), benchmark and log names, extra eval-seg option)
+SEG_EVAL_RULES = (
+    ("eval_seg", {"method": MULTI_STAGE}, "seg/model.pt", "", "eval_seg", "eval_seg", ""),
+    ("eval_seg_model", {"seg_model": SEG_MODEL_NAMES}, "seg-{seg_model}/model.pt",
+     "seg-{seg_model}/", "eval_seg_model-{seg_model}", "eval_seg-{seg_model}", ""),
+    ("eval_method_seg", {"method": SINGLE_STAGE}, "classifier/model.pt", "", "eval_seg",
+     "eval_seg", " --from-method"),
+    ("eval_seg_multistage", {"method": SINGLE_STAGE}, "seg-multistage/model.pt",
+     "seg-multistage/", "eval_seg-multistage", "eval_seg-multistage", ""),
+)
+
+for _name, _where, _dir, _bench, _log in SEG_TRAIN_RULES:
+    rule:
+        name:
+            _name
+        conda:
+            CONDA_ENV
+        wildcard_constraints:
+            **_where,
+        input:
+            index=index_part("train"),
+            masks=out("masks"),
+            classifier=out("classifier/model.pt"),
+        output:
+            model=out(f"{_dir}/model.pt"),
+            log_csv=out(f"{_dir}/train_log.csv"),
+        params:
+            code=code("train_seg"),
+            stage=seg_train_json,
+        threads: THREADS
+        benchmark:
+            out(f"benchmarks/{_bench}.tsv")
+        resources:
+            **res("train_seg"),
+        log:
+            logs(_log),
+        shell:
+            wsss("train_seg") + " train-seg --index {input.index:q} --masks {input.masks:q} "
+            "--classifier {input.classifier:q} --params {params.stage:q} --out {output.model:q} "
+            "--resume --threads {threads} --log {log:q}"
 
 
-TRAIN_SEG_SHELL = (
-    wsss("train_seg") + " train-seg --index {input.index:q} --masks {input.masks:q} "
-    "--classifier {input.classifier:q} --params {params.stage:q} --out {output.model:q} --resume "
-    "--threads {threads} --log {log:q}")
-EVAL_SEG_SHELL = (
-    "wsss eval-seg --index {input.index:q} --model {input.model:q} --params {params.stage:q} "
-    "--out {output.miou:q} --pred {output.pred:q} --threads {threads} --log {log:q}")
-
-
-rule train_seg:
-    conda:
-        CONDA_ENV
-    wildcard_constraints:
-        method=MULTI_STAGE,
-    input:
-        index=index_part("train"),
-        masks=out("masks"),
-        classifier=out("classifier/model.pt"),
-    output:
-        model=out("seg/model.pt"),
-        log_csv=out("seg/train_log.csv"),
-    params:
-        code=code("train_seg"),
-        stage=seg_train_json,
-    threads: THREADS
-    benchmark:
-        out("benchmarks/train_seg.tsv"),
-    resources:
-        **res("train_seg"),
-    log:
-        logs("train_seg"),
-    shell:
-        TRAIN_SEG_SHELL
-
-
-rule train_seg_model:
-    conda:
-        CONDA_ENV
-    input:
-        index=index_part("train"),
-        masks=out("masks"),
-        classifier=out("classifier/model.pt"),
-    output:
-        model=seg_out("model.pt"),
-        log_csv=seg_out("train_log.csv"),
-    wildcard_constraints:
-        seg_model=SEG_MODEL_NAMES,
-    params:
-        code=code("train_seg"),
-        stage=seg_train_json,
-    threads: THREADS
-    benchmark:
-        out("benchmarks/train_seg_model-{seg_model}.tsv"),
-    resources:
-        **res("train_seg"),
-    log:
-        logs("train_seg-{seg_model}"),
-    shell:
-        TRAIN_SEG_SHELL
-
-
-rule eval_seg:
-    conda:
-        CONDA_ENV
-    wildcard_constraints:
-        method=MULTI_STAGE,
-    input:
-        index=index_part("val"),
-        model=out("seg/model.pt"),
-    output:
-        miou=out("seg_miou.txt"),
-        metrics=out("seg_metrics.json"),
-        pred=directory(out("seg/pred")),
-    params:
-        code=code("eval_seg"),
-        stage=stage_json("eval_seg"),
-    threads: THREADS
-    benchmark:
-        out("benchmarks/eval_seg.tsv"),
-    resources:
-        **res("eval_seg"),
-    log:
-        logs("eval_seg"),
-    shell:
-        EVAL_SEG_SHELL
-
-
-rule eval_seg_model:
-    conda:
-        CONDA_ENV
-    input:
-        index=index_part("val"),
-        model=seg_out("model.pt"),
-    output:
-        miou=seg_out("seg_miou.txt"),
-        metrics=seg_out("seg_metrics.json"),
-        pred=directory(seg_out("pred")),
-    wildcard_constraints:
-        seg_model=SEG_MODEL_NAMES,
-    params:
-        code=code("eval_seg"),
-        stage=stage_json("eval_seg"),
-    threads: THREADS
-    benchmark:
-        out("benchmarks/eval_seg_model-{seg_model}.tsv"),
-    resources:
-        **res("eval_seg"),
-    log:
-        logs("eval_seg-{seg_model}"),
-    shell:
-        EVAL_SEG_SHELL
-
-
-rule eval_method_seg:
-    conda:
-        CONDA_ENV
-    wildcard_constraints:
-        method=SINGLE_STAGE,
-    input:
-        index=index_part("val"),
-        model=out("classifier/model.pt"),
-    output:
-        miou=out("seg_miou.txt"),
-        metrics=out("seg_metrics.json"),
-        pred=directory(out("seg/pred")),
-    params:
-        code=code("eval_seg"),
-        stage=stage_json("eval_seg"),
-    threads: THREADS
-    benchmark:
-        out("benchmarks/eval_seg.tsv"),
-    resources:
-        **res("eval_seg"),
-    log:
-        logs("eval_seg"),
-    shell:
-        EVAL_SEG_SHELL + " --from-method"
-
-
-rule train_seg_multistage:
-    conda:
-        CONDA_ENV
-    wildcard_constraints:
-        method=SINGLE_STAGE,
-    input:
-        index=index_part("train"),
-        masks=out("masks"),
-        classifier=out("classifier/model.pt"),
-    output:
-        model=out("seg-multistage/model.pt"),
-        log_csv=out("seg-multistage/train_log.csv"),
-    params:
-        code=code("train_seg"),
-        stage=seg_train_json,
-    threads: THREADS
-    benchmark:
-        out("benchmarks/train_seg-multistage.tsv"),
-    resources:
-        **res("train_seg"),
-    log:
-        logs("train_seg-multistage"),
-    shell:
-        TRAIN_SEG_SHELL
-
-
-rule eval_seg_multistage:
-    conda:
-        CONDA_ENV
-    wildcard_constraints:
-        method=SINGLE_STAGE,
-    input:
-        index=index_part("val"),
-        model=out("seg-multistage/model.pt"),
-    output:
-        miou=out("seg-multistage/seg_miou.txt"),
-        metrics=out("seg-multistage/seg_metrics.json"),
-        pred=directory(out("seg-multistage/pred")),
-    params:
-        code=code("eval_seg"),
-        stage=stage_json("eval_seg"),
-    threads: THREADS
-    benchmark:
-        out("benchmarks/eval_seg-multistage.tsv"),
-    resources:
-        **res("eval_seg"),
-    log:
-        logs("eval_seg-multistage"),
-    shell:
-        EVAL_SEG_SHELL
+for _name, _where, _model, _pre, _bench, _log, _option in SEG_EVAL_RULES:
+    rule:
+        name:
+            _name
+        conda:
+            CONDA_ENV
+        wildcard_constraints:
+            **_where,
+        input:
+            index=index_part("val"),
+            model=out(_model),
+        output:
+            miou=out(f"{_pre}seg_miou.txt"),
+            metrics=out(f"{_pre}seg_metrics.json"),
+            pred=directory(out(f"{_pre or 'seg/'}pred")),
+        params:
+            code=code("eval_seg"),
+            stage=stage_json("eval_seg"),
+        threads: THREADS
+        benchmark:
+            out(f"benchmarks/{_bench}.tsv")
+        resources:
+            **res("eval_seg"),
+        log:
+            logs(_log),
+        shell:
+            "wsss eval-seg --index {input.index:q} --model {input.model:q} --params {params.stage:q} "
+            "--out {output.miou:q} --pred {output.pred:q} --threads {threads} --log {log:q}" + _option
