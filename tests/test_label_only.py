@@ -54,6 +54,7 @@ def runs(tmp_path_factory, repo_root, cli_env):
     (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     targets = [str(wd / "results" / d / "cam" / f) for d in ("masks", "tags")
                for f in ("seg/model.pt", "seed_miou.txt", "mask_miou.txt", "seg_miou.txt")]
+    targets.append(str(wd / "results" / "tags" / "cam" / "audit" / "index.html"))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(wd / "Snakefile"), "-d", str(wd), "--cores", "2",
            "--configfile", str(wd / "cfg.yaml"), "--", *targets]
     done = subprocess.run(cmd, cwd=wd, env=cli_env, capture_output=True, text=True, timeout=900)
@@ -100,3 +101,19 @@ def test_tags_only_evaluations_say_no_ground_truth_and_with_masks_score(runs):
         report = json.loads((wd / "results" / "tags" / "cam" / f"{name}_metrics.json").read_text())
         assert report["miou"] is None and report["no_ground_truth"] is True
         assert 0 <= read_miou(wd / "results" / "masks" / "cam" / f"{name}_miou.txt") <= 100
+
+
+@pytest.mark.slow
+def test_tags_only_audit_shows_the_pictures_without_scores(runs):
+    from wsss_core.audit.artifacts import RunArtifacts
+    from wsss_core.audit.panels import PanelBuilder
+    wd, _ = runs
+    run_dir = wd / "results" / "tags" / "cam"
+    assert (run_dir / "audit" / "index.html").is_file() and any((run_dir / "audit" / "panels").glob("*.png"))
+    run = RunArtifacts(run_dir)
+    train_id = run.index.ids("train")[0]
+    data = PanelBuilder(run).build(train_id)
+    titles = [v.title for v in data.labels]
+    assert data.missing == ["ground truth"], data.missing  # the seed is shown, at the IR-label threshold
+    assert any(t.startswith("seed (IR-label fg t=") for t in titles), titles
+    assert all(v.miou is None for v in data.labels)

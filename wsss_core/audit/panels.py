@@ -17,9 +17,9 @@ import numpy as np
 
 from ..data.palette import IGNORE, voc_palette
 from ..errors import DataError
-from ..io import atomic_path
+from ..io import atomic_path, read_json
 from ..map_store import MapReader
-from ..seeds import seed_labels
+from ..pseudo.seeds import seed_labels
 from .artifacts import RunArtifacts
 
 #: checkerboard colours of ignore pixels
@@ -96,6 +96,10 @@ class PanelBuilder:
         self.seeds = self._open("seeds.h5")
         self.rw = self._open("rw.h5")
         self.threshold = run.seed_threshold()
+        # without ground truth no threshold was evaluated: show the seed at the foreground
+        # threshold each image's IR label used (ir_labels/thresholds.json)
+        ir = run.dir / "ir_labels" / "thresholds.json"
+        self.ir_thresholds = read_json(ir) if self.threshold is None and ir.is_file() else {}
 
     def _open(self, name: str) -> MapReader | None:
         return self._stack.enter_context(MapReader(self.run.path(name))) if self.run.has(name) else None
@@ -149,9 +153,13 @@ class PanelBuilder:
                 data.labels.append(LabelView(title, labels, self.run.image_miou(labels, gt)))
 
         seed = None
-        if self.seeds is not None and image_id in self.seeds and self.threshold is not None:
-            seed = seed_labels(self.seeds.get(image_id, "seed"), self.seeds.keys(image_id), self.threshold)
-        thr = f" (t={self.threshold:g})" if self.threshold is not None else ""
+        threshold = self.threshold
+        if threshold is None and (self.ir_thresholds.get(image_id) or {}).get("fg") is not None:
+            threshold = float(self.ir_thresholds[image_id]["fg"])
+        if self.seeds is not None and image_id in self.seeds and threshold is not None:
+            seed = seed_labels(self.seeds.get(image_id, "seed"), self.seeds.keys(image_id), threshold)
+        thr = (f" (t={threshold:g})" if self.threshold is not None else
+               f" (IR-label fg t={threshold:g})" if threshold is not None else "")
         add_label(f"seed{thr}", seed)
         add_label("IR label", self.run.label_png("ir_labels", image_id))
         add_label("pseudo mask", self.run.label_png("masks", image_id))

@@ -89,7 +89,9 @@ def plot_confusions(reports: dict[str, dict | None], class_names: list[str], pat
     for ax in axes:
         ax.set_axis_off()
     if not present:
-        axes[0].text(0.5, 0.5, "no metric reports", ha="center", va="center")
+        no_gt = any(r is not None and r.get("no_ground_truth") for r in reports.values())
+        axes[0].text(0.5, 0.5, "no ground truth" if no_gt else "no metric reports", ha="center",
+                     va="center")
     image = None
     for k, (ax, (label, report)) in enumerate(zip(axes, present.items())):
         ax.set_axis_on()
