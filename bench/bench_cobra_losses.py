@@ -78,6 +78,20 @@ def _time_interleaved(fast, slow, repeats: int) -> tuple[float, float]:
     return statistics.median(fast_times), statistics.median(slow_times)
 
 
+def compare_forms(vectorised, loop, repeats: int, rel_tol: float, what: str, loop_name: str) -> None:
+    """Check that the two forms give the same loss, time them (`_time_interleaved`) and print
+    `what` with the loss, then a row per form and the speed-up."""
+    lv, ll = vectorised().item(), loop().item()
+    if not math.isclose(lv, ll, rel_tol=rel_tol):
+        raise SystemExit(f"vectorised {lv} != loop {ll}")
+    t_vec, t_loop = _time_interleaved(vectorised, loop, repeats)
+    width = max(len(loop_name), len("vectorised"))
+    print(f"{what}; loss {lv:.6f} (both forms)")
+    print(f"{'vectorised':>{width}}: {t_vec * 1e3:10.2f} ms")
+    print(f"{loop_name:>{width}}: {t_loop * 1e3:10.2f} ms")
+    print(f"{'speed-up':>{width}}: {t_loop / t_vec:10.1f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -123,15 +137,9 @@ def main() -> None:
         loss.backward()
         return loss
 
-    lv, ll = vectorised().item(), loop().item()
-    if not math.isclose(lv, ll, rel_tol=1e-5):
-        raise SystemExit(f"vectorised {lv} != loop {ll}")
-    t_vec, t_loop = _time_interleaved(vectorised, loop, args.repeats)
-    print(f"SAP+CAP forward+backward, CPU ({torch.get_num_threads()} threads), "
-          f"B={B}, P={P}, D={D}, top_bot_k={args.top_bot_k}; loss {lv:.6f} (both forms)")
-    print(f"{'vectorised':>12}: {t_vec * 1e3:10.2f} ms")
-    print(f"{'per-patch loop':>12}: {t_loop * 1e3:10.2f} ms")
-    print(f"{'speed-up':>12}: {t_loop / t_vec:10.1f}x")
+    compare_forms(vectorised, loop, args.repeats, 1e-5,
+                  f"SAP+CAP forward+backward, CPU ({torch.get_num_threads()} threads), "
+                  f"B={B}, P={P}, D={D}, top_bot_k={args.top_bot_k}", "per-patch loop")
     if args.export:
         export_throughput(args.export_images, args.paper_export)
 

@@ -12,7 +12,6 @@ medians of interleaved runs are reported, so load from other processes hits both
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from wsss_core.methods.fbr import (class_prototypes, fb_loss, host_pseudo_labels
                                    query_mask, sample_if_negatives)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cobra_losses import _time_interleaved  # noqa: E402  (same timing protocol)
+from bench_cobra_losses import compare_forms  # noqa: E402  (same check and timing protocol)
 
 
 def _per_query_loss(f, query, pseudo, protos, keys_of, tau) -> torch.Tensor:
@@ -84,15 +83,10 @@ def main() -> None:
         loss.backward()
         return loss
 
-    lv, ll = vectorised().item(), loop().item()
-    if not math.isclose(lv, ll, rel_tol=1e-4):
-        raise SystemExit(f"vectorised {lv} != loop {ll}")
-    t_vec, t_loop = _time_interleaved(vectorised, loop, args.repeats)
-    print(f"FB + IF forward+backward, CPU ({torch.get_num_threads()} threads), B={B}, grid {h}x{h}, "
-          f"d={d}, {n_q} queries, bank {args.bank}, {args.n_neg} negatives; loss {lv:.6f} (both forms)")
-    print(f"{'vectorised':>15}: {t_vec * 1e3:10.2f} ms")
-    print(f"{'per-query loop':>15}: {t_loop * 1e3:10.2f} ms")
-    print(f"{'speed-up':>15}: {t_loop / t_vec:10.1f}x")
+    compare_forms(vectorised, loop, args.repeats, 1e-4,
+                  f"FB + IF forward+backward, CPU ({torch.get_num_threads()} threads), B={B}, "
+                  f"grid {h}x{h}, d={d}, {n_q} queries, bank {args.bank}, {args.n_neg} negatives",
+                  "per-query loop")
 
 
 if __name__ == "__main__":
