@@ -4,7 +4,7 @@ straight from a method's cams.h5: which branch carries the seed.
     python scripts/branch_seeds.py results/toy cobra cnn vit max max_mean_last
 
 A name of the method's maps scores that map alone; a recipe (max, mean, max_mean_last) fuses
-the maps the method declares for fusion (wsss_core.seeds.recipe_inputs).
+the maps the method declares for fusion (wsss_core.pseudo.seeds.recipe_inputs).
 """
 import sys
 
@@ -13,7 +13,7 @@ import numpy as np
 from wsss_core.data.index import DatasetIndex
 from wsss_core.map_store import MapReader, map_roles
 from wsss_core.metrics import ConfusionMatrix
-from wsss_core.seeds import fuse, recipe_inputs, seed_labels_sweep
+from wsss_core.pseudo.seeds import fuse, recipe_inputs, seed_labels_sweep
 
 
 def main(root: str, method: str, recipes: list[str]) -> None:

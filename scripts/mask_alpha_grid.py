@@ -16,8 +16,8 @@ from pathlib import Path
 
 from wsss_core.config import load_config, stage_params
 from wsss_core.data.index import DatasetIndex
-from wsss_core.masks import rule_threshold
-from wsss_core.ops.crf import map_pool, pool_chunks
+from wsss_core.pseudo.masks import rule_threshold
+from wsss_core.ops.pool import map_pool, pool_chunks
 from wsss_core.stages.eval_masks import score_label_dir
 from wsss_core.stages.make_masks import _chunk, _Job
 

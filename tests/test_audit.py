@@ -22,9 +22,9 @@ from wsss_core.audit.panels import label_rgb
 from wsss_core.data.palette import IGNORE, voc_palette
 from wsss_core.io import save_label_png, write_json, write_text
 from wsss_core.map_store import MapWriter
-from wsss_core.masks import pseudo_mask
+from wsss_core.pseudo.masks import pseudo_mask
 from wsss_core.metrics import ConfusionMatrix, write_metrics
-from wsss_core.seeds import fuse, seed_labels
+from wsss_core.pseudo.seeds import fuse, seed_labels
 from wsss_core.stages.audit import audit
 from wsss_core.stages.compare import compare
 from wsss_core.stages.eval_masks import eval_masks

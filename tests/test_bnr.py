@@ -86,8 +86,8 @@ def test_class_token_slot_is_doubled_before_each_coupled_block(monkeypatch):
         calls.append((x, out[0]))
         return out
 
-    block_forward = conformer._block_forward
-    monkeypatch.setattr(conformer, "_block_forward", recording)
+    block_forward = conformer.block_forward
+    monkeypatch.setattr(conformer, "block_forward", recording)
     net = create_timm("conformer_tiny_toy", num_classes=VOC).eval()
     with torch.no_grad():
         net(torch.randn(1, 3, 32, 32))

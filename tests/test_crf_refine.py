@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsss_core.ops.crf import (FINAL_MASK_CRF, IR_LABEL_CRF, crf_from_labels, crf_from_probs,
-                               map_pool)
+from wsss_core.ops.crf import FINAL_MASK_CRF, IR_LABEL_CRF, crf_from_labels, crf_from_probs
+from wsss_core.ops.pool import map_pool
 from wsss_core.ops.refine import (IRN_BG_THRESHOLD, IRN_FG_THRESHOLD, attention_thresholds,
                                   per_class_alpha_thresholds, crf_mask, full_keys, grid_bounds,
                                   ir_label, mask_per_class_alpha, mask_per_class_alpha_channels, mask_irn,

@@ -253,7 +253,7 @@ def test_editing_a_stage_module_reruns_it_and_what_follows(run):
 
 @pytest.mark.slow
 def test_editing_shared_mask_code_reruns_its_users_only(run):
-    jobs = _dry_run_after_editing(run, "masks.py")  # used by make_masks and sweep_masks
+    jobs = _dry_run_after_editing(run, "pseudo/masks.py")  # used by make_masks and sweep_masks
     assert {"make_masks", "sweep_masks"} <= jobs
     assert not jobs & {"train_classifier", "export_cams", "ir_labels", "train_irn", "propagate"}
 

@@ -16,12 +16,13 @@ from wsss_core.config import load_config, method_params, stage_params
 from wsss_core.engine import load_checkpoint, save_checkpoint
 from wsss_core.methods import StepContext, create_method
 from wsss_core.errors import ConfigError
-from wsss_core.methods.fbr import (FBRMethod, _SampledCosine, sample_bank_negatives, sorted_uniforms, FBRNet, NROIBank, active_class_distribution, background_target,
+from wsss_core.methods.fbr import FBRMethod
+from wsss_core.methods.fbr_losses import (_SampledCosine, sample_bank_negatives, sorted_uniforms, NROIBank, active_class_distribution, background_target,
                                    batched_kmeans, cap_queries, class_prototypes,
                                    decorrelation_loss, fb_loss, host_pseudo_labels, if_loss,
                                    image_nrois, key_similarities, query_mask,
-                                   sample_if_negatives,
-                                   thresholded_avg_pool)
+                                   sample_if_negatives)
+from wsss_core.models.fbr_net import FBRNet, thresholded_avg_pool
 from wsss_core.models.resnet_cam import ResNetCAM
 from wsss_core.stages.export_cams import image_maps
 
@@ -434,7 +435,7 @@ def test_official_switches():
     fq, pos, keys = torch.rand(3, 4), torch.rand(3, 4), torch.rand(3, 5, 4)
     allk = torch.cat([pos[:, None], keys], 1)
     logits = F.cosine_similarity(fq[:, None].expand_as(allk), allk, dim=1) / 0.5
-    from wsss_core.methods.fbr import _nce_axis_bug
+    from wsss_core.methods.fbr_losses import _nce_axis_bug
     torch.testing.assert_close(_nce_axis_bug(fq, pos, keys, 0.5),
                                F.cross_entropy(logits, torch.zeros(3, dtype=torch.long), reduction="none"))
 

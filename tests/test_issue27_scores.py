@@ -20,9 +20,9 @@ from wsss_core.data.palette import IGNORE
 from wsss_core.errors import DataError
 from wsss_core.io import read_json, save_label_png, write_json
 from wsss_core.map_store import MapWriter
-from wsss_core.masks import pseudo_mask
+from wsss_core.pseudo.masks import pseudo_mask
 from wsss_core.metrics import ConfusionMatrix, read_miou, write_metrics
-from wsss_core.seeds import seed_labels
+from wsss_core.pseudo.seeds import seed_labels
 from wsss_core.stages import eval_masks, eval_seeds, eval_seg, sweep_masks
 from wsss_core.stages.audit import audit
 from wsss_core.stages.results_table import results_table

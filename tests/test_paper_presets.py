@@ -13,7 +13,7 @@ from wsss_core.config import load_config, method_params, stage_params
 from wsss_core.errors import WeightsError
 from wsss_core.models.backbones import create_timm, pretrained_source
 from wsss_core.models.segmentation import create_seg_model, pretrained_encoder_source
-from wsss_core.masks import pseudo_mask
+from wsss_core.pseudo.masks import pseudo_mask
 from wsss_core.methods import StepContext, create_method
 from wsss_core.models.irn import IRN, affinity_displacement_loss
 from wsss_core.ops.path_index import PathIndex, affinity_labels

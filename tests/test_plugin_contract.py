@@ -29,8 +29,8 @@ PLUGIN = textwrap.dedent('''
     import torch
 
     from wsss_core.methods import Method, register_method
-    from wsss_core.methods.base import MapSpec, make_optimizer, merge_flip
-    from wsss_core.methods.cobra_losses import multilabel_soft_margin
+    from wsss_core.methods.base import MapSpec, make_optimizer
+    from wsss_core.methods.common import merge_flip, multilabel_soft_margin
     from wsss_core.models.resnet_cam import ResNetCAM
 
 

@@ -12,7 +12,7 @@ from wsss_core.errors import ConfigError
 from wsss_core.io import write_json
 from wsss_core.map_store import MapWriter
 from wsss_core.metrics import read_miou
-from wsss_core.seeds import percentile_backgrounds, percentile_seed_labels_sweep
+from wsss_core.pseudo.seeds import percentile_backgrounds, percentile_seed_labels_sweep
 from wsss_core.stages.eval_seeds import eval_seeds
 
 PARAMS = {"background": "percentile", "thresholds": {"start": 0.1, "stop": 0.9, "step": 0.2},

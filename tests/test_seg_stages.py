@@ -21,7 +21,7 @@ from wsss_core.data.toy import generate_toy
 from wsss_core.errors import ConfigError, DataError
 from wsss_core.io import read_label_png, write_json
 from wsss_core.ops.crf import crf_from_probs
-from wsss_core.seg_engine import predict_multiscale
+from wsss_core.seg_inference import predict_multiscale
 from wsss_core.stages import train_seg as train_seg_module
 from wsss_core.stages.eval_seg import eval_seg
 from wsss_core.models.segmentation import load_seg_model

@@ -17,7 +17,9 @@ from wsss_core.models import segmentation as seg_models
 from wsss_core.models.segmentation import (PAPER_ENCODERS, TINY_ENCODERS, create_seg_model,
                                            param_groups)
 from wsss_core.optim import make_optimizer, set_lr
-from wsss_core.seg_engine import SegTrainAugment, predict_multiscale, segmentation_loss
+from wsss_core.data.seg_dataset import SegTrainAugment
+from wsss_core.models.segmentation import segmentation_loss
+from wsss_core.seg_inference import predict_multiscale
 
 NUM_CLASSES = 21
 

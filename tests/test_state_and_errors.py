@@ -160,7 +160,7 @@ def test_truncated_classifier_is_one_line_from_the_stage(irn_inputs, tmp_path, c
                                            ("irn_backbone", "train_classifier"),
                                            ("seg", "train_seg")])
 def test_every_model_loader_names_the_damaged_file_and_its_stage(irn_inputs, tmp_path, loader, stage):
-    from wsss_core.checkpoint import load_method
+    from wsss_core.methods import load_method
     from wsss_core.models.irn import load_irn
     from wsss_core.models.segmentation import load_seg_model
     from wsss_core.stages.train_irn import build_irn
@@ -379,7 +379,7 @@ def test_a_stage_removes_its_own_stale_temporaries_and_no_one_elses(tmp_path):
 
 WORKERS_SCRIPT = """
 import os, sys, time
-from wsss_core.ops.crf import map_pool
+from wsss_core.ops.pool import map_pool
 
 def work(i):
     with open(os.path.join(sys.argv[1], str(os.getpid())), "w"):
@@ -454,7 +454,7 @@ def test_outputs_get_the_umask_permissions(tmp_path, umask, file_mode, dir_mode)
 @pytest.mark.parametrize("rule", ["global_max", "per_class_alpha"])
 @pytest.mark.parametrize("crf", [False, True])
 def test_pseudo_mask_of_an_image_without_a_class_is_background(rule, crf):
-    from wsss_core.masks import pseudo_mask
+    from wsss_core.pseudo.masks import pseudo_mask
 
     params = {"rule": rule, "bg": 0.25, "alpha": 0.31, "crf": crf,
               "crf_params": {"gt_prob": 0.7, "gauss_sxy": 2, "gauss_compat": 3, "bi_sxy": 45,

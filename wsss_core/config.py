@@ -149,7 +149,7 @@ def check_map_settings(cfg: dict) -> None:
 
     Raises: ConfigError naming the key, the method and the maps there are."""
     from .methods import describe_methods
-    from .seeds import RECIPES
+    from .pseudo.seeds import RECIPES
 
     modules = tuple(e.get("module") for e in cfg["methods"].values()
                     if isinstance(e, dict) and isinstance(e.get("module"), str))

@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as tdist
@@ -37,11 +37,23 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, resume_key, save_checkpoint  # noqa: F401  (re-exported)
 from .errors import ConfigError, DataError
 from .io import atomic_path
-from .methods.base import StepContext
 from .optim import set_lr
 from .precision import autocast_factory, grad_scaler
 
 log = logging.getLogger("wsss")
+
+
+@dataclass
+class StepContext:
+    """What a training step may need to know about where it is in the schedule: `fit` builds one
+    per step and hands it to the method's `training_step` / `after_step` (re-exported by
+    `wsss_core.methods.base`, part of the plug-in contract)."""
+    epoch: int
+    step: int
+    max_step: int
+    epochs: int
+    device: torch.device
+    autocast: Any = None  # a context-manager factory: the stage's `precision` region
 
 
 @dataclass

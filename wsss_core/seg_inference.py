@@ -1,9 +1,8 @@
-"""Training and inference helpers for the fully supervised segmentation stage (its training
-loop, schedule and optimiser are the shared ones: engine.fit, optim).
+"""Inference of a segmentation network (eval_seg, predict, export_model's size divisor).
+Its training parts live elsewhere: the augmentation in data/seg_dataset.py (`SegTrainAugment`),
+the loss in models/segmentation.py (`segmentation_loss`), the loop in engine.py.
 
-Training: random scale (0.5-2.0), horizontal flip, padded random crop, cross-entropy with the
-ignore label 255.
-Inference: multi-scale (+ flip) softmax averaging at the image's own size, then an optional
+Multi-scale (+ flip) softmax averaging at the image's own size, then an optional
 dense-CRF callable (`predict_multiscale`); over many images, with the CRF in a process pool
 while the network goes on (`segment_images`, the one loop of eval_seg and predict).
 """
@@ -21,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.palette import IGNORE
-from .data.transforms import normalize, random_crop, random_hflip, random_rescale, to_chw
-from .ops.crf import crf_from_probs, die_with
+from .data.transforms import normalize, to_chw
+from .ops.crf import crf_from_probs
+from .ops.pool import die_with
 
 #: smp encoders need input sides divisible by their total stride (32 for both presets)
 SIZE_DIVISOR = 32
@@ -33,42 +32,6 @@ CRFFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 #: CRF jobs in flight per worker: enough to keep every worker busy, few enough to bound memory
 IN_FLIGHT_PER_WORKER = 2
 K = TypeVar("K", bound=Hashable)
-
-
-class SegTrainAugment:
-    """Random rescale (image bicubic, mask nearest), horizontal flip, ImageNet normalisation and
-    a crop x crop random crop padded with 0 (image, i.e. the mean colour) and 255 (mask)."""
-
-    def __init__(self, crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0),
-                 flip: bool = True) -> None:
-        lo, hi = scale_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"scale_range must satisfy 0 < lo <= hi, got {scale_range}")
-        self.crop_size = int(crop_size)
-        self.scale_range = (float(lo), float(hi))
-        self.flip = flip
-
-    def __call__(self, image: np.ndarray, mask: np.ndarray,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [H,W,3] image and uint8 [H,W] mask → float32 [3,crop,crop], int64 [crop,crop]."""
-        if image.shape[:2] != mask.shape[:2]:
-            raise ValueError(f"image {image.shape[:2]} and mask {mask.shape[:2]} differ in size")
-        image, mask = random_rescale(image, mask, *self.scale_range, rng)
-        if self.flip:
-            image, mask = random_hflip(image, mask, rng)
-        image, mask = random_crop(normalize(image), mask, self.crop_size, rng,
-                                  img_fill=0.0, mask_fill=IGNORE)
-        return to_chw(image), mask.astype(np.int64)
-
-
-def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the labelled (≠255) pixels; exactly 0 when none is labelled
-    (torch's mean reduction would give 0/0 = NaN there)."""
-    if logits.shape[-2:] != masks.shape[-2:]:
-        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE, reduction="sum")
-    labelled = (masks != IGNORE).sum()
-    return total / labelled.clamp(min=1)
 
 
 def _pad_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
 from ..io import atomic_dir, label_image, write_json
-from ..ops.crf import die_with
+from ..ops.pool import die_with
 from .palette import IGNORE
 from .voc import check_id
 

@@ -11,13 +11,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 from ..errors import DataError
 from ..io import read_label_png
-from ..seg_engine import SegTrainAugment
 from .datasets import EpochDataset
 from .index import DatasetIndex
 from .palette import IGNORE
+from .transforms import normalize, random_crop, random_hflip, random_rescale, to_chw
+
+
+class SegTrainAugment:
+    """Random rescale (image bicubic, mask nearest), horizontal flip, ImageNet normalisation and
+    a crop x crop random crop padded with 0 (image, i.e. the mean colour) and 255 (mask)."""
+
+    def __init__(self, crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0),
+                 flip: bool = True) -> None:
+        lo, hi = scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must satisfy 0 < lo <= hi, got {scale_range}")
+        self.crop_size = int(crop_size)
+        self.scale_range = (float(lo), float(hi))
+        self.flip = flip
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [H,W,3] image and uint8 [H,W] mask → float32 [3,crop,crop], int64 [crop,crop]."""
+        if image.shape[:2] != mask.shape[:2]:
+            raise ValueError(f"image {image.shape[:2]} and mask {mask.shape[:2]} differ in size")
+        image, mask = random_rescale(image, mask, *self.scale_range, rng)
+        if self.flip:
+            image, mask = random_hflip(image, mask, rng)
+        image, mask = random_crop(normalize(image), mask, self.crop_size, rng,
+                                  img_fill=0.0, mask_fill=IGNORE)
+        return to_chw(image), mask.astype(np.int64)
 
 
 def mask_path(masks_dir: str | os.PathLike, image_id: str) -> Path:

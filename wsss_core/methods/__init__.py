@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._registry import (create_method, describe_method, describe_methods, import_plugin,
-                        keep_descriptions, list_methods, method_class, register_method)
+from ._registry import (classifier_backbone_state, create_method, describe_method,
+                        describe_methods, import_plugin, keep_descriptions, list_methods,
+                        load_method, method_class, register_method)
 
 __all__ = ["Method", "MapSpec", "StepContext", "register_method", "create_method",
            "method_class", "list_methods", "import_plugin", "describe_method", "describe_methods",
-           "keep_descriptions"]
+           "keep_descriptions", "load_method", "classifier_backbone_state"]
 
 
 def __getattr__(name: str) -> Any:

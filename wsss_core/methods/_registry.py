@@ -77,11 +77,75 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_method(params: dict, num_classes: int, train_params: dict | None = None) -> "Method":
-    """A method built from its resolved block (`config.method_params`): `plugin`, optional
-    `module`, and the settings blocks the plug-in declares."""
-    cls = method_class(params["plugin"], params.get("module"))
+def create_method(name: str | dict, num_classes: int, train_params: dict | None = None, *,
+                  module: str | None = None, **blocks: dict | None) -> "Method":
+    """A method plug-in, built (timm's `create_model`, smp's `create_model` style).
+
+    By name: `create_method("cobra", 21, model={"proj_dim": 128}, cobra={...})` builds plug-in
+    `name` (importing `module` first when given) with `num_classes` classes (background
+    included). Each keyword names one of the plug-in's settings blocks and may be partial: the
+    keys left out, and the blocks left out, take the defaults of the plug-in's settings
+    dataclasses (`settings_blocks`; nested blocks too), and `self.params` holds the filled
+    blocks, as a config-resolved block would.
+
+    From the config: `create_method(params, num_classes, train_params)` with the resolved
+    block of `config.method_params` (`plugin`, optional `module`, `preset` and the settings
+    blocks), as the stages and `load_method` call it.
+
+    `train_params` are the train_classifier parameters some plug-ins read (`crop`, `seed`).
+
+    Raises: ConfigError for an unknown plug-in, a block it does not declare, or a key a block
+    does not define."""
+    if isinstance(name, dict):
+        if blocks or module is not None:
+            raise TypeError("create_method(params, ...): the settings blocks are in `params`")
+        params = name
+        cls = method_class(params["plugin"], params.get("module"))
+        return cls(params, num_classes, train_params)
+    import dataclasses
+
+    from .settings import from_dict
+
+    cls = method_class(name, module)
+    unknown = sorted(set(blocks) - set(cls.settings_blocks))
+    if unknown:
+        raise ConfigError(f"create_method({name!r}): the {name} plug-in has no {unknown[0]} block "
+                          f"(its blocks: {', '.join(cls.settings_blocks) or 'none'})")
+    params: dict[str, Any] = {"plugin": name}
+    if module:
+        params["module"] = module
+    for block, block_cls in cls.settings_blocks.items():
+        params[block] = dataclasses.asdict(from_dict(block_cls, blocks.get(block), block))
     return cls(params, num_classes, train_params)
+
+
+def load_method(path: str | Path, device: Any = "cpu") -> "Method":
+    """The trained method (eval mode, on `device`) from a classifier model file (written by
+    train_classifier: its method block, class count and training parameters are in it).
+
+    Raises: DataError / WeightsError (`checkpoint.read_model`) for a missing, damaged or
+    foreign file."""
+    from ..checkpoint import pretrained_blocks, read_model
+
+    record = read_model(path, "classifier", map_location=device)
+    method = dict(record["method"])
+    # weights come from the file: never fetch ImageNet weights again
+    for block in pretrained_blocks(method):
+        block["pretrained"] = False
+    m = create_method(method, int(record["num_classes"]), train_params=record.get("train_params"))
+    m.load_state_dict(record["state"])
+    m.to(device).eval()
+    return m
+
+
+def classifier_backbone_state(path: str | Path) -> dict:
+    """The trained CNN backbone of a classifier model file (`Method.backbone_state`), for IRN
+    and segmentation encoders started from it. The global RNG is left as it was, so building
+    the method does not shift the initialisation of the model that receives the weights."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        return load_method(path, "cpu").backbone_state()
 
 
 def keep_descriptions(folder: str | Path | None) -> None:

@@ -43,21 +43,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..engine import StepContext  # noqa: F401  (part of the contract; the engine builds it)
 from ..errors import ConfigError
 from ..map_store import MapRoles  # noqa: F401  (part of the contract; torch-free home)
 from ..optim import make_optimizer  # noqa: F401  (methods build their optimisers with it)
 from ..precision import place_model
-
-
-@dataclass
-class StepContext:
-    """What a training step may need to know about where it is in the schedule."""
-    epoch: int
-    step: int
-    max_step: int
-    epochs: int
-    device: torch.device
-    autocast: Any = None  # a context-manager factory: the stage's `precision` region
+from .common import merge_flip  # noqa: F401  (re-exported: plug-ins written before the kit)
 
 
 @dataclass
@@ -155,7 +146,6 @@ class Method(ABC):
         `layer1.` …) for IRN and segmentation encoders started from the classifier.
         ConfigError when the method has none (start those from ImageNet weights instead)."""
         if not self.backbone_module:
-            from ..errors import ConfigError
             raise ConfigError(f"method {self.name!r} has no CNN backbone to start IRN or the "
                               f"segmentation encoder from; set train_irn.backbone_from / "
                               f"train_seg.encoder_from to imagenet / weights")
@@ -247,8 +237,3 @@ class Method(ABC):
 
 def _plain(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
-
-
-def merge_flip(out: torch.Tensor) -> torch.Tensor:
-    """[2, C, h, w] maps of (image, mirrored image) → map(image) + mirror(map(mirror))."""
-    return out[0] + out[1].flip(-1)

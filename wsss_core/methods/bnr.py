@@ -20,8 +20,8 @@ from ..models import conformer  # noqa: F401  (registers the Conformer models wi
 from ..models.backbones import create_timm
 from ..models.conformer import ATTN_INITS, HYBRID_CNN_STRIDES
 from ._registry import register_method
-from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
-from .cobra_losses import multilabel_soft_margin
+from .base import MapSpec, Method, StepContext, make_optimizer
+from .common import merge_flip, multilabel_soft_margin
 
 
 def refine_cam(attn_sum: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:

@@ -2,33 +2,12 @@
 docs/methods/cam.md."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from ..models.resnet_cam import ResNetCAM
 from ._registry import register_method
-from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
-from .cobra_losses import multilabel_soft_margin
-
-
-@dataclass
-class ResNetSettings:
-    backbone: str = "resnet50.tv_in1k"  # torchvision V1 weights, as IRN
-    strides: list[int] = field(default_factory=lambda: [2, 2, 2, 1])
-    pretrained: bool = True
-    # offline route: a checkpoint of the weights the tag names (resnet50.tv_in1k: torchvision's
-    # resnet50-0676ba61.pth; resnet152.tv_in1k: resnet152-394f9c45.pth)
-    pretrained_file: str | None = None
-    frozen_bn: bool = True  # IRN: BN statistics stay at their ImageNet values
-    detach_early: bool = True  # IRN: stem, layer1, layer2 get no gradient
-
-    def build(self, num_classes: int, with_background: bool, proj_dim: int | None = None) -> ResNetCAM:
-        return ResNetCAM(self.backbone, num_classes, with_background=with_background,
-                         proj_dim=proj_dim, strides=tuple(self.strides),
-                         detach_early=self.detach_early, pretrained=self.pretrained,
-                         pretrained_file=self.pretrained_file, frozen_bn=self.frozen_bn)
+from .base import MapSpec, Method, StepContext, make_optimizer
+from .common import ResNetSettings, merge_flip, multilabel_soft_margin
 
 
 @register_method

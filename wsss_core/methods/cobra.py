@@ -15,10 +15,9 @@ from torch import nn
 
 from ..models.vit_cam import ViTCAM
 from ._registry import register_method
-from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
-from .cam import ResNetSettings
-from .cobra_losses import (cap_loss, cnn_pseudo_labels, l1_intercam, l1_positive_term,
-                           multilabel_soft_margin, sap_loss)
+from .base import MapSpec, Method, StepContext, make_optimizer
+from .cobra_losses import cap_loss, cnn_pseudo_labels, l1_intercam, l1_positive_term, sap_loss
+from .common import ResNetSettings, merge_flip, multilabel_soft_margin
 from .settings import block
 
 

@@ -21,31 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from ..precision import float32
+from .common import foreground_logits as _foreground_logits
+from .common import multilabel_soft_margin  # noqa: F401  (re-exported: the loss predates the kit)
 
 PseudoLabelMode = Literal["official", "neginf"]
-
-
-def _foreground_logits(logits_map: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The foreground channels of a [B, ch, h, w] map: drop channel 0 when ch == C + 1."""
-    ch = logits_map.shape[1]
-    if ch == num_classes + 1:
-        return logits_map[:, 1:]
-    if ch == num_classes:
-        return logits_map
-    raise ValueError(f"map has {ch} channels; expected {num_classes} (no background) or "
-                     f"{num_classes + 1} (background first) for {num_classes} labels")
-
-
-def multilabel_soft_margin(logits_map: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """GAP over space, then PyTorch's multilabel soft-margin loss (mean over classes and batch).
-
-    The background channel is excluded here, decided from the shapes: a map with
-    `labels.shape[1] + 1` channels has background at channel 0, which is dropped (it gets no
-    gradient from this loss, docs/methods/cobra.md §4.1); a map with `labels.shape[1]` channels is used whole.
-    """
-    fg = _foreground_logits(logits_map, labels.shape[1])
-    scores = fg.flatten(2).mean(dim=2)
-    return F.multilabel_soft_margin_loss(scores, labels.to(scores.dtype))
 
 
 def _upsample(z: torch.Tensor, out_size: tuple[int, int] | int) -> torch.Tensor:

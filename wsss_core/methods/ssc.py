@@ -29,9 +29,8 @@ from ..data.superpixels import GENERATORS, superpixels
 from ..errors import ConfigError, DataError
 from ..models.drs_cam import VGG_RELU_K_1, CDRDecoder, DRSResNetCAM, FeatureTaps, drs
 from ._registry import register_method
-from .base import MapSpec, Method, StepContext, make_optimizer, merge_flip
-from .cam import ResNetSettings
-from .cobra_losses import multilabel_soft_margin
+from .base import MapSpec, Method, StepContext, make_optimizer
+from .common import ResNetSettings, merge_flip, multilabel_soft_margin
 from .settings import block, check_backbone_name
 from .ssc_losses import asm_loss, perceptual_loss, pixel_loss
 

@@ -9,7 +9,7 @@ three groups of `depth / 3` blocks at CNN strides 4, 8, 16 (the token grid is al
 tokens share one grid. No positional embedding. Parameter names equal the official ones, so
 the official ImageNet file (`Conformer_small_patch16.pth`) loads as it is, minus its heads.
 
-The transformer blocks are timm's `Block`; `_block_forward` (shared with the ViT CAM) returns
+The transformer blocks are timm's `Block`; `vit_blocks.block_forward` (shared with the ViT CAM) returns
 their head-averaged attention probabilities.
 
 `stem_stride` (not in the paper): 2 is the official stem (output stride 16); 1 halves every
@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import WeightsError
 from .backbones import cnn_stages
-from .vit_cam import _block_forward
+from .vit_blocks import block_forward
 
 #: the stem stages a hybrid Conformer's CNN branch can start from, and the attention starts
 HYBRID_CNN_STRIDES = (4, 16)
@@ -132,7 +132,7 @@ class ConvTransBlock(nn.Module):
         x, x2 = self.cnn_block(x)
         # the class-token slot receives 2 x cls here (FCUDown prepends a copy): official, and
         # what the ImageNet weights were trained with
-        tokens, attn = _block_forward(self.trans_block, self.squeeze_block(x2, tokens) + tokens)
+        tokens, attn = block_forward(self.trans_block, self.squeeze_block(x2, tokens) + tokens)
         grid = (x2.shape[2] // self.token_stride, x2.shape[3] // self.token_stride)
         x, _ = self.fusion_block(x, self.expand_block(tokens, grid))
         return x, tokens, attn
@@ -241,7 +241,7 @@ class Conformer(nn.Module):
         x, _ = self.conv_1(base)
         tokens = self.trans_patch_conv(patches).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
-        tokens, attn = _block_forward(self.trans_1, tokens)
+        tokens, attn = block_forward(self.trans_1, tokens)
         attns = [attn]
         for blk in self.coupled_blocks():
             x, tokens, attn = blk(x, tokens)

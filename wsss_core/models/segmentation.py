@@ -1,5 +1,5 @@
 """Fully supervised segmentation networks (last pipeline stage) built with
-segmentation-models-pytorch.
+segmentation-models-pytorch, and their training loss (`segmentation_loss`).
 
 Paper presets (the usual WSSS second stage, docs/algorithms.md §segmentation): DeepLabV3+ with
 ResNet-101 (output stride 16) and SegFormer with MiT-B2. Tiny CPU presets use the same architectures with resnet18 / mit_b0 encoders.
@@ -28,9 +28,11 @@ from urllib.parse import urlparse
 import segmentation_models_pytorch as smp
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models import split_model_name_tag
 from torch import nn
 
+from ..data.palette import IGNORE
 from ..errors import ConfigError, WeightsError
 from ..precision import place_model
 from .backbones import (
@@ -264,3 +266,13 @@ def load_seg_model(path, device: torch.device | str = "cpu") -> tuple[nn.Module,
     model.load_state_dict(record["state"])
     meta = {k: v for k, v in record.items() if k != "state"}
     return place_model(model, device).eval(), meta
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled (≠255) pixels; exactly 0 when none is labelled
+    (torch's mean reduction would give 0/0 = NaN there)."""
+    if logits.shape[-2:] != masks.shape[-2:]:
+        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE, reduction="sum")
+    labelled = (masks != IGNORE).sum()
+    return total / labelled.clamp(min=1)

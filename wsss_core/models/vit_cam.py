@@ -1,5 +1,5 @@
 """ViT CAM classifier: a semantic-aware ViT branch, a TS-CAM-style head on a timm ViT
-(docs/algorithms.md §cam-models). The blocks are run by `_block_forward`, which repeats timm's `Block` math with
+(docs/algorithms.md §cam-models). The blocks are run by `vit_blocks.block_forward`, which repeats timm's `Block` math with
 the attention probabilities made explicit (timm's fused attention never materialises them);
 `tests/test_cam_models.py` checks it against timm's own `forward_features`. The positional
 embedding is resampled DINO-style for any input size, so the patch grid is
@@ -18,6 +18,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import ConfigError, WeightsError
 from .backbones import cnn_stages, create_timm
+from .vit_blocks import block_forward
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, src_grid: tuple[int, int],
@@ -41,27 +42,6 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, src_grid: tuple[int, int],
                            f"expected {(h, w)}")
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, dim)
     return torch.cat([cls_pos, patch_pos], dim=1)
-
-
-def _block_forward(blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm `Block.forward` (pre-norm MHSA + MLP, layer scale, drop path) that also returns
-    the post-softmax attention averaged over heads, [B, T, T] (row = query, column = key)."""
-    attn_mod = blk.attn
-    if getattr(attn_mod, "gate", None) is not None:
-        raise ConfigError("gated attention is not supported by the CAM attention forward")
-    h = blk.norm1(x)
-    B, N, _ = h.shape
-    heads, head_dim = attn_mod.num_heads, attn_mod.head_dim
-    qkv = attn_mod.qkv(h).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
-    probs = ((q * attn_mod.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    o = (attn_mod.attn_drop(probs) @ v).transpose(1, 2).reshape(B, N, heads * head_dim)
-    o = attn_mod.norm(o) if hasattr(attn_mod, "norm") else o
-    o = attn_mod.proj_drop(attn_mod.proj(o))
-    x = x + blk.drop_path1(blk.ls1(o))
-    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x, probs.mean(dim=1)
 
 
 class CNNStem(nn.Module):
@@ -154,7 +134,7 @@ class ViTCAM(nn.Module):
         t = vit.norm_pre(vit.patch_drop(t))
         attns = []
         for blk in vit.blocks:
-            t, a = _block_forward(blk, t)
+            t, a = block_forward(blk, t)
             attns.append(a)
         return vit.norm(t), torch.stack(attns, dim=1), grid
 

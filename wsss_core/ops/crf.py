@@ -1,4 +1,5 @@
-"""Dense CRF (pydensecrf) for label refinement, and a process-pool helper for per-image CPU work.
+"""Dense CRF (pydensecrf) for label refinement (the process pool that runs it per image is
+`ops.pool`).
 
 Parameter sets (docs/algorithms.md §ir-labels, §masks):
 * `IR_LABEL_CRF` — ir_label synthesis: Gaussian 3/3, bilateral 50/5/10, 10 iterations;
@@ -7,22 +8,11 @@ Both with `gt_prob = 0.7`, unary from hard labels with `zero_unsure = False`.
 """
 from __future__ import annotations
 
-import multiprocessing
-import os
-import select
-import sys
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -101,64 +91,3 @@ def crf_from_probs(image: np.ndarray, probs: np.ndarray, gauss_sxy: float = 3,
     unary = unary_from_softmax(probs)
     return _inference(image, unary, probs.shape[0], gauss_sxy, gauss_compat, bi_sxy, bi_srgb,
                       bi_compat, iterations)
-
-
-def die_with(stage_pid: int) -> None:
-    """Pool initializer (`initargs=(os.getpid(),)`): the worker ends as soon as the stage's
-    process `stage_pid` is gone. A SIGKILLed stage otherwise leaves its workers running, and
-    with them the fork server and multiprocessing's resource tracker (both stay up while any
-    worker holds their pipes). The parent-death signal cannot do this: under `forkserver` a
-    worker's parent is the fork server, which waits for its workers."""
-    def watch() -> None:
-        try:
-            select.select([os.pidfd_open(stage_pid)], [], [])  # readable once it has exited
-        except (AttributeError, OSError):  # no pidfd (old kernel), or already gone: poll
-            while _running(stage_pid):
-                time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="die-with-stage", daemon=True).start()
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _init_worker(stage_pid: int) -> None:
-    die_with(stage_pid)
-    # one BLAS/OpenMP thread per process: the pool itself provides the parallelism
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)
-
-
-def pool_chunks(items: list[T], threads: int) -> list[tuple[T, ...]]:
-    """`items` dealt round-robin into about 4 chunks per worker: a job per chunk opens the
-    dataset index and the map stores once, not once per image."""
-    n = max(1, int(threads)) * 4
-    return [c for c in (tuple(items[i::n]) for i in range(n)) if c]
-
-
-def map_pool(fn: Callable[[T], R], items: Iterable[T], threads: int = 1) -> list[R]:
-    """`[fn(x) for x in items]`, spread over `threads` worker processes, results in input order.
-
-    `threads <= 1` (or a single item) runs a plain loop in this process. Workers are started
-    with the `forkserver` method (safe with an initialised torch), so `fn` and the items must be
-    picklable (a module-level function and plain data such as ids and paths).
-    """
-    items = list(items)
-    workers = min(int(threads), len(items))
-    if workers <= 1:
-        return [fn(x) for x in items]
-    chunksize = max(1, len(items) // (workers * 4))
-    ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                             initializer=_init_worker, initargs=(os.getpid(),)) as pool:
-        return list(pool.map(fn, items, chunksize=chunksize))

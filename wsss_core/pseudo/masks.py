@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ops.crf import CRFParams
-from .ops.refine import crf_mask, full_keys, mask_irn_channels, mask_per_class_alpha_channels
+from ..ops.crf import CRFParams
+from ..ops.refine import crf_mask, full_keys, mask_irn_channels, mask_per_class_alpha_channels
 
 
 def mask_channels(rw_up: np.ndarray, rule: str, threshold: float) -> np.ndarray:

@@ -162,7 +162,7 @@ def write_in_parts(out: str | os.PathLike, attrs: dict, image_ids: list[str], wo
     import tempfile
 
     from ..map_store import MapReader, MapWriter
-    from ..ops.crf import map_pool
+    from ..ops.pool import map_pool
 
     out = Path(out)
     with MapWriter(out, attrs, dtype=dtype) as writer:

@@ -26,7 +26,7 @@ from ..map_store import MapReader
 from ..metrics import (ConfusionMatrix, check_ground_truth, check_scorable, mask_dir_of,
                        no_ground_truth_report,
                        threshold_grid, write_metrics)
-from ..seeds import percentile_seed_labels_sweep, seed_labels_sweep
+from ..pseudo.seeds import percentile_seed_labels_sweep, seed_labels_sweep
 from . import common
 
 log = logging.getLogger("wsss")

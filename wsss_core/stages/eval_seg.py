@@ -25,9 +25,9 @@ from ..errors import ConfigError, DataError
 from ..io import atomic_dir, save_label_png
 from ..metrics import (ConfusionMatrix, check_ground_truth, check_scorable, mask_dir_of,
                        no_ground_truth_report, write_metrics)
-from ..checkpoint import load_method
+from ..methods import load_method
 from ..models.segmentation import load_seg_model
-from ..seg_engine import segment_images
+from ..seg_inference import segment_images
 from . import common
 
 log = logging.getLogger("wsss")

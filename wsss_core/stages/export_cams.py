@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..checkpoint import load_method
+from ..methods import load_method
 from ..data.datasets import MultiScaleDataset, collate_single
 from ..data.index import DatasetIndex
 from ..errors import ConfigError

@@ -31,7 +31,7 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, WeightsError, WSSSError
 from ..io import atomic_dir
 from ..models.segmentation import load_seg_model
-from ..seg_engine import SIZE_DIVISOR
+from ..seg_inference import SIZE_DIVISOR
 from . import common
 from .predict import model_kind, wrong_kind
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..map_store import MapReader, MapWriter, map_roles
-from ..seeds import fuse, recipe_inputs
+from ..pseudo.seeds import fuse, recipe_inputs
 from . import common
 
 log = logging.getLogger("wsss")

@@ -20,7 +20,8 @@ from ..errors import ConfigError
 from ..io import atomic_dir, save_label_png
 from ..map_store import MapReader, map_roles
 from ..metrics import write_metric_json
-from ..ops.crf import CRFParams, map_pool, pool_chunks
+from ..ops.crf import CRFParams
+from ..ops.pool import map_pool, pool_chunks
 from ..ops.refine import attention_thresholds, ir_label
 from . import common
 

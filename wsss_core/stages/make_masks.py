@@ -10,8 +10,8 @@ from pathlib import Path
 from ..data.index import DatasetIndex
 from ..io import atomic_dir, save_label_png
 from ..map_store import MapReader
-from ..masks import pseudo_mask, rule_threshold
-from ..ops.crf import map_pool, pool_chunks
+from ..ops.pool import map_pool, pool_chunks
+from ..pseudo.masks import pseudo_mask, rule_threshold
 from . import common
 
 log = logging.getLogger("wsss")

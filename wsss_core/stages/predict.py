@@ -5,7 +5,7 @@ MODEL is a segmentation network (`results/<dataset>/<method>/seg/model.pt`), or 
 image, a folder of images (not recursive) or a list file (.txt/.lst: one image path a line,
 relative to the list's folder; blank lines and `#` comments skipped). Images may have any size.
 
-Inference is eval_seg's, by the same code (`seg_engine.segment_images`): multi-scale (+ flip)
+Inference is eval_seg's, by the same code (`seg_inference.segment_images`): multi-scale (+ flip)
 softmax averaging at the image's own size, then the dense CRF in a pool of `--threads`
 processes while the network goes on. Each forward holds one image and its mirror, so images of
 different sizes need no resizing and the labels equal eval_seg's for the same model and
@@ -38,7 +38,7 @@ from ..data.palette import IGNORE, voc_palette
 from ..data.voc import IMAGE_SUFFIXES, read_image
 from ..errors import ConfigError, DataError, WeightsError
 from ..io import atomic_dir, read_user_text, save_label_png, write_json
-from ..seg_engine import segment_images
+from ..seg_inference import segment_images
 from . import common
 from .eval_seg import CRF_KEYS, EVAL_KEYS, load_predictor
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ..data.index import DatasetIndex
 from ..map_store import MapReader
-from ..masks import RULE_PARAMETER, pseudo_mask, rule_threshold
+from ..pseudo.masks import RULE_PARAMETER, pseudo_mask, rule_threshold
 from ..metrics import (ConfusionMatrix, check_ground_truth, check_scorable, mask_dir_of,
                        no_ground_truth_report,
                        threshold_grid, write_metric_json)

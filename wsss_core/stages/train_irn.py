@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import classifier_backbone_state, save_model
+from ..checkpoint import save_model
 from ..data.datasets import IRNDataset
 from ..data.index import DatasetIndex
 from ..engine import FitConfig, batch_note, data_parallel, distributed, finish, fit, resume_key
 from ..errors import ConfigError
-from ..methods.base import StepContext
+from ..engine import StepContext
+from ..methods import classifier_backbone_state
 from ..models.irn import IRN, affinity_displacement_loss
 from ..ops.path_index import PathIndex, affinity_labels
 from ..optim import make_optimizer

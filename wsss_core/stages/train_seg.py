@@ -19,22 +19,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import classifier_backbone_state, save_model
+from ..checkpoint import save_model
 from ..config import resolve_seg_params
 from ..data.index import DatasetIndex
-from ..data.seg_dataset import SegmentationDataset
-from ..engine import FitConfig, batch_note, data_parallel, distributed, finish, fit, resume_key
+from ..data.seg_dataset import SegmentationDataset, SegTrainAugment
+from ..engine import (batch_note, data_parallel, distributed, finish, fit, fit_config, resume_key,
+                      start_files)
 from ..errors import ConfigError, DataError
-from ..methods.base import StepContext
+from ..engine import StepContext
+from ..methods import classifier_backbone_state
 from ..models.backbones import batchnorm_eval
 from ..models.segmentation import (
     create_seg_model,
     load_classifier_backbone,
     param_groups,
+    segmentation_loss,
 )
 from ..optim import make_optimizer
 from ..precision import place_model
-from ..seg_engine import SegTrainAugment, segmentation_loss
 from . import common
 
 log = logging.getLogger("wsss")
