@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from wsss_core.methods.fbr import (class_prototypes, fb_loss, host_pseudo_labels, if_loss,
-                                   sample_bank_negatives,
-                                   query_mask, sample_if_negatives)
+from wsss_core.methods.fbr_losses import (class_prototypes, fb_loss, host_pseudo_labels, if_loss,
+                                          sample_bank_negatives,
+                                          query_mask, sample_if_negatives)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cobra_losses import compare_forms  # noqa: E402  (same check and timing protocol)
