@@ -9,6 +9,8 @@ from snakemake.utils import min_version
 from wsss_core import config as wsss_config
 from wsss_core import methods as wsss_methods
 
+# the one Snakemake minimum (also pyproject.toml and envs/wsss.yaml): the SLURM executor plugin
+# (>= 2.8) implements Snakemake 9's executor interface
 min_version("9.0")
 
 configfile: "config.yaml"
@@ -18,6 +20,9 @@ report: "report/workflow.rst"
 # Idle OpenMP threads must not spin: with two jobs on two cores a spinning pool slows every
 # parallel op of the other job by orders of magnitude.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# envs/wsss.yaml installs wsss from here (pip expands ${WSSS_ROOT}): under `--sdm conda` the
+# environment's `wsss` runs this checkout's code
+os.environ["WSSS_ROOT"] = workflow.basedir
 
 wsss_config.apply_defaults(config)
 # what the config check needs of the method plug-ins (settings blocks, single-stage flag) is

@@ -47,8 +47,8 @@ def conda_requirements() -> dict[str, SpecifierSet]:
     env = yaml.safe_load((REPO / "envs" / "wsss.yaml").read_text())
     out: dict[str, SpecifierSet] = {}
     for dep in env["dependencies"]:
-        if isinstance(dep, dict):  # the pip: section holds PyPI requirements
-            for r in map(Requirement, dep["pip"]):
+        if isinstance(dep, dict):  # the pip: section holds PyPI requirements and wsss itself
+            for r in map(Requirement, (p for p in dep["pip"] if not p.startswith("-e "))):
                 out[normalise(r.name)] = r.specifier
             continue
         m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*([<>=!~].*)?", dep)
@@ -79,6 +79,24 @@ def test_conda_env_python_matches_requires_python():
     python = [d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python")]
     assert python == [f"python{pyproject()['project']['requires-python']}"]
     assert "conda-forge" in env["channels"]
+
+
+def test_conda_env_installs_this_checkout():
+    """Under `snakemake --sdm conda` the rules' `wsss` is the environment's: its pip section
+    installs the repository from ${WSSS_ROOT} (pip expands it), which the Snakefile sets to the
+    workflow's folder. A path relative to the env file would not do: Snakemake creates the
+    environment from a copy of the file under .snakemake/conda/."""
+    env = yaml.safe_load((REPO / "envs" / "wsss.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "-e ${WSSS_ROOT}" in pip
+    assert 'os.environ["WSSS_ROOT"] = workflow.basedir' in (REPO / "Snakefile").read_text()
+
+
+def test_one_snakemake_minimum():
+    """Snakefile min_version, pyproject and the conda environment name the same minimum."""
+    version = re.search(r'^min_version\("([\d.]+)"\)', (REPO / "Snakefile").read_text(), re.M)[1]
+    assert str(pyproject_requirements()["snakemake"]) == f">={version}"
+    assert str(conda_requirements()["snakemake"]) == f">={version}"
 
 
 def test_normalise():
