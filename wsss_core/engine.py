@@ -373,3 +373,23 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     w.writerows(rows)
     with atomic_path(path, suffix=".csv") as tmp:
         tmp.write_text(buf.getvalue())
+
+
+# --- what the training stages share ------------------------------------------------------------
+
+def fit_config(params: dict, stage: str, desc: str) -> FitConfig:
+    """The FitConfig of a training stage's resolved parameter block (the schedule keys every
+    training stage's schema has: epochs, batch_size, seed, poly_power, num_workers, precision)."""
+    return FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
+                     poly_power=params["poly_power"], num_workers=params["num_workers"],
+                     desc=desc, stage=stage, precision=params["precision"])
+
+
+def start_files(source: str, classifier: str | Path | None,
+                pretrained_file: str | None) -> list[str | Path]:
+    """The weight files a network starts from, part of its resume fingerprint: the trained
+    classifier when `source` is "classifier", else the local `pretrained_file` it loads (None:
+    no file, e.g. weights from a download cache or random)."""
+    if source == "classifier":
+        return [classifier] if classifier else []
+    return [pretrained_file] if pretrained_file else []

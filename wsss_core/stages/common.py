@@ -94,11 +94,6 @@ def run_stage(args: argparse.Namespace, fn: Callable[..., Any], **kwargs) -> int
             handler.close()
 
 
-def exit_with(code: int) -> None:
-    if code:
-        sys.exit(code)
-
-
 def seed_everything(seed: int) -> None:
     import torch
     random.seed(seed)
@@ -177,3 +172,11 @@ def write_in_parts(out: str | os.PathLike, attrs: dict, image_ids: list[str], wo
                         writer.copy_image(reader, image_id)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_training(seed: int, threads: int | None):
+    """What a training stage does first: use `threads`, seed every generator with `seed`.
+    Returns the device it trains on (get_device)."""
+    set_threads(threads)
+    seed_everything(seed)
+    return get_device()

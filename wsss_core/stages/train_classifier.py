@@ -7,7 +7,7 @@ from pathlib import Path
 from ..data.datasets import ClassificationDataset
 from ..data.index import DatasetIndex
 from ..checkpoint import fingerprint, pretrained_blocks, save_model
-from ..engine import FitConfig, batch_note, data_parallel, distributed, finish, fit, resume_key
+from ..engine import batch_note, data_parallel, distributed, finish, fit, fit_config, resume_key
 from ..methods import create_method
 from . import common
 
@@ -19,10 +19,8 @@ def train_classifier(index: str | Path, method: dict, params: dict, out: str | P
     """Train and write `out` (model.pt) with `train_log.csv` and `checkpoint.pt` beside it.
     Under torchrun each process trains on its share of every batch; rank 0 writes."""
     out = Path(out)
-    common.set_threads(threads)
-    common.seed_everything(params["seed"])
+    device = common.start_training(params["seed"], threads)
     idx = DatasetIndex.load(index)
-    device = common.get_device()
     with distributed(device) as dist:
         model = create_method(method, idx.num_classes, train_params=params).to(device)
         optimizers = model.optimizers(params["lr"], params["weight_decay"], params["momentum"],
@@ -40,10 +38,7 @@ def train_classifier(index: str | Path, method: dict, params: dict, out: str | P
         log.info("%s on %s: %d images, %d epochs, %s, device %s, %d process(es)",
                  method["plugin"], idx.name, len(dataset), params["epochs"],
                  batch_note(len(dataset), params["batch_size"], dist.world_size), device, dist.world_size)
-        cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
-                        poly_power=params["poly_power"], num_workers=params["num_workers"],
-                        desc=f"train {method['plugin']}", stage="train_classifier",
-                        precision=params["precision"])
+        cfg = fit_config(params, "train_classifier", f"train {method['plugin']}")
         fit(dataset, cfg, model.training_step, optimizers, model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
             device=device, resume=resume, after_step=model.after_step, train_mode=model.train,

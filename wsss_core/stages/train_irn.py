@@ -14,7 +14,8 @@ import torch
 from ..checkpoint import save_model
 from ..data.datasets import IRNDataset
 from ..data.index import DatasetIndex
-from ..engine import FitConfig, batch_note, data_parallel, distributed, finish, fit, resume_key
+from ..engine import (batch_note, data_parallel, distributed, finish, fit, fit_config, resume_key,
+                      start_files)
 from ..errors import ConfigError
 from ..engine import StepContext
 from ..methods import classifier_backbone_state
@@ -47,10 +48,8 @@ def train_irn(index: str | Path, labels: str | Path, params: dict, out: str | Pa
               classifier: str | Path | None = None, resume: bool = False,
               threads: int | None = None) -> Path:
     out = Path(out)
-    common.set_threads(threads)
-    common.seed_everything(params["seed"])
+    device = common.start_training(params["seed"], threads)
     idx = DatasetIndex.load(index)
-    device = common.get_device()
     with distributed(device) as dist:
         model = place_model(build_irn(params, classifier), device)
         edge, disp, backbone = model.param_groups()
@@ -77,29 +76,19 @@ def train_irn(index: str | Path, labels: str | Path, params: dict, out: str | Pa
             return affinity_displacement_loss(edge_logits, displacement, bg_pos, fg_pos, neg,
                                               path_index)
 
-        cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
-                        poly_power=params["poly_power"], num_workers=params["num_workers"],
-                        desc="train irn", stage="train_irn",
-                        precision=params["precision"])
+        cfg = fit_config(params, "train_irn", "train irn")
+        weights = start_files(params["backbone_from"], classifier, params.get("pretrained_file")
+                              if params["backbone_from"] == "imagenet" else None)
         fit(dataset, cfg, step, [opt], model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
             device=device, resume=resume, train_mode=model.train,
             fingerprint=resume_key(params, idx.ids("train_aug"),
                                    files=[index, labels, *idx.image_files("train_aug"),
-                                          *_start_files(params, classifier)]))
+                                          *weights]))
         if dist.is_main:
             save_model(out, "irn", model.state_dict(), params=params)
         finish(out.with_name("checkpoint.pt"))
     return out
-
-
-def _start_files(params: dict, classifier: str | Path | None) -> list[str | Path]:
-    """The weight files the backbone starts from (the classifier or a pretrained_file)."""
-    if params["backbone_from"] == "classifier":
-        return [classifier] if classifier else []
-    if params["backbone_from"] == "imagenet" and params.get("pretrained_file"):
-        return [params["pretrained_file"]]
-    return []
 
 
 def main(argv: list[str] | None = None) -> int:

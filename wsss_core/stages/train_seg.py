@@ -82,14 +82,12 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
     out = Path(out)
     params = resolve_seg_params(params)
     _check_params(params)
-    common.set_threads(threads)
-    common.seed_everything(params["seed"])
+    device = common.start_training(params["seed"], threads)
     idx = DatasetIndex.load(index)
     augment = SegTrainAugment(params["crop"], tuple(params["scale_range"]), flip=params["flip"])
     dataset = SegmentationDataset(idx, "train_aug", masks_dir, augment, seed=params["seed"])
     if len(dataset) < 2:
         raise DataError(f"{index}: train_aug has {len(dataset)} image(s); batch norm needs 2")
-    device = common.get_device()
     with distributed(device) as dist:
         model = place_model(build_seg_model(params, idx.num_classes, classifier), device)
         # encoder at lr, decoder + head at lr x decoder_lr_mult
@@ -110,16 +108,15 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
             masks = batch["mask"].to(ctx.device, dtype=torch.long, non_blocking=True)
             return {"total": segmentation_loss(net(images), masks)}
 
-        cfg = FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
-                        poly_power=params["poly_power"], num_workers=params["num_workers"],
-                        desc=f"train {params['model']}", stage="train_seg",
-                        precision=params["precision"])
+        cfg = fit_config(params, "train_seg", f"train {params['model']}")
+        weights = start_files(params["encoder_from"], classifier,
+                              params["pretrained_file"] if params["pretrained"] else None)
         fit(dataset, cfg, step, [optimizer], model.state_dict, model.load_state_dict,
             checkpoint=out.with_name("checkpoint.pt"), log_csv=out.with_name("train_log.csv"),
             device=device, resume=resume, train_mode=lambda: train_mode(model, params["frozen_bn"]),
             fingerprint=resume_key(params, idx.num_classes, dataset.ids,
                                    files=[index, *idx.image_files("train_aug"), *dataset.mask_files(),
-                                          *_start_files(params, classifier)]))
+                                          *weights]))
         if dist.is_main:
             save_model(out, "segmentation", {k: v.detach().cpu() for k, v in model.state_dict().items()},
                        model=params["model"], encoder=params["encoder"],
@@ -136,15 +133,6 @@ def train_mode(model: nn.Module, frozen_bn: bool) -> None:
     model.train()
     if frozen_bn:
         batchnorm_eval(model.encoder)
-
-
-def _start_files(params: dict, classifier: str | Path | None) -> list[str | Path]:
-    """The weight files the encoder starts from (the classifier or a pretrained_file)."""
-    if params["encoder_from"] == "classifier":
-        return [classifier] if classifier else []
-    if params["pretrained"] and params.get("pretrained_file"):
-        return [params["pretrained_file"]]
-    return []
 
 
 def main(argv: list[str] | None = None) -> int:
