@@ -102,7 +102,7 @@ def par_dilation_loop(image, masks, dilations=DILATIONS, iterations=10):
 
 
 def lil_entry_loop(q, bank, tags, bank_tags, tau=0.08):
-    """The formula (seco.md §12.1), one anchor and one bank entry at a time."""
+    """The formula (docs/methods/seco.md "LiL"), one anchor and one bank entry at a time."""
     n, m = q.shape[0], bank.shape[0]
     qs, bs = q.tolist(), bank.tolist()
     tags, bt = tags.tolist(), bank_tags.tolist()

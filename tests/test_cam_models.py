@@ -1,4 +1,5 @@
-"""CNN and ViT CAM branches (cobra.md §3): shapes, frozen BN, detach, attention forward,
+"""CNN and ViT CAM branches (docs/methods/cobra.md "Architecture", docs/algorithms.md
+§cam-models): shapes, frozen BN, detach, attention forward,
 positional-embedding resampling, parameter groups. Random weights only."""
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""CoBra losses (cobra.md §4) against literal per-element loop oracles written from the spec."""
+"""CoBra losses (docs/methods/cobra.md "Losses") against literal per-element loop oracles written
+from the spec."""
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ def _inputs(seed: int = 0):
     return z_cnn, labels, e_vit, e_cnn, attn
 
 
-# ---------------------------------------------------------------- literal oracles (§4.3-4.5)
+# ---------------------------------------------------------------- literal oracles ---------
 
 def _argmax_first(values: list[float]) -> int:
     best = max(values)
@@ -98,7 +99,7 @@ def oracle_cap(attn, e_cnn, k_pos, k_neg, tau) -> float:
     return oracle_contrastive(e_cnn, pos_sets, neg_sets, tau, False)
 
 
-# ---------------------------------------------------------------- required tests (§4.7)
+# ---------------------------------------------------------------- stable form ----------
 
 @pytest.mark.parametrize("bug", [True, False])
 def test_sap_matches_loop_oracle(bug: bool) -> None:
@@ -168,7 +169,7 @@ def test_sap_official_bug_value_by_hand() -> None:
     assert sap_loss(z, pseudo, e, 1, 1, tau, True).item() == pytest.approx(buggy.item(), rel=1e-6)
 
 
-# ---------------------------------------------------------------- pseudo labels (§4.3)
+# ---------------------------------------------------------------- pseudo labels ---
 
 def test_pseudo_labels_match_oracle_both_modes() -> None:
     z_cnn, labels, *_ = _inputs(6)

@@ -1,5 +1,5 @@
 """Dense CRF, process pool, dynamic thresholds, ir_label synthesis and mask rules
-(cobra.md §8, irn.md §9, §12.6)."""
+(docs/algorithms.md §ir-labels, §masks)."""
 from __future__ import annotations
 
 import numpy as np
@@ -78,7 +78,7 @@ def test_map_pool_matches_serial():
     assert map_pool(grid_bounds, [], threads=2) == []
 
 
-# cobra.md §8 step 3: t → (bg_thr, fg_thr)
+# docs/algorithms.md §ir-labels (percentile): t → (bg_thr, fg_thr)
 THRESHOLD_VECTORS = [(0.0, -0.05, 0.45), (0.01, 0.0, 0.5), (0.025, 0.0, 0.5), (0.05, 0.0, 0.5),
                      (0.07, 0.05, 0.55), (0.1, 0.05, 0.55), (0.125, 0.1, 0.6), (0.15, 0.1, 0.6),
                      (0.2, 0.15, 0.65), (0.333, 0.3, 0.8), (0.5, 0.45, 0.95), (1.0, 0.95, 1.45)]

@@ -1,4 +1,4 @@
-"""IRN network, boundary map and affinity/displacement loss (irn.md §2, §5, §7, §12.3–4)."""
+"""IRN network, boundary map and affinity/displacement loss (docs/algorithms.md §irn)."""
 from __future__ import annotations
 
 import math
@@ -30,7 +30,7 @@ def test_boundary_map_shapes(tiny):
     b = tiny.boundary_map(torch.randn(2, 3, 375, 500))
     assert b.shape == (1, 94, 125)
     assert float(b.min()) >= 0 and float(b.max()) <= 1
-    # images larger than the crop are padded to a multiple of 16, not cropped ([FIX] §7)
+    # images larger than the crop are padded to a multiple of 16, not cropped ([FIX])
     assert tiny.boundary_map(torch.randn(2, 3, 530, 97), crop=128).shape == (1, 133, 25)
 
 
@@ -64,7 +64,7 @@ def test_backbone_frozen_and_param_groups(tiny):
     trainable = {id(p) for p in tiny.parameters() if p.requires_grad}
     assert trainable == group_ids
     assert len(edge_params) == 17 and len(dp_params) == 22
-    # GroupNorm group counts of §2.2/2.3
+    # GroupNorm group counts of the official IRN branches
     assert tiny.edge1[1].num_groups == 4 and tiny.dp1[1].num_groups == 8
     assert tiny.dp2[1].num_groups == 16 and tiny.dp7[1].num_groups == 16
 
@@ -85,7 +85,7 @@ def test_mean_shift(tiny):
 
 
 def _oracle_loss(edge_logits, disp, bg_pos, fg_pos, neg, pi: PathIndex) -> dict[str, float]:
-    """Per-element loops over the formulas of irn.md §5."""
+    """Per-element loops over the formulas of docs/algorithms.md §irn."""
     eps = 1e-5
     n_b = edge_logits.shape[0]
     g_h, g_w = pi.grid
@@ -145,12 +145,12 @@ def test_loss_sanity_values():
     masks = affinity_labels(lab, pi)
     assert all(int(m.sum()) > 0 for m in masks)
     disp = torch.zeros(1, 2, 12, 14)
-    # logits 0 → b = 0.5 → ℓ⁺ = ℓ⁻ = −log(0.5 + 1e-5)  (§12.3)
+    # logits 0 → b = 0.5 → ℓ⁺ = ℓ⁻ = −log(0.5 + 1e-5)
     out = affinity_displacement_loss(torch.zeros(1, 1, 12, 14), disp, *masks, pi)
     half = -math.log(0.5 + 1e-5)
     for key in ("pos_bg", "pos_fg", "neg"):
         assert out[key].item() == pytest.approx(half, rel=1e-5)
-    # b ≡ 0 → ℓ⁺ ≈ −1e-5, ℓ⁻ = −log(1e-5) ≈ 11.513  (§5)
+    # b ≡ 0 → ℓ⁺ ≈ −1e-5, ℓ⁻ = −log(1e-5) ≈ 11.513
     # (float64: in float32, 1 + 1e-5 − 1 rounds to 1.0014e-5 → 11.5116, as in the reference)
     out = affinity_displacement_loss(torch.full((1, 1, 12, 14), -1e4, dtype=torch.float64),
                                      disp.double(), *masks, pi)

@@ -167,7 +167,7 @@ def test_empty_matrix_has_nan_miou():
 # ------------------------------------------------------------------------------ golden values
 
 def test_irn_worked_example():
-    """irn.md §10: pred [[0,1],[1,1]], gt [[0,1],[ignore,0]]."""
+    """docs/algorithms.md §miou: pred [[0,1],[1,1]], gt [[0,1],[ignore,0]]."""
     cm = ConfusionMatrix(2)
     cm.update(np.array([[0, 1], [1, 1]]), np.array([[0, 1], [IGNORE, 0]]))
     np.testing.assert_array_equal(cm.matrix, [[1, 1], [0, 1]])
@@ -175,7 +175,7 @@ def test_irn_worked_example():
     assert cm.miou() == 0.5
 
 
-#: cobra.md §10, supp. Tab. 8: per-class IoU (bg, aero, ..., tv) | reported mIoU
+#: CoBra paper, supp. Tab. 8: per-class IoU (bg, aero, ..., tv) | reported mIoU
 COBRA_TABLES = {
     "seed_train": ("85.26 59.90 37.03 68.79 48.30 58.55 77.13 68.00 70.89 29.19 72.04 55.53 "
                    "75.68 70.55 70.74 63.74 56.70 76.71 56.86 64.81 41.41", 62.28),

@@ -113,7 +113,8 @@ def test_paper_irn_step_and_one_real_size_mask(cfg):
     assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 3, 12}
 
 
-#: the weights the official code loads (cobra.md §3, irn.md §2), as timm tags / smp names, with
+#: the weights the official code loads (docs/methods/cobra.md "Architecture", docs/algorithms.md
+#: §irn), as timm tags / smp names, with
 #: the file timm or smp downloads for them
 OFFICIAL_WEIGHTS = {
     "resnet50.tv_in1k": "resnet50-0676ba61.pth",

@@ -1,4 +1,4 @@
-"""PathIndex (irn.md §3), path affinities and affinity labels (§4, §12.1–2)."""
+"""PathIndex, path affinities and affinity labels (docs/algorithms.md §irn)."""
 from __future__ import annotations
 
 import numpy as np

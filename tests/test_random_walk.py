@@ -1,4 +1,4 @@
-"""Random-walk propagation (irn.md §8, §12.5)."""
+"""Random-walk propagation (docs/algorithms.md §walk)."""
 from __future__ import annotations
 
 import resource

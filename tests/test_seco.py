@@ -1,5 +1,6 @@
 """SeCo (docs/methods/seco.md): loop oracles for the tag assignment, LiG, LiL and the bilateral
-filter; the spec's testable invariants (§21); the paper preset on CPU with random weights."""
+filter; the testable invariants of docs/methods/seco.md; the paper preset on CPU with random
+weights."""
 from __future__ import annotations
 
 import importlib
@@ -33,7 +34,8 @@ def _tiny_net(num_classes: int = 4) -> SeCoNet:
 # --- loop oracles ------------------------------------------------------------------------------
 
 def _tags_loop(roi, num_crops, crop, thr, proportion="weighted"):
-    """Tags and corners, one crop and one pixel at a time, from seco.md §8."""
+    """Tags and corners, one crop and one pixel at a time, from docs/methods/seco.md "One training
+    step" 3."""
     B, H, W = roi.shape
     half = crop // 2
     tags, corners = [], []
@@ -112,7 +114,7 @@ def test_lig_matches_loop_and_has_no_prototype_gradient():
 
 
 def _lil_loop(q, bank, tags, bank_tags, tau=0.08):
-    """seco.md §12.1, one row and one column at a time."""
+    """docs/methods/seco.md "LiL" (rectification), one row and one column at a time."""
     n, m = q.shape[0], bank.shape[0]
     tags = [float(t) for t in tags]
     S = [[float(q[i] @ bank[j]) / tau for j in range(m)] for i in range(n)]
@@ -187,7 +189,7 @@ def test_bilateral_filter_matches_loop():
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=0)
 
 
-# --- invariants: backbone and heads (§21.1-5) -----------------------------------------------
+# --- invariants: backbone and heads ("Network") -------------------------------------
 
 def test_encoder_shapes_frozen_pos_embed_and_identity_resize():
     net = _tiny_net()
@@ -300,7 +302,7 @@ def test_multi_scale_cam_keeps_the_stem_features_of_the_scale_one_pass():
         torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4)
 
 
-# --- CAM and labels (§21.6-12) ---------------------------------------------------------------
+# --- CAM and labels ("One training step" 1-2) -----------------------------------------------------
 
 def test_multi_scale_cam_is_min_max_normalised():
     net = _tiny_net()
@@ -346,7 +348,8 @@ def test_refine_cams_with_bkg_uniform_cases():
 
 
 def _refine_loop(image01, valid_cam, y, high, low, refine):
-    """seco.md §7.5 one image and one background level at a time: the kept channels only."""
+    """docs/methods/seco.md "One training step" 2, one image and one background level at a time:
+    the kept channels only."""
     B, C, H, W = valid_cam.shape
     half = (H // 2, W // 2)
     images = F.interpolate(image01, size=half, mode="bilinear", align_corners=False)
@@ -414,7 +417,7 @@ def test_seg_loss_balanced_and_all_ignored():
     assert float(seg_loss(logits, torch.full_like(label, 255))) == 0.0
 
 
-# --- tags (§21.13-16) --------------------------------------------------------------------------
+# --- tags ("One training step" 3) ----------------------------------------------------------------
 
 def test_tags_synthetic_masks():
     img = torch.randn(1, 3, 128, 128)
@@ -459,7 +462,7 @@ def test_tag_positions_ignore_global_rng_and_image():
     torch.testing.assert_close(c1, c3)
 
 
-# --- teachers, prototypes, queue (§21.17-20) -------------------------------------------------
+# --- teachers, prototypes, queue ("One training step" 5-6) ---------------------------------------
 
 def test_ema_teacher():
     net = _tiny_net().double()
@@ -498,7 +501,7 @@ def test_reservoir_fifo():
         Reservoir(100, 4).push(torch.zeros(48, 4), torch.zeros(48))
 
 
-# --- losses (§21.21-27) -----------------------------------------------------------------------
+# --- losses ("LiL", "LiG", "The others") ---------------------------------------------------------
 
 def test_lig_equal_similarities():
     q = torch.zeros(6, 4)
@@ -557,7 +560,7 @@ def test_loss_and_lr_schedules():
     assert loss_weights(s, 1000)["lig"] == 0 and loss_weights(s, 1001)["lig"] == 0.5
     assert loss_weights(s, 1001)["lil"] == 0.5 and loss_weights(s, 2000)["seg"] == 0
     assert loss_weights(s, 2001)["seg"] == 0.12 and loss_weights(s, 2001)["reg"] == 0.05
-    # §16 through the shared schedule: every group warms up from 1e-6 over 1500 steps
+    # "Optimiser" through the shared schedule: every group warms up from 1e-6 over 1500 steps
     m = create_method({"plugin": "seco", "model": TINY_VIT, "seco": {"local_crop": 16}}, 5, {"crop": 32})
     opts = m.optimizers(6e-5, 0.01, 0.9, "adamw")
     assert [g["lr_mult"] for g in opts[0].param_groups] == [1.0, 1.0, 10.0, 10.0]

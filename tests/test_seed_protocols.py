@@ -1,4 +1,5 @@
-"""Seed evaluation protocols (cobra.md §7): the constant background sweep and CoBra's per-image
+"""Seed evaluation protocols (docs/algorithms.md §seed-protocols): the constant background sweep
+and CoBra's per-image
 percentile of a class-agnostic map, by hand and against a per-pixel loop oracle."""
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The stride-4 map the random walk propagates: the method's own (`source: method`) or the fused
-seed at stride 4 (`source: fused`, cobra.md §6 [FIX]) that fuse_seeds writes beside the seed."""
+seed at stride 4 (`source: fused`, docs/algorithms.md §walk [FIX]) that fuse_seeds writes beside
+the seed."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,7 +72,7 @@ def test_fused_stride4_seed_follows_the_recipe_pixel_by_pixel(cams, tmp_path):
             k, h, w = cnn.shape
             for ch in range(k):
                 for y in range(h):
-                    for x in range(w):  # cobra.md §7: (max(M_c, M_v) + M_v) / 2
+                    for x in range(w):  # docs/algorithms.md §seeds: (max(M_c, M_v) + M_v) / 2
                         want = (max(cnn[ch, y, x], vit[ch, y, x]) + vit[ch, y, x]) / 2
                         assert got[ch, y, x] == pytest.approx(want, abs=1e-3)  # stored as float16
 

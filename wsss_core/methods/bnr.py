@@ -25,7 +25,8 @@ from .common import merge_flip, multilabel_soft_margin
 
 
 def refine_cam(attn_sum: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
-    """TransCAM's attention-refined CAM M* = A*·M (bnr.md §CAM; TransCAM paper eq. 5).
+    """TransCAM's attention-refined CAM M* = A*·M (docs/methods/bnr.md "Formulas"; TransCAM paper
+    eq. 5).
 
     attn_sum [B, N+1, N+1]: head-mean attention summed over blocks (rows = queries, class token
     first); cam [B, C, N]: the CNN CAM M flattened row-major. Returns M* [B, C, N] with

@@ -1,4 +1,4 @@
-"""`cobra`: CoBra's complementary branches (docs/methods/cobra.md §3-6).
+"""`cobra`: CoBra's complementary branches (docs/methods/cobra.md).
 
 CNN branch (class-aware knowledge) + ViT branch (semantic-aware knowledge), trained together:
 classification on both, then from `aux_start_epoch` the L1 inter-CAM term, SAP (CNN pseudo
@@ -43,11 +43,13 @@ class CobraModelSettings:
 
 @dataclass
 class CobraLossSettings:
-    """The `cobra:` config block (cobra.md §4-5); defaults are the [OFFICIAL] code's values.
+    """The `cobra:` config block (docs/methods/cobra.md "Losses", "Switches"); defaults are the
+    [OFFICIAL] code's values.
 
     total = cls + l1_weight · L1 + phi_c2t · SAP + phi_t2c · CAP from epoch `aux_start_epoch`.
     `tau` is the temperature of both SAP and CAP; `sap_temperature_bug: true` reproduces the
-    official SAP, whose negatives miss the 1/τ (cobra.md §4.7; false = the [FIX], both terms
+    official SAP, whose negatives miss the 1/τ (docs/methods/cobra.md "Losses"; false = the [FIX],
+    both terms
     scaled by 1/τ). `train_cnn_proj: false` keeps the official frozen random CNN projection
     that CAP trains against; true lets CAP train it ([FIX]). `l1_weight: 0` drops the L1
     inter-CAM term.

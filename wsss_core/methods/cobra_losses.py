@@ -1,10 +1,10 @@
-"""CoBra training losses (docs/methods/cobra.md §4), vectorised over batch and patches.
+"""CoBra training losses (docs/methods/cobra.md "Losses"), vectorised over batch and patches.
 
 Conventions: logit maps are [B, ch, h, w]; `labels` are the [B, C] 0/1 image labels of the
 foreground classes; when a map has C+1 channels, channel 0 is background. Positions are the
 h*w grid cells flattened row-major (P = h*w).
 
-SAP and CAP use the stable form of §4.7: from the Gram matrix G = eᵀe ([B, P, P], one
+SAP and CAP use a numerically stable form: from the Gram matrix G = eᵀe ([B, P, P], one
 matmul) the cosine s_pq = G_pq / (‖e_p‖ ‖e_q‖) of each needed pair is gathered as a scalar, and
 the per-positive term is
     t = -log(exp(s_pos/τ) / (exp(s_pos/τ) + N)) = softplus(log N - s_pos/τ),
@@ -58,7 +58,8 @@ def l1_positive_term(z_cnn: torch.Tensor, z_vit: torch.Tensor, labels: torch.Ten
 def cnn_pseudo_labels(z_cnn: torch.Tensor, labels: torch.Tensor,
                       mode: PseudoLabelMode = "official") -> torch.Tensor:
     """Per-position pseudo class ℓ [B, P] (int64, 0 = background) from the CNN logits
-    [B, C+1, h, w] (docs/methods/cobra.md §4.3): argmax over channels of Z_c masked by m = [1, y].
+    [B, C+1, h, w] (docs/methods/cobra.md "Losses"): argmax over channels of Z_c masked by m = [1,
+    y].
 
     official: absent classes are multiplied by 0 and keep logit 0, so they win where every
     present and background logit is negative (ties: first index, torch.argmax's rule);
@@ -124,7 +125,8 @@ def _contrastive(embedding: torch.Tensor, pos_idx: torch.Tensor, neg_idx: torch.
 
 def sap_loss(z_cnn: torch.Tensor, pseudo: torch.Tensor, e_vit: torch.Tensor, k_pos: int,
              k_neg: int, tau: float, temperature_bug: bool = True) -> torch.Tensor:
-    """SAP loss (docs/methods/cobra.md §4.4, REPO `cll_v1`): CNN class knowledge → ViT projection.
+    """SAP loss (docs/methods/cobra.md "Losses", REPO `cll_v1`): CNN class knowledge → ViT
+    projection.
 
     z_cnn [B, C+1, h, w] raw CNN logits (no gradient taken), pseudo [B, P] from
     `cnn_pseudo_labels`, e_vit [B, D, h, w] ViT projection. For query p, positives/negatives
@@ -145,7 +147,8 @@ def sap_loss(z_cnn: torch.Tensor, pseudo: torch.Tensor, e_vit: torch.Tensor, k_p
 
 def cap_loss(attn: torch.Tensor, e_cnn: torch.Tensor, k_pos: int, k_neg: int,
              tau: float) -> torch.Tensor:
-    """CAP loss (docs/methods/cobra.md §4.5, REPO `cll_v2`): ViT patch affinity → CNN projection.
+    """CAP loss (docs/methods/cobra.md "Losses", REPO `cll_v2`): ViT patch affinity → CNN
+    projection.
 
     attn [B, L, T, T] head-averaged attention per layer (T = 1 + P, class token first; no
     gradient taken), e_cnn [B, D, h, w] CNN projection. Affinity = Σ_l A[:, l, 1:, 1:]; for

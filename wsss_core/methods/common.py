@@ -51,7 +51,8 @@ def multilabel_soft_margin(logits_map: torch.Tensor, labels: torch.Tensor) -> to
 
     The background channel is excluded here, decided from the shapes: a map with
     `labels.shape[1] + 1` channels has background at channel 0, which is dropped (it gets no
-    gradient from this loss, docs/methods/cobra.md §4.1); a map with `labels.shape[1]` channels is used whole.
+    gradient from this loss, docs/methods/cobra.md "Losses"); a map with `labels.shape[1]`
+    channels is used whole.
     """
     fg = foreground_logits(logits_map, labels.shape[1])
     scores = fg.flatten(2).mean(dim=2)

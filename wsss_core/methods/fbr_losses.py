@@ -29,7 +29,8 @@ QUERY_MODES = ("quantile", "absolute", "all")
 def host_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, bg_score: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores Ŝ [B, C+1, h, w], probabilities π (softmax over channels) and pseudo labels ŷ
-    [B, h, w] from the raw CAM A [B, C, h, w] (docs/methods/fbr.md §3.2).
+    [B, h, w] from the raw CAM A [B, C, h, w] (docs/methods/fbr.md "What one training step
+    computes" 2).
 
     Ŝ_0 = `bg_score`; Ŝ_c = ReLU(A_c) / (max ReLU(A_c) + 1e-5) · y_c. ŷ = argmax (first wins).
     """

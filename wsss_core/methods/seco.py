@@ -6,7 +6,8 @@ cut around uncertain CAM pixels get category tags; their embeddings are contrast
 class prototypes built from single-label images' class tokens (LiG) and against a reservoir
 of an EMA local teacher's embeddings with a tag pool (LiL, with tag rectification). ToCo's
 patch-token contrast, the balanced segmentation CE and the dense energy loss complete the
-objective, switched on in stages (§15). Defaults reproduce the official code (SeCo on ToCo).
+objective, switched on in stages (docs/methods/seco.md "One training step" 7). Defaults reproduce
+the official code (SeCo on ToCo).
 
 Plug-in hooks used: `train_views` (the crop, its strong view and a second global view cut
 from the full image), `frozen_modules` (the EMA local teacher; the EMA runs inside the step,
@@ -95,7 +96,8 @@ class SeCoSettings:
 
 
 def loss_weights(s: SeCoSettings, it: int) -> dict[str, float]:
-    """The staged weights of §15 at iteration `it` (0-based)."""
+    """The staged loss weights (docs/methods/seco.md "One training step" 7) at iteration `it`
+    (0-based)."""
     contrast = it > s.cls_only_until
     late = it > s.contrast_until
     return {"cls": 1.0, "cls_aux": 1.0, "ptc": s.w_ptc if it >= s.ptc_from else 0.0,
@@ -106,7 +108,8 @@ def loss_weights(s: SeCoSettings, it: int) -> dict[str, float]:
 
 @torch.no_grad()
 def multi_scale_cam(net: SeCoNet, x: torch.Tensor, scales, keep_stem: bool = False):
-    """Training/evaluation CAMs (seco.md §6): per scale, [x; flip x] → raw CAMs → bilinear to
+    """Training/evaluation CAMs (docs/methods/seco.md "One training step" 1): per scale, [x; flip
+    x] → raw CAMs → bilinear to
     (H, W) → max with the un-flipped mirror → ReLU; summed over scales, then per (image,
     channel) min-subtracted and divided by (max + 1e-5). Returns (cams, cams_aux) [B, C, H, W];
     with `keep_stem` also x's frozen-stem features from the scale-1 pass (`stem_features`,
@@ -175,7 +178,8 @@ def _color(img: torch.Tensor, g: torch.Generator, p_jitter: float, p_gray: float
 
 def seco_views(image: np.ndarray, rng: np.random.Generator, crop: int,
                scale_range: tuple[int, int], flip_whole: bool = True) -> dict[str, torch.Tensor]:
-    """The training views of one uint8 image [H, W, 3] (seco.md §3 steps 1-5), each a
+    """The training views of one uint8 image [H, W, 3] (docs/methods/seco.md "One training step"
+    3-4), each a
     normalised float32 [3, crop, crop]: `image` the shared classifier crop (resize, flip,
     crop); `strong` that crop flipped w.p. 0.5 (Q3) and colour-augmented; `glob` a second
     global view, RandomResizedCrop(scale 0.4-1, ratio 3/4-4/3, bicubic) of the full image,
@@ -202,7 +206,8 @@ def seco_views(image: np.ndarray, rng: np.random.Generator, crop: int,
 
 
 class Reservoir(nn.Module):
-    """FIFO queue of key embeddings [K, D] with a parallel tag pool [K] (seco.md §11).
+    """FIFO queue of key embeddings [K, D] with a parallel tag pool [K] (docs/methods/seco.md "One
+    training step" 6).
     Initialised N(0, 1) normalised per feature column (official quirk Q9), tags 0."""
 
     def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:
@@ -227,7 +232,8 @@ class Reservoir(nn.Module):
 def update_prototypes(prototypes: torch.Tensor, cls_token: torch.Tensor, label_idx: torch.Tensor,
                       m: float) -> torch.Tensor:
     """In place: P_c ← m P_c + (1 − m) f_b for every single-label image b (label_idx 1..C, −1
-    otherwise), in batch order, then every row L2-normalised (seco.md §10). Returns P."""
+    otherwise), in batch order, then every row L2-normalised (docs/methods/seco.md "One training
+    step" 5). Returns P."""
     for f, c in zip(cls_token, label_idx.tolist()):
         if c > 0:
             prototypes[c - 1] = prototypes[c - 1] * m + (1 - m) * f
@@ -295,7 +301,8 @@ class SeCoMethod(Method):
 
     # --- optimisation ------------------------------------------------------------------------
     def optimizers(self, lr, weight_decay, momentum, kind="adamw"):
-        """AdamW groups of PolyWarmupAdamW (seco.md §16): encoder (norm and other weights apart),
+        """AdamW groups of PolyWarmupAdamW (docs/methods/seco.md "Optimiser"): encoder (norm and
+        other weights apart),
         CAM/projection heads and decoder at `head_lr_mult`; every group warms up linearly from
         `warmup_ratio` over `warmup_iters` steps (optim.lr_factor)."""
         net, s = self.net, self.settings
@@ -309,7 +316,7 @@ class SeCoMethod(Method):
             {"params": list(net.decoder.parameters()), "lr_mult": s.head_lr_mult, **warm}],
             lr, weight_decay, momentum, kind)]
 
-    # --- one training iteration (seco.md §15.1) --------------------------------------------
+    # --- one training iteration (docs/methods/seco.md "One training step") -----------------------
     def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         s, it = self.settings, ctx.step
         x = batch["image"].to(ctx.device, non_blocking=True)
@@ -386,7 +393,8 @@ class SeCoMethod(Method):
     @torch.no_grad()
     def infer(self, pair: torch.Tensor) -> dict[str, torch.Tensor]:
         """Final-layer and aux CAM [C, h, w] at input resolution: bilinear, max with the
-        un-flipped mirror, ReLU (seco.md §6 for one scale; the export sums scales)."""
+        un-flipped mirror, ReLU (docs/methods/seco.md "One training step" 1, for one scale; the
+        export sums scales)."""
         h, w = pair.shape[-2:]
         out = {}
         for name, cam in zip(("cam", "aux"), self.net.cams(pair)):
@@ -396,7 +404,8 @@ class SeCoMethod(Method):
 
     @torch.no_grad()
     def segment(self, images: torch.Tensor) -> torch.Tensor:
-        """SeCo's own segmentation (seco.md §17.3): the decoder's logits [B, C, h, w]
+        """SeCo's own segmentation (docs/methods/seco.md "Outputs"): the decoder's logits [B, C,
+        h, w]
         (background first) of normalised images [B, 3, h, w], bilinear from the patch grid to
         the input size. eval_seg adds scales, flip (summed logits per scale) and CRF."""
         seg = self.net.segment(images)

@@ -37,7 +37,7 @@ def _apply_box(label: torch.Tensor, img_box: Box) -> torch.Tensor:
 def cam_to_label(cams: torch.Tensor, cls_label: torch.Tensor, high: float, low: float,
                  bkg: float, img_box: Box = None, ignore_mid: bool = True,
                  mid_value: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dual-threshold labels from normalised CAMs (seco.md §7.1/7.2).
+    """Dual-threshold labels from normalised CAMs (docs/methods/seco.md "One training step" 2).
 
     cams [B, C, h, w] in [0, 1], cls_label [B, C] multi-hot (no background). Returns
     (valid_cam = cams masked to present classes, label [B, h, w] long): class c+1 where the
@@ -58,7 +58,8 @@ def cam_to_label(cams: torch.Tensor, cls_label: torch.Tensor, high: float, low: 
 
 def ptc_affinity_mask(cams_aux: torch.Tensor, cls_label: torch.Tensor, grid: tuple[int, int],
                       high: float, low: float, img_box: Box = None) -> torch.Tensor:
-    """ToCo's token-affinity target A [B, N, N] (seco.md §7.3): 1 same label, 0 different,
+    """ToCo's token-affinity target A [B, N, N] (docs/methods/seco.md "One training step" 2): 1
+    same label, 0 different,
     255 on the diagonal and on rows/columns of ignored tokens. `img_box` is passed in pixel
     coordinates unchanged (official quirk Q5); pass a grid-scaled box for the fixed form."""
     small = F.interpolate(cams_aux, size=grid, mode="bilinear", align_corners=False)
@@ -75,7 +76,8 @@ def refine_cams_with_bkg(image01: torch.Tensor, valid_cam: torch.Tensor, cls_lab
                          high: float, low: float, img_box: Box = None,
                          refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = par_refine
                          ) -> torch.Tensor:
-    """Segmentation pseudo label (seco.md §7.5; official `refine_cams_with_bkg_v2`).
+    """Segmentation pseudo label (docs/methods/seco.md "One training step" 2; official
+    `refine_cams_with_bkg_v2`).
 
     image01 [B, 3, H, W] in [0, 1]; valid_cam [B, C, H, W]. For each background level
     t ∈ {high, low}: background channel t + present-class CAMs at half size → softmax → PAR
@@ -127,7 +129,8 @@ def _first_argmax(planes: Sequence[torch.Tensor]) -> torch.Tensor:
 def assign_csc_tags(images: Sequence[torch.Tensor], roi: torch.Tensor, num_crops: int = 10,
                     crop: int = 64, threshold: float = 0.2, proportion: str = "weighted"
                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Decompose images into local crops with category tags (seco.md §8, `assign_csc_tags`).
+    """Decompose images into local crops with category tags (docs/methods/seco.md "One training
+    step" 3, `assign_csc_tags`).
 
     images: views [B, 3, H, W] cut at the same positions (weak, strong); roi [B, H, W] long
     with −1 (uncertain), 0, 1..C, 255. Crop top-left corners are a permutation (a CPU
@@ -192,7 +195,7 @@ def assign_csc_tags(images: Sequence[torch.Tensor], roi: torch.Tensor, num_crops
 
 def lig_loss(q: torch.Tensor, prototypes: torch.Tensor, tags: torch.Tensor,
              temperature: float = 0.1, base_temperature: float = 0.1) -> torch.Tensor:
-    """LiG, image-to-patch contrast (seco.md §13; official `LIG_Loss`).
+    """LiG, image-to-patch contrast (docs/methods/seco.md "LiG"; official `LIG_Loss`).
 
     q [n, D] unit queries, prototypes [C, D] (detached here), tags [n] (revised by LiL).
     Each anchor with a class tag is pulled to its class prototype against the prototypes of
@@ -218,7 +221,7 @@ def lig_loss(q: torch.Tensor, prototypes: torch.Tensor, tags: torch.Tensor,
 
 def rectify_tags(pos_logits: torch.Tensor, tags: torch.Tensor, ratio: float = 10.0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LiL's tag rectification (seco.md §12.1 step 5): a row whose filtered positive logits
+    """LiL's tag rectification (docs/methods/seco.md "LiL"): a row whose filtered positive logits
     have more than `ratio`× as many entries below their mean (over all columns) as at or above
     it is re-tagged 0 and its positives dropped. Returns (pos_logits, tags), both new tensors."""
     mean = pos_logits.mean(dim=1, keepdim=True)
@@ -231,7 +234,8 @@ def rectify_tags(pos_logits: torch.Tensor, tags: torch.Tensor, ratio: float = 10
 def lil_loss(q: torch.Tensor, bank: torch.Tensor, tags: torch.Tensor, bank_tags: torch.Tensor,
              temperature: float = 0.08, base_temperature: float = 0.08, impl: str = "reference"
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LiL, patch-to-patch contrast against the reservoir (seco.md §12; official `LIL_Loss`).
+    """LiL, patch-to-patch contrast against the reservoir (docs/methods/seco.md "LiL"; official
+    `LIL_Loss`).
 
     q [n, D] unit queries with tags [n]; bank [m, D] = [keys; queue] with bank_tags [m]
     (no gradient). Returns (loss, revised tags [n]); tags 0/−1 stay, rectified rows → 0.
@@ -270,7 +274,8 @@ def lil_loss(q: torch.Tensor, bank: torch.Tensor, tags: torch.Tensor, bank_tags:
 
 
 def ptc_loss(tokens2d: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
-    """ToCo's patch-token contrast (seco.md §14): tokens2d [B, D, h, w], affinity [B, N, N]
+    """ToCo's patch-token contrast (docs/methods/seco.md "The others"): tokens2d [B, D, h, w],
+    affinity [B, N, N]
     (1 / 0 / 255). 0.5(1 − mean |cos| over positives) + 0.5 mean |cos| over negatives, the
     means with +1 in the denominator. Scalar in [0, 1]."""
     t = F.normalize(tokens2d.flatten(2), p=2, dim=1, eps=1e-8)
@@ -280,7 +285,8 @@ def ptc_loss(tokens2d: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
 
 
 def seg_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Balanced CE (seco.md §14): logits [B, C+1, H, W], label [B, H, W] (255 ignored);
+    """Balanced CE (docs/methods/seco.md "The others"): logits [B, C+1, H, W], label [B, H, W]
+    (255 ignored);
     0.5 (mean CE over background pixels + mean CE over foreground pixels), counts + 1e-6."""
     ce = F.cross_entropy(logits, label.clamp(max=logits.shape[1] - 1) * (label != IGNORE),
                          reduction="none")
@@ -347,7 +353,8 @@ class _DenseEnergy(torch.autograd.Function):
 def dense_energy_loss(image255: torch.Tensor, probs: torch.Tensor, label: torch.Tensor,
                       roi: torch.Tensor | None = None, weight: float = 1e-7, sigma_rgb: float = 15.0,
                       sigma_xy: float = 100.0, scale: float = 0.5) -> torch.Tensor:
-    """Dense energy ("regularised") loss of Tang et al. as used by ToCo/SeCo (seco.md §14.1).
+    """Dense energy ("regularised") loss of Tang et al. as used by ToCo/SeCo (docs/methods/seco.md
+    "The others").
 
     image255 [B, 3, H, W] de-normalised 0-255; probs [B, K, H, W] softmax of the upsampled
     segmentation logits; label [B, H, W] (255 = unlabelled); roi [B, H, W] 1 inside the valid

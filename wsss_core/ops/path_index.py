@@ -7,7 +7,7 @@ indices. On top of it:
 * `affinity_from_boundary` — `aff = 1 − max_{path} b` for every (direction, source) pair;
 * `affinity_labels` — the bg-positive / fg-positive / negative pair masks of
   `GetAffinityLabelFromIndices` (docs/algorithms.md §irn), computed in torch on the label's device from the
-  ↓4 label instead of in the data loader ([FIX] of §4).
+  ↓4 label instead of in the data loader ([FIX]).
 
 Index convention: a grid `(G_h, G_w)` is flattened row-major; a source is `(i, j)` with
 `0 ≤ i < c_h`, `rf ≤ j < rf + c_w` where `rf = ceil(r) − 1`, `c_h = G_h − rf`,

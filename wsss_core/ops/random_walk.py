@@ -2,7 +2,8 @@
 
 * `transition_matrix_dense` / `random_walk_dense`: the reference `propagate_to_edge` literally
   (dense `(hw)²` matrix, `T^(2^exp_times)` by repeated squaring) — for tests and tiny maps.
-* `random_walk`: the same result without the dense matrix ([FIX] §8.6): the column-stochastic
+* `random_walk`: the same result without the dense matrix ([FIX], docs/algorithms.md §walk): the
+column-stochastic
   transition has ≤ 69 non-zeros per column (68 neighbours with `dy²+dx² < 25` plus itself),
   stored as a sparse CSR matrix (scipy on CPU, torch elsewhere) and applied `2**exp_times`
   times as `v ← v·T`. Memory is `O(69·hw)`; a VOC image (94×125 at stride 4) takes about a
@@ -42,7 +43,8 @@ def _padded_pair_affinities(boundary: torch.Tensor, radius: int
 
 def transition_matrix_dense(boundary: torch.Tensor, radius: int = 5, beta: float = 10.0
                             ) -> torch.Tensor:
-    """Column-stochastic transition matrix `T [hw, hw]` of §8 steps 1–4 (before the powers).
+    """Column-stochastic transition matrix `T [hw, hw]` of docs/algorithms.md §walk (before the
+    powers).
 
     Builds the dense symmetric affinity matrix over the padded grid exactly as the reference
     (`affinity_sparse2dense`), keeps the in-image vertices, raises it element-wise to `beta`
@@ -52,7 +54,8 @@ def transition_matrix_dense(boundary: torch.Tensor, radius: int = 5, beta: float
 
 
 def dense_affinity_matrix(boundary: torch.Tensor, radius: int = 5) -> torch.Tensor:
-    """The symmetric in-image affinity matrix `A [hw, hw]` of §8 step 3 (unit diagonal)."""
+    """The symmetric in-image affinity matrix `A [hw, hw]` of docs/algorithms.md §walk (unit
+    diagonal)."""
     return _dense_transition(boundary, radius, 1.0)[1]
 
 
