@@ -1,7 +1,8 @@
-"""The FBR network (docs/methods/fbr.md "Host A"): the IRN-style ResNet CAM classifier with a
-foreground and a background 1x1 projection head, an optional auxiliary background segmentation
-head, and TAP (thresholded average pooling) for the classification logits. The `fbr` plug-in
-(wsss_core/methods/fbr.py) trains it with the losses of wsss_core/methods/fbr_losses.py.
+"""The Fine-grained Background Representation network (its method page under docs/methods/,
+"Host A"): the IRN-style ResNet CAM classifier with a foreground and a background 1x1
+projection head, an optional auxiliary background segmentation head, and TAP (thresholded
+average pooling) for the classification logits. Its plug-in trains it with the loss terms kept
+beside the plug-in (wsss_core/methods/).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def thresholded_avg_pool(f: torch.Tensor, theta: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------- network
 
 class FBRNet(ResNetCAM):
-    """ResNet CAM classifier + FBR heads (docs/methods/fbr.md "Host A").
+    """ResNet CAM classifier + the foreground / background heads ("Host A" of the method page).
 
     `forward` (training) returns `cam` A [B, C, h, w] (raw W ⊛ F), `logits` z [B, C] = W·TAP(F)
     (W·GAP(F) with `tap_threshold=None`), `fg` f = ReLU(P_f F) [B, d, h, w], `bg_pre` u = P_b F,
