@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -169,15 +169,23 @@ def list_file(root: str | os.PathLike, name: str) -> Path:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """RGB uint8 [H, W, 3]; a missing or corrupt file raises a DataError naming it."""
+    return _decode(path, "image", "restore it or remove its id from the list",
+                   lambda img: np.asarray(img.convert("RGB"), dtype=np.uint8))
+
+
+def _decode(path: str | os.PathLike, what: str, fix: str,
+            to_array: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """`to_array` of the fully decoded image file `path`: a missing file (`_not_found` with
+    `fix`) or one PIL cannot decode raises a DataError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise _not_found(path, "image", "restore it or remove its id from the list")
+        raise _not_found(path, what, fix)
     try:
         with Image.open(path) as img:
             img.load()
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return to_array(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{path}: unreadable or corrupt image ({e}); replace the file") from None
+        raise DataError(f"{path}: unreadable or corrupt {what} ({e}); replace the file") from None
 
 
 def _not_found(path: Path, what: str, fix: str) -> DataError:
@@ -201,18 +209,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    path = Path(path)
-    if not path.is_file():
-        raise _not_found(path, "mask", "add it (labels come from the masks)")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in ("P", "L"):
-                raise DataError(f"{path}: mask must be a palette or greyscale PNG of class "
-                                f"indices, not mode {img.mode}")
-            return np.asarray(img, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{path}: unreadable mask ({e}); replace the file") from None
+    """Class indices uint8 [H, W] of a palette or greyscale PNG."""
+    def indices(img: Image.Image) -> np.ndarray:
+        if img.mode not in ("P", "L"):
+            raise DataError(f"{path}: mask must be a palette or greyscale PNG of class "
+                            f"indices, not mode {img.mode}")
+        return np.asarray(img, dtype=np.uint8).copy()
+
+    return _decode(path, "mask", "add it (labels come from the masks)", indices)
 
 
 def labels_from_mask(mask: np.ndarray, num_classes: int) -> list[int]:
