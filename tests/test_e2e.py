@@ -289,6 +289,45 @@ def test_results_and_dataset_roots_with_spaces(run):
         assert read_miou(root / method / "seg_miou.txt") >= 0.0
 
 
+@pytest.mark.slow
+def test_explain_traces_a_result_to_its_rule_parameters_inputs_code_and_log(run, cli_env):
+    """Issue 32 item 1: `wsss explain` on a number of the finished run, from Snakemake's record."""
+    import hashlib
+
+    root, _ = run
+    wd = root.parent.parent
+    target = root / "cobra" / "seed_miou.txt"
+    result = subprocess.run(["wsss", "explain", str(target), "--configfile", str(wd / "smoke.yaml")],
+                            cwd=root, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    assert "rule:       eval_seeds (stage module wsss_core.stages.eval_seeds)" in text, text
+    assert "code:" in text and "same now" in text, text
+    # every key of the block with the config key (and file) its value comes from
+    for key in ("background", "agnostic_map", "thresholds.step", "percentiles.stop"):
+        line = next(x for x in text.splitlines() if x.strip().startswith(f"{key} "))
+        assert f"<- presets.smoke.eval_seeds.{key} (" in line and "smoke.yaml)" in line, line
+    for name in ("index/train.json", "cobra/seeds.h5", "cobra/cams.h5"):
+        digest = hashlib.sha256((root / name).read_bytes()).hexdigest()[:12]
+        assert f"{digest}  {root / name}" in text, text
+    log = root / "cobra" / "logs" / "eval_seeds.log"
+    assert f"log:        {log}" in text and log.is_file()
+    assert "parameters of eval_seeds" in log.read_text().splitlines()[0]
+    assert f"benchmark:  {root / 'cobra' / 'benchmarks' / 'eval_seeds.tsv'}" in text
+    # a file inside a folder output: the folder's record; a method's own value says so
+    mask = next((root / "cobra" / "masks").glob("*.png"))
+    masks = subprocess.run(["wsss", "explain", str(mask), "--configfile", str(wd / "smoke.yaml")],
+                           env=cli_env, capture_output=True, text=True, timeout=300)
+    assert masks.returncode == 0, masks.stderr[-3000:]
+    assert "rule:       make_masks" in masks.stdout
+    assert "<- methods.cobra.presets.smoke.make_masks.rule (" in masks.stdout, masks.stdout
+    # without the run's --configfile: the record still, and one line on what is missing
+    bare = subprocess.run(["wsss", "explain", str(target)], env=cli_env, capture_output=True,
+                          text=True, timeout=300)
+    assert bare.returncode == 0, bare.stderr[-3000:]
+    assert "rule:       eval_seeds" in bare.stdout and "pass the run's --configfile" in bare.stdout
+
+
 def _workflow(run, tmp_path, override: dict | None, *args: str) -> subprocess.CompletedProcess:
     """Snakemake on the run's workflow with `override` merged over its config."""
     root, _ = run

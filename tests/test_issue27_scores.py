@@ -28,9 +28,13 @@ from wsss_core.stages.audit import audit
 from wsss_core.stages.results_table import results_table
 from wsss_core.stages.summary import summary
 
-SEED_PARAMS = {"thresholds": {"start": 0.1, "stop": 0.5, "step": 0.2},
+# complete blocks: a stage's --params is checked against its schema (every key, in range)
+SEED_PARAMS = {"background": "constant", "agnostic_map": None,
+               "thresholds": {"start": 0.1, "stop": 0.5, "step": 0.2},
                "percentiles": {"start": 50, "stop": 90, "step": 20}}
-MASK_PARAMS = {"rule": "per_class_alpha", "alpha": 0.3, "bg": 0.25, "crf": False, "crf_params": {},
+MASK_PARAMS = {"rule": "per_class_alpha", "alpha": 0.3, "bg": 0.25, "crf": False,
+               "crf_params": {"gt_prob": 0.7, "gauss_sxy": 3, "gauss_compat": 3, "bi_sxy": 50,
+                              "bi_srgb": 5, "bi_compat": 4, "iterations": 1},
                "sweep": {"start": 0.1, "stop": 0.5, "step": 0.2}}
 EVAL_SEG = {"scales": [1.0], "flip": False, "crf": False,
             "crf_params": {"gauss_sxy": 3, "gauss_compat": 3, "bi_sxy": 50, "bi_srgb": 5,

@@ -149,7 +149,7 @@ def test_truncated_classifier_is_one_line_from_the_stage(irn_inputs, tmp_path, c
     bad = _truncated(irn_inputs["classifier"]["C0"], tmp_path / "my run" / "classifier" / "model.pt")
     result = subprocess.run(
         ["wsss", "export-cams", "--index", str(irn_inputs["index"]), "--model", str(bad),
-         "--params", json.dumps({"scales": [1.0], "flip": False, "batch_size": 1}),
+         "--params", json.dumps({"scales": [1.0]}),
          "--out", str(tmp_path / "cams.h5")],
         env=cli_env, capture_output=True, text=True, timeout=300)
     _one_error_line(result, str(bad), "unreadable", "train_classifier")

@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("wsss_core.stages.audit", "audit page of a results folder, or one image's panel"),
     "summary": ("wsss_core.stages.summary", "print the metric table of a results folder"),
     "compare": ("wsss_core.stages.compare", "compare the methods of a dataset (Markdown + HTML)"),
+    "explain": ("wsss_core.stages.explain", "what made a result: rule, parameters and their sources, inputs, code, log"),
+    "params": ("wsss_core.stages.params", "a (dataset, method)'s resolved parameters with their sources"),
 }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -18,8 +17,10 @@ import yaml
 
 from .errors import ConfigError, WSSSError
 from .io import read_user_text
+from .param_schema import SCHEMA_DIR, stage_defaults
+from .param_schema import load_schema as _load_schema
+from .param_schema import schema_validator as _validator
 
-SCHEMA_DIR = Path(__file__).parent / "schemas"
 SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
 
 #: stages whose parameter blocks are defined by a schema in schemas/stages/
@@ -33,25 +34,6 @@ MODEL_BLOCK = "model"
 
 def _key_path(parts) -> str:
     return ".".join(str(p) for p in parts) or "<top level>"
-
-
-@lru_cache(maxsize=None)
-def _load_schema(path: Path) -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f)
-
-
-def _validator(schema: dict, base: Path):
-    import jsonschema
-    from referencing import Registry, Resource
-
-    def retrieve(uri: str):
-        target = (base / uri.split("#")[0]).resolve()
-        return Resource.from_contents(_load_schema(target))
-
-    registry = Registry(retrieve=retrieve)
-    cls = jsonschema.validators.validator_for(schema)
-    return cls(schema, registry=registry)
 
 
 def _explain(error) -> str:
@@ -371,6 +353,8 @@ def stage_params(cfg: dict, dataset: str, method: str, stage: str) -> dict:
     params = deep_merge(base, over)
     if stage in STAGES:
         schema = _load_schema(SCHEMA_DIR / "stages" / f"{stage}.schema.yaml")
+        for key, default in stage_defaults(stage).items():  # e.g. max_steps: null
+            params.setdefault(key, default)
         missing = [k for k in schema.get("properties", {}) if k not in params]
         if missing:
             raise ConfigError(
@@ -393,6 +377,123 @@ def method_params(cfg: dict, dataset: str, method: str) -> dict:
     for block in (MODEL_BLOCK, *blocks):
         out[block] = stage_params(cfg, dataset, method, block)
     return out
+
+
+#: a config layer: (where it came from, e.g. a file name or `--config`, its raw content)
+Layer = tuple[str, dict]
+
+
+def read_config_layers(path: str | Path, extra: tuple[str | Path, ...] = (),
+                       overrides: list[str] = ()) -> list[Layer]:
+    """The layers of a workflow's config as Snakemake stacks them: `path` (config.yaml), each
+    `--configfile` in `extra`, then the `--config KEY=VALUE` items of `overrides` (VALUE read
+    as YAML, as Snakemake reads it).
+
+    Raises: ConfigError for a missing or malformed file or an item without `=`."""
+    layers: list[Layer] = []
+    for p in (path, *extra):
+        try:
+            layers.append((str(p), yaml.safe_load(read_user_text(p)) or {}))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if overrides:
+        over: dict = {}
+        for item in overrides:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ConfigError(f"--config {item!r}: expected KEY=VALUE")
+            try:
+                over[key] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                over[key] = value
+        layers.append(("--config", over))
+    return layers
+
+
+def config_from_layers(layers: list[Layer]) -> dict:
+    """The layers merged (`deep_merge`), defaults applied and validated (without importing
+    the plug-ins: `validate_config(plugins=False)`).
+
+    Raises: ConfigError naming the first offending key."""
+    cfg: dict = {}
+    for _, content in layers:
+        cfg = deep_merge(cfg, content)
+    return validate_config(apply_defaults(cfg), plugins=False)
+
+
+def _leaves(block: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    """Nested dict → {key path: value}; lists and other values are leaves (an empty dict too)."""
+    out: dict[tuple, Any] = {}
+    for k, v in block.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def _layer_of(layers: list[Layer], path: tuple) -> str | None:
+    """The last layer that sets the config key `path` (what Snakemake's merge keeps)."""
+    for name, content in reversed(layers):
+        node: Any = content
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return name
+    return None
+
+
+def stage_params_sources(cfg: dict, dataset: str, method: str, block: str,
+                         layers: list[Layer] = (), model: str | None = None) -> dict[str, tuple[Any, str]]:
+    """The resolved parameter block `block` (a stage, or a method's settings block) of
+    (dataset, method), each leaf key with where its value comes from.
+
+    Args:
+        cfg: the merged config (`config_from_layers`).
+        layers: its layers (`read_config_layers`): each source then names the file (or
+            `--config`) that set it last.
+        model: for train_seg, resolve for this architecture as the rule does
+            (`resolve_seg_params`: `encoder` from `encoders.<model>`, `per_model.<model>`
+            over the shared keys); None keeps the config block.
+
+    Returns: {dotted key: (value, source)} in key order, the source a config key path such
+    as `presets.tiny.eval_seeds.thresholds.step` or
+    `methods.cobra.presets.tiny.eval_seeds.background`, followed by ` (FILE)` with `layers`.
+
+    Raises: ConfigError for an unknown dataset or method, or a block with a missing key."""
+    preset = dataset_config(cfg, dataset)["preset"]
+    params = stage_params(cfg, dataset, method, block)
+    base = ("presets", preset, block)
+    over = ("methods", method, "presets", preset, block)
+    own = _leaves((((method_config(cfg, method).get("presets") or {}).get(preset) or {})
+                   .get(block) or {}))
+
+    def source(path: tuple) -> str:
+        # deep_merge keeps the method's leaves over the preset's, key by key
+        full = (*over, *path) if path in own else (*base, *path)
+        text = ".".join(map(str, full))
+        layer = _layer_of(list(layers), full) if layers else None
+        return f"{text} ({layer})" if layer else text
+
+    if model is not None and block == "train_seg":
+        flat = resolve_seg_params(params, model)
+        leaves = _leaves(params)
+        out = {}
+        for key in sorted(flat):
+            if key == "encoder":
+                out[key] = (flat[key], source(("encoders", model)))
+            elif key == "model" and model != params.get("model"):
+                out[key] = (flat[key], f"the rule's architecture (seg-{model}/)")
+            elif ("per_model", model, key) in leaves:
+                out[key] = (flat[key], source(("per_model", model, key)))
+            else:
+                out[key] = (flat[key], source((key,)))
+        return out
+    return {".".join(map(str, path)): (value, source(path)) for path, value in sorted(_leaves(params).items())}
 
 
 def resolve_seg_params(block: dict, model: str | None = None) -> dict:

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.image_id:
         return common.run_stage(a, audit_panel, run_dir=a.run_dir, image_id=a.image_id, out=a.out,
                                 index=a.index)
-    return common.run_stage(a, audit, run_dir=a.run_dir, params=a.params, out=a.out, index=a.index)
+    return common.run_stage(a, audit, stage="audit",
+                            run_dir=a.run_dir, params=a.params, out=a.out, index=a.index)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import WSSSError
+from ..param_schema import check_stage_params, fill_stage_defaults
 
 log = logging.getLogger("wsss")
 
@@ -63,11 +64,35 @@ WRITE_ERRORS = {
 }
 
 
-def run_stage(args: argparse.Namespace, fn: Callable[..., Any], **kwargs) -> int:
-    """Run a stage function with logging; a WSSSError becomes one line and exit code 2."""
+def log_params(stage: str, params: dict) -> None:
+    """Write the resolved parameter block at the top of the stage log, one key a line (where
+    each value comes from: `wsss params DATASET METHOD STAGE`, or `wsss explain OUTPUT`)."""
+    log.info("parameters of %s (their sources: wsss params DATASET METHOD %s):", stage, stage)
+    for key in sorted(params):
+        log.info("  %s = %s", key, json.dumps(params[key], sort_keys=True))
+
+
+def run_stage(args: argparse.Namespace, fn: Callable[..., Any], *, stage: str | None = None,
+              **kwargs) -> int:
+    """Run a stage function with logging: `fn(**kwargs)`.
+
+    Args:
+        args: the parsed command line; its `log` is the log file, and with `stage` its
+            `params` is the stage's parameter block.
+        fn: the stage function.
+        stage: the stage whose schema (schemas/stages/<stage>.schema.yaml) `args.params` must
+            satisfy; the block is checked before `fn` runs, the keys it leaves out that the
+            schema gives a default are set (in place), and it is written at the top of the log.
+
+    Returns: 0, or 2 after a WSSSError (one line: a `--params` block with an unknown or missing
+    key, or a value out of range, is a ConfigError naming the stage and the key) or a write
+    error of the file system. Other exceptions are logged as bugs and raised."""
     handlers = setup_logging(getattr(args, "log", None))
     start = time.perf_counter()
     try:
+        if stage is not None:
+            check_stage_params(stage, args.params)
+            log_params(stage, fill_stage_defaults(stage, args.params))
         fn(**kwargs)
         log.info("done in %.1f s", time.perf_counter() - start)
         return 0

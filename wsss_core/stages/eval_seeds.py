@@ -31,8 +31,6 @@ from . import common
 
 log = logging.getLogger("wsss")
 
-PROTOCOLS = ("constant", "percentile")
-
 
 def agnostic_map(cams: MapReader | None, params: dict) -> str | None:
     """The class-agnostic map the percentile protocol reads, or None when there is none.
@@ -64,9 +62,7 @@ def eval_seeds(index: str | Path, seeds: str | Path, params: dict, out: str | Pa
     Only the images of `split` with a ground-truth mask are scored; when none has one, both
     files say `no ground truth` (metrics.no_ground_truth_report). Raises DataError when a scored
     image has no map, or when every ground-truth pixel of the split is 255 (ignore)."""
-    background = params.get("background", "constant")
-    if background not in PROTOCOLS:
-        raise ConfigError(f"config key eval_seeds.background: {background!r} is not one of {PROTOCOLS}")
+    background = params.get("background", "constant")  # its values: checked at the door (run_stage)
     idx = DatasetIndex.load(index)
     ids = check_ground_truth(idx, split, f"the seeds {seeds}")
     if not ids:
@@ -128,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="seed_miou.txt (seed_metrics.json beside it)")
     p.add_argument("--split", default="train")
     a = p.parse_args(argv)
-    return common.run_stage(a, eval_seeds, index=a.index, seeds=a.seeds, params=a.params,
+    return common.run_stage(a, eval_seeds, stage="eval_seeds",
+                            index=a.index, seeds=a.seeds, params=a.params,
                             out=a.out, split=a.split, cams=a.cams)
 
 

@@ -32,7 +32,7 @@ from . import common
 
 log = logging.getLogger("wsss")
 
-#: eval_seg keys every parameter block must hold
+#: the eval_seg keys (schemas/stages/eval_seg.schema.yaml; `wsss predict` takes them too)
 EVAL_KEYS = ("scales", "flip", "crf", "crf_params")
 CRF_KEYS = ("gauss_sxy", "gauss_compat", "bi_sxy", "bi_srgb", "bi_compat", "iterations")
 
@@ -70,9 +70,6 @@ def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path
              from_method: bool = False) -> dict:
     """Predict every image of `split`; write `pred_dir/<id>.png`, `out` (seg_miou.txt) and the
     seg_metrics.json beside it; return the metrics report."""
-    missing = [k for k in EVAL_KEYS if k not in params]
-    if missing:
-        raise ConfigError(f"eval_seg parameter {missing[0]!r} missing (have {sorted(params)})")
     common.set_threads(threads)
     idx = DatasetIndex.load(index)
     device = common.get_device()
@@ -128,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-method", action="store_true",
                    help="--model is the classifier of a single-stage method: evaluate its own head")
     a = p.parse_args(argv)
-    return common.run_stage(a, eval_seg, index=a.index, model=a.model, params=a.params,
+    return common.run_stage(a, eval_seg, stage="eval_seg",
+                            index=a.index, model=a.model, params=a.params,
                             out=a.out, pred_dir=a.pred, split=a.split, threads=a.threads,
                             from_method=a.from_method)
 

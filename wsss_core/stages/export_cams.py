@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(**kw) -> dict:
         return export_cams(shard=parse_shard(a.shard) if a.shard else None, **kw)
 
-    return common.run_stage(a, run, index=a.index, model=a.model, params=a.params,
+    return common.run_stage(a, run, stage="export_cams",
+                            index=a.index, model=a.model, params=a.params,
                             out=a.out, split=a.split, threads=a.threads)
 
 

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", required=True, type=common.json_arg)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    return common.run_stage(a, fuse_seeds, cams=a.cams, params=a.params, out=a.out)
+    return common.run_stage(a, fuse_seeds, stage="fuse_seeds",
+                            cams=a.cams, params=a.params, out=a.out)
 
 
 if __name__ == "__main__":

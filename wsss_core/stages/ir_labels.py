@@ -64,8 +64,6 @@ def _chunk(job: _Job) -> list[tuple[str, float, float]]:
 
 def ir_labels(index: str | Path, seeds: str | Path, cams: str | Path, params: dict,
               out: str | Path, threads: int = 1) -> None:
-    if params["thresholds"] not in ("fixed", "percentile"):
-        raise ConfigError(f"config key ir_labels.thresholds: {params['thresholds']!r} is not fixed or percentile")
     with MapReader(seeds) as reader:
         ids = reader.ids()
     if params["thresholds"] == "percentile":
@@ -96,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="ir_labels/ folder of PNGs")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
-    return common.run_stage(a, ir_labels, index=a.index, seeds=a.seeds, cams=a.cams, params=a.params,
+    return common.run_stage(a, ir_labels, stage="ir_labels",
+                            index=a.index, seeds=a.seeds, cams=a.cams, params=a.params,
                             out=a.out, threads=a.threads)
 
 

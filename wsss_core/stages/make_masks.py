@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="masks/ folder")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
-    return common.run_stage(a, make_masks, index=a.index, rw=a.rw, params=a.params, out=a.out,
+    return common.run_stage(a, make_masks, stage="make_masks",
+                            index=a.index, rw=a.rw, params=a.params, out=a.out,
                             threads=a.threads)
 
 

@@ -44,8 +44,6 @@ def _walk_source(params: dict, cams: str | Path, seeds: str | Path | None) -> tu
                                   f"seed (its recipe {reader.attrs.get('recipe')!r} uses a map the "
                                   f"method does not export at stride 4); use source: method")
         return Path(seeds), "seed_s4"
-    if params["source"] != "method":
-        raise ConfigError(f"config key propagate.source: {params['source']!r} is not method or fused")
     with MapReader(cams) as reader:
         name = reader.attrs.get("propagate_map", "")
         if name not in reader.map_names:
@@ -134,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="rw.h5")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
-    return common.run_stage(a, propagate, index=a.index, cams=a.cams, irn=a.irn, params=a.params,
+    return common.run_stage(a, propagate, stage="propagate",
+                            index=a.index, cams=a.cams, irn=a.irn, params=a.params,
                             out=a.out, seeds=a.seeds, threads=a.threads)
 
 

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="mask_sweep.json")
     p.add_argument("--split", default="train")
     a = p.parse_args(argv)
-    return common.run_stage(a, sweep_masks, index=a.index, rw=a.rw, params=a.params, out=a.out,
+    return common.run_stage(a, sweep_masks, stage="make_masks",
+                            index=a.index, rw=a.rw, params=a.params, out=a.out,
                             split=a.split)
 
 

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the last complete epoch")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
-    return common.run_stage(a, train_classifier, index=a.index, method=a.method, params=a.params,
+    return common.run_stage(a, train_classifier, stage="train_classifier",
+                            index=a.index, method=a.method, params=a.params,
                             out=a.out, resume=a.resume, threads=a.threads)
 
 

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
-    return common.run_stage(a, train_irn, index=a.index, labels=a.labels, params=a.params, out=a.out,
+    return common.run_stage(a, train_irn, stage="train_irn",
+                            index=a.index, labels=a.labels, params=a.params, out=a.out,
                             classifier=a.classifier, resume=a.resume, threads=a.threads)
 
 

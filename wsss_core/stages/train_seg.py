@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(**kw) -> Path:
         return train_seg(params=resolve_seg_params(a.params, a.model), **kw)
 
-    return common.run_stage(a, run, index=a.index, masks_dir=a.masks, out=a.out,
+    return common.run_stage(a, run, stage="train_seg", index=a.index, masks_dir=a.masks, out=a.out,
                             resume=a.resume, threads=a.threads, classifier=a.classifier)
 
 
