@@ -20,6 +20,7 @@ from wsss_core.data.palette import IGNORE
 from wsss_core.data.toy import generate_toy
 from wsss_core.errors import ConfigError, DataError
 from wsss_core.io import read_label_png, write_json
+from wsss_core.param_schema import stage_schema
 from wsss_core.ops.crf import crf_from_probs
 from wsss_core.seg_inference import predict_multiscale
 from wsss_core.stages import train_seg as train_seg_module
@@ -178,7 +179,7 @@ def test_resolve_params_per_architecture_and_config_presets():
         default = resolve_seg_params(block)
         assert default["model"] == block["model"]
         assert default["encoder"] == block["encoders"][block["model"]]
-        assert set(default) == set(train_seg_module.TRAIN_KEYS)
+        assert set(default) == set(stage_schema("train_seg", resolved=True)["required"])
         other = resolve_seg_params(block, "segformer")
         assert other["encoder"].startswith("mit_b")
         for key, value in block["per_model"].get("segformer", {}).items():

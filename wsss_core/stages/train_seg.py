@@ -41,19 +41,6 @@ from . import common
 
 log = logging.getLogger("wsss")
 
-#: config-block keys that select per architecture and are absent from resolved parameters
-#: the keys of a resolved (flat) parameter block
-TRAIN_KEYS = ("model", "encoder", "encoder_from", "pretrained", "pretrained_file", "output_stride", "crop",
-              "batch_size", "epochs", "optimizer", "lr", "decoder_lr_mult", "momentum",
-              "weight_decay", "poly_power", "scale_range", "flip", "frozen_bn", "precision", "seed",
-              "num_workers")
-
-
-def _check_params(params: dict) -> None:
-    missing = [k for k in TRAIN_KEYS if k not in params]
-    if missing:
-        raise ConfigError(f"train_seg parameter {missing[0]!r} missing (have {sorted(params)})")
-
 
 def build_seg_model(params: dict, num_classes: int, classifier: str | Path | None) -> nn.Module:
     """The architecture of `params`, its encoder initialised as `encoder_from` says: `weights`
@@ -80,8 +67,7 @@ def train_seg(index: str | Path, masks_dir: str | Path, params: dict, out: str |
     """Train on train_aug with `masks_dir/<id>.png` as labels; write `out` (model.pt) with
     `train_log.csv` and `checkpoint.pt` beside it."""
     out = Path(out)
-    params = resolve_seg_params(params)
-    _check_params(params)
+    params = resolve_seg_params(params)  # its keys: the stage schema, checked by run_stage
     device = common.start_training(params["seed"], threads)
     idx = DatasetIndex.load(index)
     augment = SegTrainAugment(params["crop"], tuple(params["scale_range"]), flip=params["flip"])
