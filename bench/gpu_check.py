@@ -74,7 +74,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
@@ -381,12 +380,14 @@ class Check:
             torch.cuda.empty_cache()
         self._memory(reset=True)
         t0 = time.perf_counter()
+        limit = min(self.a.stage_timeout, max(self.left(), 1.0))
         try:
-            with time_limit(min(self.a.stage_timeout, max(self.left(), 1.0))):
+            with time_limit(limit):
                 value = fn()
             row["status"] = "ok"
         except StageTimeout as e:
-            row["status"], value = f"timeout ({e})", None
+            cut = "the budget's end" if limit < self.a.stage_timeout else "--stage-timeout"
+            row["status"], value = f"timeout ({e}: {cut})", None
             self.failed = True
         except Exception as e:  # noqa: BLE001 (recorded, the check goes on)
             row["status"], value = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", None
