@@ -329,20 +329,23 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def dataset_config(cfg: dict, dataset: str) -> dict:
+def _entry(cfg: dict, kind: str, name: str) -> dict:
+    """`cfg[kind + "s"][name]`; ConfigError naming the key and the known names otherwise."""
     try:
-        return cfg["datasets"][dataset]
+        return cfg[f"{kind}s"][name]
     except KeyError:
-        known = ", ".join(sorted(cfg["datasets"]))
-        raise ConfigError(f"config key datasets.{dataset}: no such dataset (known: {known})") from None
+        known = ", ".join(sorted(cfg[f"{kind}s"]))
+        raise ConfigError(f"config key {kind}s.{name}: no such {kind} (known: {known})") from None
+
+
+def dataset_config(cfg: dict, dataset: str) -> dict:
+    """The config entry of `dataset` (ConfigError when there is none)."""
+    return _entry(cfg, "dataset", dataset)
 
 
 def method_config(cfg: dict, method: str) -> dict:
-    try:
-        return cfg["methods"][method]
-    except KeyError:
-        known = ", ".join(sorted(cfg["methods"]))
-        raise ConfigError(f"config key methods.{method}: no such method (known: {known})") from None
+    """The config entry of `method` (ConfigError when there is none)."""
+    return _entry(cfg, "method", method)
 
 
 def stage_params(cfg: dict, dataset: str, method: str, stage: str) -> dict:
