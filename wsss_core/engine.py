@@ -68,6 +68,9 @@ class FitConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (wsss_core.precision)
     warmup_steps: int = 0  # linear warm-up of every group without its own (optim.lr_factor)
     warmup_ratio: float = 0.0
+    # stop after this many optimizer steps (None: the full run); the LR schedule and every
+    # step-dependent switch stay the full run's, so the first steps equal an uncapped run's
+    max_steps: int | None = None
 
 
 # --- several processes (torchrun) ---------------------------------------------------------
@@ -253,7 +256,8 @@ def fit(
     train_mode: Callable[[], None] | None = None,
     fingerprint: str = "",
 ) -> None:
-    """Train for cfg.epochs; checkpoint after every epoch; write the CSV log.
+    """Train for cfg.epochs (or until cfg.max_steps optimizer steps: the run is cut there, its
+    schedule stays the full run's); checkpoint after every epoch; write the CSV log.
 
     Raises ConfigError (one line naming `<stage>.lr`) when the loss becomes NaN or infinite:
     the checkpoint of the last complete epoch is moved to DIVERGED_CHECKPOINT beside
@@ -272,9 +276,15 @@ def fit(
             opt.load_state_dict(s)
         start_epoch, step, rows = int(ck["epoch"]), int(ck["step"]), list(ck.get("log", []))
         log.info("resuming after epoch %d (step %d of %d)", start_epoch, step, max_step)
+    stop = max_step if cfg.max_steps is None else min(max_step, cfg.max_steps)
+    if stop < max_step:
+        log.info("max_steps %d: training stops after %d of the schedule's %d steps", cfg.max_steps,
+                 stop, max_step)
     scaler = grad_scaler(cfg.precision, device)
     autocast = autocast_factory(cfg.precision, device)
     for epoch in range(start_epoch, cfg.epochs):
+        if step >= stop:
+            break
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         loader = epoch_loader(dataset, cfg, epoch, drop_last, collate_fn, info)
@@ -313,6 +323,8 @@ def fit(
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{float(total.detach()):.4f}", refresh=False)  # redrawn at mininterval
+            if step >= stop:
+                break
         if info.world_size > 1:
             sums = _mean_over_processes(sums, device)
             _check_in_sync(optimizers, epoch)
@@ -379,10 +391,12 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def fit_config(params: dict, stage: str, desc: str) -> FitConfig:
     """The FitConfig of a training stage's resolved parameter block (the schedule keys every
-    training stage's schema has: epochs, batch_size, seed, poly_power, num_workers, precision)."""
+    training stage's schema has: epochs, batch_size, seed, poly_power, num_workers, precision,
+    and max_steps, whose default null is the full run)."""
     return FitConfig(epochs=params["epochs"], batch_size=params["batch_size"], seed=params["seed"],
                      poly_power=params["poly_power"], num_workers=params["num_workers"],
-                     desc=desc, stage=stage, precision=params["precision"])
+                     desc=desc, stage=stage, precision=params["precision"],
+                     max_steps=params.get("max_steps"))
 
 
 def start_files(source: str, classifier: str | Path | None,
