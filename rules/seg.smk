@@ -99,6 +99,9 @@ for _name, _where, _model, _pre, _bench, _log, _option in SEG_EVAL_RULES:
         params:
             code=code("eval_seg"),
             stage=stage_json("eval_seg"),
+            # a param, not `+ _option` in the shell string: Snakemake evaluates a rule's shell
+            # expression again when the job runs, when _option holds the loop's last value
+            option=_option,
         threads: THREADS
         benchmark:
             out(f"benchmarks/{_bench}.tsv")
@@ -108,4 +111,5 @@ for _name, _where, _model, _pre, _bench, _log, _option in SEG_EVAL_RULES:
             logs(_log),
         shell:
             "wsss eval-seg --index {input.index:q} --model {input.model:q} --params {params.stage:q} "
-            "--out {output.miou:q} --pred {output.pred:q} --threads {threads} --log {log:q}" + _option
+            "--out {output.miou:q} --pred {output.pred:q} --threads {threads} --log {log:q}"
+            "{params.option}"
