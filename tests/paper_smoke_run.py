@@ -5,6 +5,7 @@ that folder is absent), and the check that the yaml overrides exactly the keys i
 block lists."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,7 +15,14 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, copy_workflow
 
-from wsss_core.config import STAGES, load_config, method_params, stage_params
+from wsss_core.config import STAGES, _leaves, load_config, method_params, stage_params
+
+#: the end-to-end runs cost ~560 CPU-seconds together (cnn ~300, vit ~260), more than the suite's
+#: 10-minute budget on the 2-core machine holds today: they run when WSSS_PAPER_SMOKE=1
+#: (`WSSS_PAPER_SMOKE=1 pytest -q tests/test_paper_smoke_cnn.py tests/test_paper_smoke_vit.py`);
+#: the override checks always run
+OPT_IN = pytest.mark.skipif(os.environ.get("WSSS_PAPER_SMOKE") != "1",
+                            reason="paper smoke DAG: set WSSS_PAPER_SMOKE=1 (~560 CPU-s on 2 cores)")
 
 VOC_FULL = REPO_ROOT.parent / "shared" / "voc_real" / "voc2012-seg632"
 SMOKE_YAML = REPO_ROOT / "scripts" / "paper_smoke.yaml"
@@ -67,16 +75,6 @@ def declared_overrides() -> set[tuple[str, str]]:
     """(block, dotted key) of every override the yaml's comment block lists (`#   - block.key`)."""
     head = SMOKE_YAML.read_text().split("\ndatasets:")[0]
     return {tuple(m.split(".", 1)) for m in re.findall(r"^#\s+- ([a-z_]+(?:\.[a-z_]+)+)\s", head, re.M)}
-
-
-def _leaves(block, prefix=()) -> dict[tuple, object]:
-    out = {}
-    for k, v in block.items():
-        if isinstance(v, dict) and v:
-            out.update(_leaves(v, (*prefix, k)))
-        else:
-            out[(*prefix, k)] = v
-    return out
 
 
 def resolved_differences(method: str) -> set[tuple[str, str]]:

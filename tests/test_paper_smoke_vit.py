@@ -12,7 +12,7 @@ of it), export_cams 93, eval_seg 83, train_seg 54, SegFormer 40, propagate 33, t
 from __future__ import annotations
 
 import pytest
-from paper_smoke_run import check_overrides, check_run, run_smoke
+from paper_smoke_run import OPT_IN, check_overrides, check_run, run_smoke
 
 METHODS = ("bnr", "transcam", "seco")
 SINGLE_STAGE = {"seco"}
@@ -30,12 +30,14 @@ def test_smoke_config_overrides_only_steps_batch_and_weights(method):
     check_overrides(method)
 
 
+@OPT_IN
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_paper_preset_runs_end_to_end(root, method):
     check_run(root, method, single_stage=method in SINGLE_STAGE)
 
 
+@OPT_IN
 @pytest.mark.slow
 def test_paper_segformer_runs_end_to_end(root):
     from wsss_core.metrics import read_miou
