@@ -355,10 +355,12 @@ def stage_params(cfg: dict, dataset: str, method: str, stage: str) -> dict:
     over = method_config(cfg, method).get("presets", {}).get(preset, {}).get(stage, {})
     params = deep_merge(base, over)
     if stage in STAGES:
+        # keys with a schema default (e.g. max_steps: null) may be left out: the stage fills them
+        # at the door, and a block that leaves them out keeps the Snakemake params (and so the
+        # cached results) of the config before the key existed
         schema = _load_schema(SCHEMA_DIR / "stages" / f"{stage}.schema.yaml")
-        for key, default in stage_defaults(stage).items():  # e.g. max_steps: null
-            params.setdefault(key, default)
-        missing = [k for k in schema.get("properties", {}) if k not in params]
+        defaults = stage_defaults(stage)
+        missing = [k for k in schema.get("properties", {}) if k not in params and k not in defaults]
         if missing:
             raise ConfigError(
                 f"config key presets.{preset}.{stage}.{missing[0]}: missing (set it in the "
@@ -465,7 +467,7 @@ def stage_params_sources(cfg: dict, dataset: str, method: str, block: str,
 
     Returns: {dotted key: (value, source)} in key order, the source a config key path such
     as `presets.tiny.eval_seeds.thresholds.step` or
-    `methods.cobra.presets.tiny.eval_seeds.background`, followed by ` (FILE)` with `layers`.
+    `methods.<method>.presets.tiny.eval_seeds.background`, followed by ` (FILE)` with `layers`.
 
     Raises: ConfigError for an unknown dataset or method, or a block with a missing key."""
     preset = dataset_config(cfg, dataset)["preset"]
