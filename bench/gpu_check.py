@@ -464,6 +464,14 @@ class Check:
         if precision == "fp32" and peaks is not None:
             row["mfu_tf32"] = round(achieved / (peaks["tf32"] * 1e12), 4)
 
+    def train_once(self, name: str, stage: str, params: dict, run):
+        """`train_all` once per distinct parameter block of `stage` (methods that share a block,
+        e.g. the same IRN, share its run); the cached result otherwise."""
+        key = (stage, json.dumps(params, sort_keys=True))
+        if key not in self.cache:
+            self.cache[key] = self.train_all(name, stage, params, run)
+        return self.cache[key]
+
     def train_all(self, method: str, stage: str, params: dict,
                   call: Callable[[Path, dict, Path], Any]) -> Path | None:
         """`stage` in every precision; the first precision's model goes on downstream."""
@@ -509,12 +517,9 @@ class Check:
         irn_p = random_weights(self.params(name, "train_irn"))
         if irn_p["backbone_from"] == "imagenet":
             irn_p["backbone_from"] = "scratch"
-        key = ("train_irn", json.dumps(irn_p, sort_keys=True))
-        if key not in self.cache:
-            cls = classifier if irn_p["backbone_from"] == "classifier" else None
-            self.cache[key] = self.train_all(name, "train_irn", irn_p, lambda index, p, out: (
-                train_irn.train_irn(index, self.masks, p, out, classifier=cls, threads=threads)))
-        irn = self.cache[key]
+        cls = classifier if irn_p["backbone_from"] == "classifier" else None
+        irn = self.train_once(name, "train_irn", irn_p, lambda index, p, out: (
+            train_irn.train_irn(index, self.masks, p, out, classifier=cls, threads=threads)))
 
         pp = self.params(name, "propagate")
         rw = self.work / name / "rw.h5"
@@ -528,12 +533,9 @@ class Check:
             [rw_ok], note=f"rule {mm['rule']}, crf {mm['crf']}, {threads} processes", ticked=False)
 
         sp = random_weights(self.params(name, "train_seg"))
-        key = ("train_seg", json.dumps(sp, sort_keys=True))
-        if key not in self.cache:
-            cls = classifier if sp["encoder_from"] == "classifier" else None
-            self.cache[key] = self.train_all(name, "train_seg", sp, lambda index, p, out: (
-                train_seg.train_seg(index, self.masks, p, out, threads=threads, classifier=cls)))
-        seg = self.cache[key]
+        cls = classifier if sp["encoder_from"] == "classifier" else None
+        seg = self.train_once(name, "train_seg", sp, lambda index, p, out: (
+            train_seg.train_seg(index, self.masks, p, out, threads=threads, classifier=cls)))
 
         ev = self.params(name, "eval_seg")
         key = ("eval_seg", json.dumps([sp, ev], sort_keys=True))

@@ -9,9 +9,8 @@
 # from its own head (eval_method_seg); its shared IRN + segmentation-network route is written
 # under seg-multistage/ (model.pt, train_log.csv, pred/, seg_miou.txt, seg_metrics.json).
 # X's encoder is `train_seg.encoders.X` and its training keys are the shared ones overlaid by
-# `train_seg.per_model.X`; the rule passes the block resolved for X, so changing one
-# architecture's settings re-runs only that architecture. One training and one evaluation rule,
-# each defined once per variant (SEG_TRAIN_RULES, SEG_EVAL_RULES).
+# `train_seg.per_model.X` (the rule passes the block resolved for X). One training and one
+# evaluation rule, each defined once per variant (SEG_TRAIN_RULES, SEG_EVAL_RULES).
 
 SEG_MODEL_NAMES = "deeplabv3plus|segformer"
 
@@ -99,9 +98,7 @@ for _name, _where, _model, _pre, _bench, _log, _option in SEG_EVAL_RULES:
         params:
             code=code("eval_seg"),
             stage=stage_json("eval_seg"),
-            # a param, not `+ _option` in the shell string: Snakemake evaluates a rule's shell
-            # expression again when the job runs, when _option holds the loop's last value
-            option=_option,
+            option=_option,  # a param: the shell string is evaluated again when the job runs
         threads: THREADS
         benchmark:
             out(f"benchmarks/{_bench}.tsv")
