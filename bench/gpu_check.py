@@ -199,31 +199,24 @@ class StepProbe:
 @contextlib.contextmanager
 def probed_fit(probe: StepProbe):
     """engine.fit, as the three training stages imported it, with `probe` around the step."""
-    modules = (train_classifier, train_irn, train_seg)
-    real = {m: m.fit for m in modules}
+    real = train_classifier.fit
 
     def fit(dataset, cfg, step_fn, *args, after_step=None, **kw):
         step, after = probe.wrap(step_fn, after_step)
-        return real[train_classifier](dataset, cfg, step, *args, after_step=after, **kw)
+        return real(dataset, cfg, step, *args, after_step=after, **kw)
 
-    for m in modules:
-        m.fit = fit
     try:
-        yield
+        with patched((train_classifier, train_irn, train_seg), "fit", fit):
+            yield
     finally:
-        for m, f in real.items():
-            m.fit = f
         probe.close()
 
 
 @contextlib.contextmanager
 def ticking_bars(ticks: list[float]):
     """The per-image stages' progress bars (tqdm), each also noting when an image is done."""
-    modules = (export_cams, propagate, eval_seg)
-    real = {m: m.tqdm for m in modules}
-    base = real[export_cams]
 
-    class Bar(base):  # type: ignore[misc, valid-type]
+    class Bar(export_cams.tqdm):  # type: ignore[misc, valid-type]
         def __iter__(self):
             for item in super().__iter__():
                 yield item
@@ -233,13 +226,21 @@ def ticking_bars(ticks: list[float]):
             ticks.append(time.perf_counter())
             return super().update(n)
 
+    with patched((export_cams, propagate, eval_seg), "tqdm", Bar):
+        yield
+
+
+@contextlib.contextmanager
+def patched(modules, name: str, value):
+    """`module.name = value` in each of `modules` for the block; the originals afterwards."""
+    real = {m: getattr(m, name) for m in modules}
     for m in modules:
-        m.tqdm = Bar
+        setattr(m, name, value)
     try:
         yield
     finally:
         for m, f in real.items():
-            m.tqdm = f
+            setattr(m, name, f)
 
 
 # --- data -------------------------------------------------------------------------------------
