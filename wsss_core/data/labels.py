@@ -19,6 +19,7 @@ duplicate id, an unreadable row) stops with one line naming the file, the line a
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -42,14 +43,28 @@ def label_table_path(root: str | os.PathLike, name: str) -> Path:
     return p if p.is_absolute() else Path(root).expanduser() / p
 
 
-def read_label_rows(path: str | os.PathLike) -> list[tuple[str, str, list]]:
+def read_label_rows(path: str | os.PathLike) -> tuple[tuple[str, str, tuple], ...]:
     """The raw rows of a label table: (where, image id, classes as written), where = `file:line`
     (JSON: `file: entry 'id'`). Raises DataError for a missing file, an unknown format or a
-    malformed row."""
+    malformed row.
+
+    A workflow start checks the table for both index parts (class names, labels, coverage):
+    the parse is kept per (file, size, modification time), so the table is read once."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is None or not path.is_file():
         raise DataError(f"{path}: label table not found; fix datasets.<name>.labels (a path "
                         f"relative to the dataset root, or absolute)")
+    return _parse_rows(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_rows(file: str, size: int, mtime_ns: int) -> tuple[tuple[str, str, tuple], ...]:
+    """`read_label_rows` of an unchanged file (size and mtime are the cache key)."""
+    path = Path(file)
     suffix = path.suffix.lower()
     if suffix not in LABEL_FORMATS:
         raise DataError(f"{path}: unknown label table format {path.suffix!r}; use .csv "
@@ -64,7 +79,7 @@ def read_label_rows(path: str | os.PathLike) -> list[tuple[str, str, list]]:
                 if (parts := line.split()) and not parts[0].startswith("#")]
     if not rows:
         raise DataError(f"{path}: label table has no rows; add one row per image")
-    return rows
+    return tuple((where, image_id, tuple(classes)) for where, image_id, classes in rows)
 
 
 def table_class_names(path: str | os.PathLike) -> list[str] | None:
