@@ -15,7 +15,7 @@ from wsss_core.checkpoint import save_model
 from wsss_core.data.index import DatasetIndex, build_index
 from wsss_core.data.toy import generate_toy
 from wsss_core.data.transforms import normalize, to_chw
-from wsss_core.errors import ConfigError, DataError, WeightsError
+from wsss_core.errors import ConfigError, DataError
 from wsss_core.io import read_label_png, write_json
 from wsss_core.models.segmentation import create_seg_model, load_seg_model
 from wsss_core.seg_inference import SIZE_DIVISOR
