@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from wsss_core.config import load_config, method_params, stage_params
 from wsss_core.optim import set_lr
-from wsss_core.errors import WeightsError
+from wsss_core.errors import ConfigError, WeightsError
 from wsss_core.methods import StepContext, bnr, create_method
 from wsss_core.methods.cobra_losses import multilabel_soft_margin
 from wsss_core.models.backbones import create_timm
@@ -311,6 +311,74 @@ def test_transcam_entry_is_bnr_without_the_noise_loss(cfg):
         b, t = method_params(cfg, preset_dataset, "bnr"), method_params(cfg, preset_dataset, "transcam")
         assert b["plugin"] == t["plugin"] == "bnr" and b["model"] == t["model"]
         assert b["bnr"]["bnr"] is True and t["bnr"]["bnr"] is False
+
+
+def test_paper_presets_official_epochs_and_color_jitter(cfg):
+    """TransCAM's own run trains 20 epochs (train_TransCAM.py --max_epoches), BNR 22 (BNR
+    §4.2); both jitter colours as train_TransCAM.py, ColorJitter(0.3, 0.3, 0.3, 0.1)."""
+    assert stage_params(cfg, "voc", "transcam", "train_classifier")["epochs"] == 20
+    assert stage_params(cfg, "voc", "bnr", "train_classifier")["epochs"] == 22
+    for name in ("bnr", "transcam"):
+        assert method_params(cfg, "voc", name)["bnr"]["color_jitter"] == [0.3, 0.3, 0.3, 0.1]
+        m = create_method(copy.deepcopy(method_params(cfg, "voc", name)) | {"model": TINY["model"]},
+                          VOC, train_params=stage_params(cfg, "voc", name, "train_classifier"))
+        views = m.train_views()
+        assert views.keywords == {"crop": 512, "scale_range": (320, 640), "jitter": (0.3, 0.3, 0.3, 0.1)}
+
+
+def _photo(h=40, w=56, seed=0):
+    g = np.random.default_rng(seed)
+    return (g.random((h, w, 3)) * 200 + 20).astype(np.uint8)
+
+
+def test_transcam_crop_is_torchvision_jitter_between_resize_and_normalise():
+    """Loop oracle: the crop equals resize (the sample's draw) → torchvision ColorJitter seeded
+    with the spawned seed → normalise → flip → crop, built step by step here; the geometric
+    draws are those of the shared crop; the same (seed, epoch, index) stream gives the same
+    colours, another stream other colours; the global torch RNG is untouched."""
+    from PIL import Image
+    from torchvision.transforms import ColorJitter
+
+    from wsss_core.data import transforms as T
+    from wsss_core.data.datasets import sample_rng
+
+    img = _photo()
+    jitter = (0.3, 0.3, 0.3, 0.1)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    got = bnr.transcam_crop(img, sample_rng(7, 2, 5), 48, (40, 72), jitter)["image"]
+    assert torch.equal(torch.get_rng_state(), state)
+    rng = sample_rng(7, 2, 5)
+    resized, _ = T.random_resize_long(img, None, 40, 72, rng)
+    torch.manual_seed(int(rng.spawn(1)[0].integers(2 ** 63)))
+    coloured = np.asarray(ColorJitter(*jitter)(Image.fromarray(resized)))
+    ref, _ = T.random_crop(*T.random_hflip(T.normalize(coloured), None, rng), 48, rng)
+    assert got.shape == (3, 48, 48) and got.dtype == np.float32
+    assert np.array_equal(got, T.to_chw(ref))
+    plain, _ = T.classification_crop(img, None, 48, (40, 72), sample_rng(7, 2, 5))
+    assert not np.allclose(got, T.to_chw(plain), atol=1e-3)  # the colours moved
+    assert np.array_equal(bnr.transcam_crop(img, sample_rng(7, 2, 5), 48, (40, 72), (0, 0, 0, 0))["image"],
+                          T.to_chw(plain))  # zero jitter: the shared crop, same geometry
+    again = bnr.transcam_crop(img, sample_rng(7, 2, 5), 48, (40, 72), jitter)["image"]
+    other = bnr.transcam_crop(img, sample_rng(8, 2, 5), 48, (40, 72), jitter)["image"]
+    assert np.array_equal(got, again) and not np.array_equal(got, other)
+
+
+def test_color_jitter_switch_reaches_the_training_batch(toy_index):
+    """Off (the default, the tiny preset): no views, the shared crop. On: the dataset's item is
+    transcam_crop of the image with the sample's stream; bad values are one-line ConfigErrors."""
+    from wsss_core.data.datasets import ClassificationDataset
+
+    assert _tiny_method().train_views() is None
+    m = create_method(dict(TINY, bnr={"color_jitter": [0.3, 0.3, 0.3, 0.1]}), VOC,
+                      train_params={"crop": 32, "scale_range": [40, 48]})
+    ds = ClassificationDataset(toy_index, "train_aug", 32, (40, 48), seed=3, views=m.train_views())
+    item = ds[1]
+    ref = bnr.transcam_crop(toy_index.image(ds.ids[1]), ds.rng(1), 32, (40, 48), (0.3, 0.3, 0.3, 0.1))
+    assert torch.equal(item["image"], torch.as_tensor(ref["image"]))
+    for bad in ([0.3, 0.3, 0.3], [0.3, 0.3, -0.1, 0.1], [0.3, 0.3, 0.3, 0.7], "yes"):
+        with pytest.raises(ConfigError, match="bnr.color_jitter"):
+            create_method(dict(TINY, bnr={"color_jitter": bad}), VOC, train_params={"crop": 32})
 
 
 def test_tiny_preset_hybrid_starts_from_frozen_imagenet_lite0(cfg):

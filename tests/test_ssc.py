@@ -13,10 +13,13 @@ from skimage import measure
 
 from wsss_core.config import method_params, stage_params
 from wsss_core.data.datasets import ClassificationDataset
-from wsss_core.data.superpixels import PAD_ID, superpixels
+from PIL import Image
+
+from wsss_core.data.superpixels import (PAD_ID, ICDSuperpixels, decode_rgb_ids, read_icd_superpixels,
+                                        superpixels)
 from wsss_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_chw
 from wsss_core.optim import set_lr
-from wsss_core.errors import ConfigError
+from wsss_core.errors import ConfigError, DataError
 from wsss_core.methods import StepContext, create_method
 from wsss_core.methods.ssc import drs
 from wsss_core.methods.ssc_losses import (asm_loss, asm_target, erode, max_norm, perceptual_loss,
@@ -390,6 +393,72 @@ def test_superpixels_through_the_extra_input_hook(cfg, toy_index, tmp_path):
     assert torch.equal(item["image"], plain["image"])  # the map does not change the image's draw
     off = _tiny_method(cfg, asm=False, cdr=False)
     assert off.extra_inputs == () and off.extra_input_fns() == {} and off.unsaved_modules == ()
+
+
+# --- ICD's pre-computed superpixels (ssc.superpixel_generator: icd) -----------------------
+
+def _icd_png(path, raw_ids):
+    """Write raw ids [H, W] (< 2^24) as ICD stores them: R + 256·G + 65536·B."""
+    rgb = np.stack([raw_ids % 256, raw_ids // 256 % 256, raw_ids // 65536], -1).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+
+
+def test_icd_png_decodes_to_known_ids(tmp_path):
+    """A crafted PNG whose ids use all three channels decodes, pixel by pixel, to the formula's
+    ids, renumbered 0..S-1 in increasing order of the stored id."""
+    raw_values = [0, 1, 255, 256, 257, 65535, 65536, 70000, 16777215]
+    g = np.random.default_rng(0)
+    raw = np.array(raw_values)[g.integers(0, len(raw_values), (7, 9))]
+    raw[0, :len(raw_values)] = raw_values  # every id present
+    _icd_png(tmp_path / "a.png", raw)
+    rgb = np.asarray(Image.open(tmp_path / "a.png").convert("RGB"))
+    assert np.array_equal(decode_rgb_ids(rgb), raw)
+    seg = read_icd_superpixels(tmp_path / "a.png", (7, 9))
+    assert seg.dtype == np.uint8 and seg.shape == (7, 9)
+    for i in range(7):  # loop oracle: the rank of the stored id among the distinct ids
+        for j in range(9):
+            r, gg, b = (int(v) for v in rgb[i, j])
+            assert seg[i, j] == sorted(raw_values).index(r + 256 * gg + 65536 * b)
+
+
+def test_icd_missing_or_mismatched_file_is_one_line_data_error(tmp_path):
+    missing = tmp_path / "sp" / "2007_000032.png"
+    with pytest.raises(DataError, match="2007_000032.png: ICD superpixel file not found") as e:
+        ICDSuperpixels(str(tmp_path / "sp"))(np.zeros((4, 5, 3), np.uint8), "2007_000032", "/elsewhere")
+    assert "\n" not in str(e.value) and "fh_ss64" in str(e.value) and str(missing) in str(e.value)
+    _icd_png(missing, np.zeros((4, 4), np.int64))
+    with pytest.raises(DataError, match="size 4x4, its image is 4x5"):
+        read_icd_superpixels(missing, (4, 5))
+    _icd_png(missing, np.arange(16 * 20).reshape(16, 20))
+    with pytest.raises(DataError, match="320 superpixels"):
+        read_icd_superpixels(missing)
+
+
+def test_icd_superpixels_through_the_extra_input_hook(cfg, toy_index, tmp_path):
+    """`icd` reads <superpixel_dir>/<id>.png (relative to the dataset root, or absolute) through
+    the data hook, and the crop carries the decoded ids; without a folder it is a ConfigError."""
+    image_id = toy_index.ids("train_aug")[0]
+    h, w = toy_index.image(image_id).shape[:2]
+    raw = (np.arange(h)[:, None] // 8 * 1000 + np.arange(w)[None] // 16 * 65536).astype(np.int64)
+    _icd_png(tmp_path / "icd" / f"{image_id}.png", raw)
+    expect = read_icd_superpixels(tmp_path / "icd" / f"{image_id}.png")
+    m = _tiny_method(cfg, superpixel_generator="icd", superpixel_dir=str(tmp_path / "icd"),
+                     recon_loss="pixel_l1")
+    fn = m.extra_input_fns()["superpixels"]
+    assert fn.path(image_id, toy_index.root) == tmp_path / "icd" / f"{image_id}.png"
+    assert ICDSuperpixels("icd").path(image_id, tmp_path) == tmp_path / "icd" / f"{image_id}.png"
+    ds = ClassificationDataset(toy_index, "train_aug", 96, (48, 64), seed=0,
+                               extra=m.extra_input_fns(), extra_cache=tmp_path / "cache")
+    item = ds[0]
+    cached = np.load(tmp_path / "cache" / "superpixels" / f"{image_id}.npy", allow_pickle=False)
+    assert np.array_equal(cached, expect)
+    _, ref = ds._augment(toy_index.image(image_id), expect.astype(np.int32), ds.rng(0))
+    assert np.array_equal(item["superpixels"].numpy(), ref)
+    params = copy.deepcopy(method_params(cfg, "toy", "ssc"))
+    params["ssc"].update(superpixel_generator="icd")
+    with pytest.raises(ConfigError, match="ssc.superpixel_dir"):
+        create_method(params, VOC_CLASSES, train_params={"crop": 32})
 
 
 def test_settings_errors_are_config_errors(cfg):

@@ -65,17 +65,25 @@ class ClassificationDataset(EpochDataset):
     def _augment(self, img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
         return T.classification_crop(img, mask, self.crop, self.scale_range, rng)
 
+    def _compute_extra(self, name: str, image_id: str, image: np.ndarray) -> np.ndarray:
+        """`extra[name](image)`; a function with `needs_image_id = True` (one that reads a file
+        per image, e.g. pre-computed superpixels) gets `image_id=` and `root=` (the dataset root)."""
+        fn = self.extra[name]
+        if getattr(fn, "needs_image_id", False):
+            return fn(image, image_id=image_id, root=self.index.root)
+        return fn(image)
+
     def extra_input(self, name: str, image_id: str, image: np.ndarray) -> np.ndarray:
         """The extra map `name` of one image as int32 [H, W], computed at most once."""
         if self.extra_cache is None:
             key = (name, image_id)
             if key not in self._memory:
-                self._memory[key] = np.asarray(self.extra[name](image), dtype=np.int32)
+                self._memory[key] = np.asarray(self._compute_extra(name, image_id, image), dtype=np.int32)
             return self._memory[key]
         path = self.extra_cache / name / f"{image_id}.npy"
         if path.is_file():
             return np.load(path, allow_pickle=False)
-        value = np.asarray(self.extra[name](image), dtype=np.int32)
+        value = np.asarray(self._compute_extra(name, image_id, image), dtype=np.int32)
         if value.shape != image.shape[:2]:
             raise ValueError(f"extra input {name!r} of {image_id}: shape {value.shape}, expected "
                              f"{image.shape[:2]} (a bug in the method's extra_input_fns)")

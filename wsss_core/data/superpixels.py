@@ -13,20 +13,35 @@ Label maps are uint8 [H, W] with ids 0..S-1 consecutive, S ≤ max_segments ≤ 
 data layer computes each map once per image, caches it beside the classifier and augments it
 jointly with its image (nearest resize, same flip, same crop; the crop's padding gets id
 `PAD_ID`, used by no segment).
+
+The third source, `icd`, reads ICD's pre-computed maps themselves (`ICDSuperpixels`): one PNG
+per image, `<folder>/<image id>.png`, each pixel's superpixel id stored in its colour as
+R + 256·G + 65536·B (the official SSC data loader, `voc12/dataloader_new.py`, decodes them
+so). They are read, not computed: ids are renumbered 0..S-1 in increasing order of the stored
+id, nothing is merged or split.
 """
 from __future__ import annotations
 
 import heapq
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+from PIL import Image
 from skimage import color, measure, segmentation
 
+from ..errors import DataError
 from .palette import IGNORE
 
 #: id of the crop's padding in an augmented superpixel map (random_crop's mask fill)
 PAD_ID = IGNORE
 HSV_BINS = 25
 GENERATORS = ("fh_ss64", "slic64")
+#: the superpixel sources a method may name: the generators, and ICD's pre-computed PNGs
+ICD = "icd"
+SOURCES = (*GENERATORS, ICD)
 
 
 def _adjacent_pairs(labels: np.ndarray) -> np.ndarray:
@@ -129,3 +144,54 @@ def superpixels(image: np.ndarray, generator: str = "fh_ss64", max_segments: int
     # 4-connected parts (felzenszwalb's graph is 8-connected); measure.label numbers from 1
     parts = measure.label(raw, background=-1, connectivity=1) - 1
     return merge_regions(parts, image, max_segments).astype(np.uint8)
+
+
+def decode_rgb_ids(rgb: np.ndarray) -> np.ndarray:
+    """ICD's colour-encoded superpixel ids: uint8 [H, W, 3] RGB → int64 [H, W],
+    id = R + 256·G + 65536·B (official SSC `voc12/dataloader_new.py`, which adds 1 more)."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def read_icd_superpixels(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """One ICD superpixel PNG → uint8 [H, W] with ids 0..S-1 (the stored ids renumbered in
+    increasing order; S ≤ 254). `shape` (H, W), when given, must be the PNG's size.
+
+    DataError (one line naming the file and the fix) when the file is missing, unreadable, of
+    another size than its image, or holds more than 254 superpixels."""
+    path = Path(path)
+    fix = ("put ICD's superpixel PNGs (<image id>.png) in ssc.superpixel_dir, or set "
+           "ssc.superpixel_generator to fh_ss64 or slic64")
+    if not path.is_file():
+        raise DataError(f"{path}: ICD superpixel file not found; {fix}")
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ICD superpixel PNG ({e}); {fix}") from None
+    if shape is not None and rgb.shape[:2] != tuple(shape):
+        raise DataError(f"{path}: ICD superpixels of size {rgb.shape[0]}x{rgb.shape[1]}, its image "
+                        f"is {shape[0]}x{shape[1]}; the PNGs must be those of this dataset's images")
+    values, ids = np.unique(decode_rgb_ids(rgb), return_inverse=True)
+    if len(values) > 254:
+        raise DataError(f"{path}: {len(values)} superpixels, at most 254 fit the uint8 ids "
+                        f"({PAD_ID} = padding); ICD's maps hold at most 64")
+    return ids.reshape(rgb.shape[:2]).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class ICDSuperpixels:
+    """The `icd` source as a picklable extra-input function: `(image, image_id, root)` →
+    `read_icd_superpixels(<folder>/<image_id>.png, image.shape[:2])`. `folder` is absolute or
+    relative to the dataset root (`root`, the index's root folder), so one setting serves every
+    dataset that keeps its PNGs in the same place under its root."""
+
+    folder: str
+    #: the data layer passes the image id and the dataset root (datasets.ClassificationDataset)
+    needs_image_id: ClassVar[bool] = True
+
+    def path(self, image_id: str, root: str | os.PathLike) -> Path:
+        return Path(root) / self.folder / f"{image_id}.png"
+
+    def __call__(self, image: np.ndarray, image_id: str, root: str | os.PathLike) -> np.ndarray:
+        return read_icd_superpixels(self.path(image_id, root), image.shape[:2])

@@ -155,7 +155,9 @@ class Method(ABC):
         """One picklable function per name in `extra_inputs`: uint8 image [H, W, 3] → integer
         map [H, W] (e.g. superpixel ids). The data layer computes it once per image, caches it
         beside the classifier, transforms it with the image like a label map (nearest resize,
-        flip, crop padded with 255) and batches it under its name."""
+        flip, crop padded with 255) and batches it under its name. A function with the attribute
+        `needs_image_id = True` is called as `fn(image, image_id=..., root=<dataset root>)`
+        instead (a map read from a file per image, e.g. data/superpixels.py's ICDSuperpixels)."""
         return {}
 
     def train_views(self) -> Callable[[np.ndarray, np.random.Generator], dict[str, Any]] | None:

@@ -5,16 +5,22 @@ attention summed over blocks, M* = A*·M (class token removed). Training: multil
 on GAP(M) + the class-token logits. BNR (Fujimori et al., §3.3 eq. 6-9) adds the same loss on
 GAP(k·Ā*·M*), Ā* the block-mean attention without the class token; `bnr: false` is TransCAM.
 Inference (both): M* at several scales and flips, min-max normalised per class.
+Training crops (`bnr.color_jitter`, official `train_TransCAM.py`): TransCAM's colour jitter
+between the random resize and the normalisation (`transcam_crop`), else the shared crop.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
+from ..data import transforms as T
 from ..errors import ConfigError
 from ..models import conformer  # noqa: F401  (registers the Conformer models with timm)
 from ..models.backbones import create_timm
@@ -48,6 +54,33 @@ def noise_logits(attn: torch.Tensor, cam_refined: torch.Tensor, k_noise: float =
     return torch.bmm(cam_refined, column_sums.unsqueeze(-1)).squeeze(-1) * (k_noise / n)
 
 
+def transcam_crop(img: np.ndarray, rng: np.random.Generator, crop: int, scale_range: tuple[int, int],
+                  jitter: tuple[float, float, float, float]) -> dict[str, np.ndarray]:
+    """TransCAM's training crop (official `train_TransCAM.py`: RandomResizeLong → horizontal
+    flip → ColorJitter → Normalize → RandomCrop): uint8 image [H, W, 3] →
+    {"image": float32 [3, crop, crop]}.
+
+    Random long-side resize in `scale_range`, then torchvision's `ColorJitter(*jitter)`
+    (brightness, contrast, saturation, hue) on the PIL image, then the shared normalise → flip →
+    crop. The geometric draws come from `rng` in the order of the shared
+    `transforms.classification_crop` (so the jitter changes colours only, and zero jitter gives
+    the shared crop); the jitter's own draws come from torch's generator seeded with
+    `rng.spawn(1)[0].integers(2**63)` inside `torch.random.fork_rng`: a function of the sample's
+    (config seed, epoch, index) stream that leaves `rng` and the global torch state unchanged.
+    The flip comes after the jitter here: every jitter op is a per-pixel map of image-wide
+    statistics, which a flip does not change."""
+    from torchvision.transforms import ColorJitter
+
+    img, _ = T.random_resize_long(img, None, *scale_range, rng)
+    seed = int(rng.spawn(1)[0].integers(2 ** 63))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        img = np.asarray(ColorJitter(*jitter)(Image.fromarray(img)))
+    out, _ = T.random_hflip(T.normalize(img), None, rng)
+    out, _ = T.random_crop(out, None, crop, rng)
+    return {"image": T.to_chw(out)}
+
+
 @dataclass
 class ConformerSettings:
     backbone: str = "conformer_small_patch16.in1k"  # or conformer_tiny_toy
@@ -70,6 +103,9 @@ class BNRSettings:
     noise: bool = True  # false: the "without noise" ablation, GAP(M*) in place of GAP(M**)
     detach_attention: bool = False  # [FIX-option] stop the BNR gradient into the attention
     infer_shape: str = "square"  # [OFFICIAL] square inputs at inference | "keep" the aspect
+    # training colour jitter (brightness, contrast, saturation, hue): [OFFICIAL] 0.3, 0.3, 0.3,
+    # 0.1 (train_TransCAM.py); null: none (the shared crop)
+    color_jitter: list[float] | None = None
 
 
 @register_method
@@ -79,6 +115,21 @@ class BNRMethod(Method):
     maps = (MapSpec("cam", strided=True, normalize="minmax"),
             MapSpec("attention", kind="agnostic", normalize=False))
     propagate_map = "cam"
+
+    @classmethod
+    def check_settings(cls, name, settings, where) -> None:
+        """Backbone names (Method's check) and `bnr.color_jitter`: null or four numbers ≥ 0,
+        the hue ≤ 0.5 (torchvision's ColorJitter ranges)."""
+        super().check_settings(name, settings, where)
+        if name != "bnr" or settings.color_jitter is None:
+            return
+        j = settings.color_jitter
+        if (not isinstance(j, (list, tuple)) or len(j) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in j)
+                or j[3] > 0.5):
+            raise ConfigError(f"config key bnr.color_jitter: {j!r} is not null or [brightness, "
+                              f"contrast, saturation, hue], each ≥ 0, hue ≤ 0.5 (official: "
+                              f"[0.3, 0.3, 0.3, 0.1])")
 
     def build(self) -> dict[str, nn.Module]:
         m = self.model_settings = self.blocks["model"]
@@ -103,6 +154,16 @@ class BNRMethod(Method):
             raise ConfigError(f"config key train_classifier.crop: {crop} is not a multiple of "
                               f"{m.backbone}'s output stride {net.output_stride}")
         return {"conformer": net}
+
+    def train_views(self):
+        """None (the shared crop) without `bnr.color_jitter`, else `transcam_crop` with the
+        stage's crop and scale range (a picklable partial)."""
+        j = self.settings.color_jitter
+        if j is None:
+            return None
+        return functools.partial(transcam_crop, crop=int(self.train_params.get("crop", 512)),
+                                 scale_range=tuple(self.train_params.get("scale_range", (320, 640))),
+                                 jitter=tuple(float(v) for v in j))
 
     def optimizers(self, lr, weight_decay, momentum, kind="adamw"):
         # TransCAM: one group, every parameter with the same lr and weight decay

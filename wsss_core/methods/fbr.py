@@ -51,8 +51,9 @@ class FBRSettings:
     abs_thresh: float = 0.4
     max_queries_per_class: int | None = None
     nroi_k: int = 8
-    kmeans_iters: int = 30
-    bank_capacity: int = 50000  # VOC; 200000 for COCO
+    kmeans_iters: int = 30  # [OFFICIAL] 300 (scikit-learn's max_iter)
+    kmeans_inits: int = 1  # [OFFICIAL] 10 starts, the lowest inertia kept (scikit-learn's n_init)
+    bank_capacity: int = 50000  # VOC; 200000 for COCO; [OFFICIAL] AMN code 100000
     n_neg: int = 256
     tau_fb: float = 0.5
     tau_if: float = 0.1  # paper; [OFFICIAL] 0.5
@@ -60,8 +61,8 @@ class FBRSettings:
     bg_seg: bool = True  # auxiliary BG segmentation head (AMN code: off)
     bg_thresh: float = 0.05
     bg_dropout: float = 0.5
-    w_fb: float = 0.10
-    w_if: float = 0.05
+    w_fb: float = 0.10  # paper; [OFFICIAL] AMN code 0.05
+    w_if: float = 0.05  # paper; [OFFICIAL] AMN code 0.10
     w_seg: float = 0.01
     w_sim: float = 0.10
     detach_anchors: bool = False  # [OFFICIAL] true: queries detached, FB/IF give no gradient
@@ -85,6 +86,9 @@ class FBRMethod(Method):
                               f"({', '.join(QUERY_MODES)})")
         if name == "fbr" and settings.bank_capacity < 1:
             raise ConfigError("config key fbr.bank_capacity: must be ≥ 1")
+        if name == "fbr" and (settings.kmeans_inits < 1 or settings.kmeans_iters < 1):
+            raise ConfigError(f"config key fbr.kmeans_inits / fbr.kmeans_iters: "
+                              f"{settings.kmeans_inits} / {settings.kmeans_iters}, each must be ≥ 1")
 
     def build(self) -> dict[str, nn.Module]:
         m, s = self.blocks["model"], self.blocks["fbr"]
@@ -141,7 +145,8 @@ class FBRMethod(Method):
         losses = {"queries": query.sum().float()}
         if s.w_fb:
             bank_feats = F.relu(out["bg_pre"].detach())
-            self.bank.push(gather_from_ranks(image_nrois(bank_feats, pseudo, s.nroi_k, s.kmeans_iters, generator)))
+            nrois = image_nrois(bank_feats, pseudo, s.nroi_k, s.kmeans_iters, generator, s.kmeans_inits)
+            self.bank.push(gather_from_ranks(nrois))
             losses["fb"] = fb_loss(anchors, query, pseudo, protos, self.bank.entries(), s.n_neg, s.tau_fb,
                                    generator, axis_bug=s.fb_cosine_axis_bug)
         if s.w_if:

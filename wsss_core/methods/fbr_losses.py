@@ -128,13 +128,38 @@ def cap_queries(query: torch.Tensor, pseudo: torch.Tensor, cap: int, generator: 
 
 @torch.no_grad()
 def batched_kmeans(x: torch.Tensor, valid: torch.Tensor, k: int, iters: int,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator, inits: int = 1) -> torch.Tensor:
     """K-means (Euclidean, k-means++ init, Lloyd iterations) of every row at once.
 
     x [B, N, d]; valid [B, N] bool (each row needs ≥ 1 valid point; rows with fewer than k
     distinct points repeat centroids). Stops after `iters` iterations or when no assignment
-    changes. Returns centroids [B, k, d] fp32. Deterministic for a given generator state.
+    changes. With `inits` > 1 the whole run is repeated `inits` times (each from its own
+    k-means++ draws, one after the other from `generator`) and each row keeps the run with the
+    lowest inertia Σ_valid min_j ‖x − c_j‖² (the first on a tie), as scikit-learn's KMeans
+    with `n_init` (the official FBR code: `AMN/region_utils.py`, KMeans(n_clusters=8), 10
+    starts in the scikit-learn releases of its time). Returns centroids [B, k, d] fp32.
+    Deterministic for a given generator state.
     """
+    if inits < 1:
+        raise ConfigError(f"config key fbr.kmeans_inits: {inits} must be ≥ 1")
+    best, best_inertia = None, None
+    for _ in range(inits):
+        cent = _kmeans_once(x, valid, k, iters, generator)
+        if inits == 1:
+            return cent
+        inertia = (torch.cdist(x.float(), cent).amin(dim=-1) ** 2 * valid.float()).sum(1)  # [B]
+        if best is None:
+            best, best_inertia = cent, inertia
+            continue
+        better = inertia < best_inertia
+        best = torch.where(better[:, None, None], cent, best)
+        best_inertia = torch.where(better, inertia, best_inertia)
+    return best
+
+
+def _kmeans_once(x: torch.Tensor, valid: torch.Tensor, k: int, iters: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """One k-means++ start and its Lloyd iterations for every row (`batched_kmeans`)."""
     x = x.float()
     B, N, d = x.shape
     w = valid.float()
@@ -161,16 +186,16 @@ def batched_kmeans(x: torch.Tensor, valid: torch.Tensor, k: int, iters: int,
 
 @torch.no_grad()
 def image_nrois(b: torch.Tensor, pseudo: torch.Tensor, k: int, iters: int,
-                generator: torch.Generator) -> torch.Tensor:
+                generator: torch.Generator, inits: int = 1) -> torch.Tensor:
     """NROIs of a batch [n, d] fp32 (§III-B2): per image, the k K-means centroids of its
-    background features b [B, d, h, w] at ŷ = 0 when it has more than k background pixels,
-    otherwise those pixels' raw features (0..k vectors)."""
+    background features b [B, d, h, w] at ŷ = 0 when it has more than k background pixels
+    (`batched_kmeans` with `inits` starts), otherwise those pixels' raw features (0..k vectors)."""
     x = b.detach().float().flatten(2).transpose(1, 2)  # [B, N, d]
     bg = (pseudo == 0).flatten(1)
     many = bg.sum(1) > k
     parts = []
     if many.any():
-        parts.append(batched_kmeans(x[many], bg[many], k, iters, generator).reshape(-1, x.shape[-1]))
+        parts.append(batched_kmeans(x[many], bg[many], k, iters, generator, inits).reshape(-1, x.shape[-1]))
     parts.append(x[~many][bg[~many]])
     return torch.cat(parts)
 

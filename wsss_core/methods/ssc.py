@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..data.superpixels import GENERATORS, superpixels
+from ..data.superpixels import ICD, SOURCES, ICDSuperpixels, superpixels
 from ..errors import ConfigError, DataError
 from ..models.drs_cam import VGG_RELU_K_1, CDRDecoder, DRSResNetCAM, FeatureTaps, drs
 from ._registry import register_method
@@ -82,8 +82,10 @@ class SSCLossSettings:
     use_ras: bool = True  # off: the "ASM w/o RAS" ablation (target = superpixel map only)
     half_res: bool = True  # [OFFICIAL] ASM at half the crop's resolution
     # superpixels (paper §IV-B: ICD's at most 64 merged Felzenszwalb segments; data/superpixels.py)
-    superpixel_generator: str = "fh_ss64"  # | "slic64"
-    max_segments: int = 64
+    superpixel_generator: str = "fh_ss64"  # | "slic64" | "icd" [OFFICIAL]: ICD's own PNGs
+    max_segments: int = 64  # fh_ss64 / slic64 only (ICD's files hold what they hold)
+    # icd: the folder of <image id>.png (R + 256 G + 65536 B), absolute or under the dataset root
+    superpixel_dir: str | None = None
 
 
 @register_method
@@ -104,7 +106,7 @@ class SSCMethod(Method):
         s = settings
         check_backbone_name(s.loss_net.name, "ssc.loss_net.name")
         choices = {"recon_loss": ("perceptual", "pixel_l1", "pixel_l2"),
-                   "recon_range": ("raw", "imagenet"), "superpixel_generator": GENERATORS}
+                   "recon_range": ("raw", "imagenet"), "superpixel_generator": SOURCES}
         for key, allowed in choices.items():
             if getattr(s, key) not in allowed:
                 raise ConfigError(f"config key ssc.{key}: {getattr(s, key)!r} is not one of "
@@ -114,6 +116,10 @@ class SSCMethod(Method):
                               f"{len(s.loss_net.taps)} taps in ssc.loss_net.taps")
         if not 1 <= s.max_segments <= 254:
             raise ConfigError(f"config key ssc.max_segments: {s.max_segments} is not in 1..254")
+        if s.superpixel_generator == ICD and s.asm and not s.superpixel_dir:
+            raise ConfigError("config key ssc.superpixel_dir: not set; ssc.superpixel_generator icd "
+                              "reads <superpixel_dir>/<image id>.png (absolute, or relative to the "
+                              "dataset root)")
 
     def build(self) -> dict[str, nn.Module]:
         self.model_settings = self.blocks["model"]
@@ -141,10 +147,13 @@ class SSCMethod(Method):
 
     def extra_input_fns(self):
         """`superpixels`: uint8 image [H, W, 3] → superpixel ids [H, W] uint8 (ssc.superpixel_generator,
-        ssc.max_segments); none when ASM is off."""
+        ssc.max_segments; `icd` reads ssc.superpixel_dir/<image id>.png instead); none when ASM
+        is off."""
         s = self.loss_settings
         if not s.asm:
             return {}
+        if s.superpixel_generator == ICD:
+            return {"superpixels": ICDSuperpixels(s.superpixel_dir)}
         return {"superpixels": partial(superpixels, generator=s.superpixel_generator,
                                        max_segments=s.max_segments)}
 
