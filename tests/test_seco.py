@@ -622,7 +622,7 @@ def test_tiny_method_step_state_roundtrip_and_segmentation():
     views = m.train_views()
     assert getattr(importlib.import_module(views.func.__module__), views.func.__qualname__) is views.func
     assert views.args == () and views.keywords == {
-        "crop": 32, "scale_range": (250, 1000), "flip_whole": True}
+        "crop": 32, "scale_range": (250, 1000), "flip_whole": True, "crop_box": True}
     m.eval()
     assert m.single_stage
     seg = m.segment(torch.randn(2, 3, 20, 28))

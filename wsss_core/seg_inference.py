@@ -41,28 +41,39 @@ def _pad_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), value=0.0) if pad_h or pad_w else x
 
 
+#: `fuse` values of predict_multiscale: softmax averaged over flips and scales | SeCo's
+#: official own-head fusion (logits summed over the flip, element-wise max over scales)
+FUSE_MODES = ("mean", "max")
+
+
 @torch.inference_mode()
 def predict_multiscale(model: nn.Module, image_uint8: np.ndarray, scales: Sequence[float],
                        flip: bool, device: torch.device | str,
-                       crf: CRFFn | None = None) -> np.ndarray:
+                       crf: CRFFn | None = None, square: int | None = None,
+                       fuse: str = "mean") -> np.ndarray:
     """Class probabilities float32 [C,H,W] of one uint8 [H,W,3] image: for each scale, resize
     (bilinear), pad to a multiple of 32, run the image together with its mirror in one batch,
-    softmax, crop, un-mirror and average, resize to H×W; average over scales; then `crf`."""
+    softmax, crop, un-mirror and average, resize to H×W; average over scales; then `crf`.
+
+    `square` (SeCo's own head, official tools/infer_seg_voc.py): each scale s resizes the
+    normalised image to int(square·s) × int(square·s) (aspect not kept, bilinear, no
+    antialias) and feeds it unpadded. `fuse="max"` (same source): per scale the logits of
+    the image and of its un-mirrored mirror, each bilinear to H×W, are summed; the scales'
+    logits are fused by element-wise max and one softmax follows."""
     if not scales:
         raise ValueError("predict_multiscale needs at least one scale")
+    if fuse not in FUSE_MODES:
+        raise ValueError(f"predict_multiscale: fuse {fuse!r} is not one of {', '.join(FUSE_MODES)}")
     device = torch.device(device)
     model.eval()
     h, w = image_uint8.shape[:2]
     base = torch.from_numpy(to_chw(normalize(image_uint8)))[None].to(device)
+    if fuse == "max":
+        return _predict_max(model, base, (h, w), scales, flip, device, image_uint8, crf, square)
     probs_sum: torch.Tensor | None = None
     for scale in scales:
-        size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
-        x = base if size == (h, w) else F.interpolate(
-            base, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
-        batch = torch.cat([x, x.flip(-1)]) if flip else x
-        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-            logits = model(_pad_to_multiple(batch, SIZE_DIVISOR))
-        probs = logits[..., :size[0], :size[1]].float().softmax(dim=1)
+        size, logits = _scale_logits(model, base, scale, flip, device, square)
+        probs = logits.softmax(dim=1)
         if flip:
             probs = (probs[:1] + probs[1:].flip(-1)) / 2
         if size != (h, w):
@@ -70,6 +81,40 @@ def predict_multiscale(model: nn.Module, image_uint8: np.ndarray, scales: Sequen
             probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
         probs_sum = probs if probs_sum is None else probs_sum + probs
     result = (probs_sum[0] / len(scales)).cpu().numpy().astype(np.float32)
+    if crf is not None:
+        result = np.asarray(crf(image_uint8, result), dtype=np.float32)
+    return result
+
+
+def _scale_logits(model: nn.Module, base: torch.Tensor, scale: float, flip: bool,
+                  device: torch.device, square: int | None) -> tuple[tuple[int, int], torch.Tensor]:
+    """(size, float logits [1 or 2, C, *size]) of the normalised image `base` [1, 3, H, W] at
+    one scale: the image's own size × scale (bilinear, antialiased below 1, padded to a
+    multiple of SIZE_DIVISOR and cropped back), or with `square` an int(square·scale) square
+    fed unpadded; with `flip` the mirror is the second row (still mirrored)."""
+    h, w = base.shape[-2:]
+    size = ((max(1, int(square * scale)),) * 2 if square
+            else (max(1, int(round(h * scale))), max(1, int(round(w * scale)))))
+    x = base if size == (h, w) else F.interpolate(
+        base, size=size, mode="bilinear", align_corners=False, antialias=scale < 1 and not square)
+    batch = torch.cat([x, x.flip(-1)]) if flip else x
+    with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+        logits = model(batch if square else _pad_to_multiple(batch, SIZE_DIVISOR))
+    return size, logits[..., :size[0], :size[1]].float()
+
+
+def _predict_max(model: nn.Module, base: torch.Tensor, hw: tuple[int, int],
+                 scales: Sequence[float], flip: bool, device: torch.device,
+                 image_uint8: np.ndarray, crf: CRFFn | None, square: int | None) -> np.ndarray:
+    """predict_multiscale with fuse="max" (SeCo official tools/infer_seg_voc.py): per scale the
+    (flip-summed) logits at H×W, element-wise max over scales, softmax, then `crf`."""
+    fused: torch.Tensor | None = None
+    for scale in scales:
+        _, logits = _scale_logits(model, base, scale, flip, device, square)
+        logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
+        logits = logits[:1] + logits[1:].flip(-1) if flip else logits
+        fused = logits if fused is None else torch.maximum(fused, logits)
+    result = fused[0].softmax(dim=0).cpu().numpy().astype(np.float32)
     if crf is not None:
         result = np.asarray(crf(image_uint8, result), dtype=np.float32)
     return result
@@ -88,10 +133,12 @@ class _Done:
 def segment_images(model: nn.Module, images: Iterable[tuple[K, np.ndarray]],
                    scales: Sequence[float], flip: bool, device: torch.device | str,
                    crf_params: Mapping[str, float] | None = None,
-                   workers: int = 1) -> Iterator[tuple[K, np.ndarray, np.ndarray]]:
+                   workers: int = 1, square: int | None = None,
+                   fuse: str = "mean") -> Iterator[tuple[K, np.ndarray, np.ndarray]]:
     """Segment a stream of images: yield (key, image, label) per `(key, image)` of `images`,
     in input order; image uint8 [H,W,3] as given, label uint8 [H,W] = argmax over classes of
-    `predict_multiscale(model, image, scales, flip, device)`, refined first by the dense CRF
+    `predict_multiscale(model, image, scales, flip, device, square=, fuse=)`, refined first
+    by the dense CRF
     (`ops.crf.crf_from_probs(**crf_params)`) when `crf_params` is given.
 
     The network runs in this process; the CRF, CPU-bound per image, runs in a pool of
@@ -115,7 +162,7 @@ def segment_images(model: nn.Module, images: Iterable[tuple[K, np.ndarray]],
 
     try:
         for key, image in images:
-            probs = predict_multiscale(model, image, scales, flip, device)
+            probs = predict_multiscale(model, image, scales, flip, device, square=square, fuse=fuse)
             if crf_fn is None:
                 yield finish(key, image, _Done(probs))
             elif pool is None:

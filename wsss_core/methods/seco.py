@@ -81,7 +81,11 @@ class SeCoSettings:
     cam_scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.75, 1.5])
     lil_impl: str = "reference"  # [OFFICIAL] | "clean" [FIX]
     strong_flip_whole_image: bool = True  # [OFFICIAL] Q3
-    ptc_box_scaling: str = "official"  # Q5 (only matters when the data layer gives img_box)
+    ptc_box_scaling: str = "official"  # Q5: the pixel box on the token grid | "scaled" [FIX]
+    # [OFFICIAL] black padding before normalisation, the crop box marks it 255 in every online
+    # label; false: the former mean-colour padding, counted as image (no box)
+    crop_box: bool = True
+    cam_norm: str = "minmax"  # exported cam / aux: [OFFICIAL] per-class min-max | "max"
     par_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
     par_iterations: int = 10
     energy_weight: float = 1e-7
@@ -176,17 +180,44 @@ def _color(img: torch.Tensor, g: torch.Generator, p_jitter: float, p_gray: float
     return img
 
 
+def box_crop(image: np.ndarray, crop: int, scale_range: tuple[int, int],
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """SeCo's main crop with its box (official `datasets/transforms.py` `random_crop` with
+    `mean_rgb` 0, as `datasets/voc.py` calls it): the classifier crop's resize, flip and crop
+    (the same `rng` draws as `transforms.classification_crop`), but a side shorter than `crop`
+    is padded with black (uint8 0) **before** normalisation. Returns (normalised float32
+    [crop, crop, 3], img_box int64 [4] = top, bottom, left, right of the image region inside
+    the crop, in crop pixels)."""
+    img, _ = T.random_resize_long(image, None, *scale_range, rng)
+    img, _ = T.random_hflip(img, None, rng)
+    inside = np.ones(img.shape[:2], np.uint8)
+    out, inside = T.random_crop(img, inside, crop, rng, img_fill=0, mask_fill=0)
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    box = np.array([rows[0], rows[-1] + 1, cols[0], cols[-1] + 1], dtype=np.int64)
+    return T.normalize(out), box
+
+
 def seco_views(image: np.ndarray, rng: np.random.Generator, crop: int,
-               scale_range: tuple[int, int], flip_whole: bool = True) -> dict[str, torch.Tensor]:
+               scale_range: tuple[int, int], flip_whole: bool = True,
+               crop_box: bool = False) -> dict[str, torch.Tensor]:
     """The training views of one uint8 image [H, W, 3] (docs/methods/seco.md "One training step"
     3-4), each a
     normalised float32 [3, crop, crop]: `image` the shared classifier crop (resize, flip,
     crop); `strong` that crop flipped w.p. 0.5 (Q3) and colour-augmented; `glob` a second
     global view, RandomResizedCrop(scale 0.4-1, ratio 3/4-4/3, bicubic) of the full image,
     flipped w.p. 0.5, colour-augmented with solarize. The colour draws come from a torch
-    generator seeded by `rng`, so the views are a function of the dataset's seed."""
+    generator seeded by `rng`, so the views are a function of the dataset's seed.
+
+    `crop_box` (official): the crop is padded black before normalisation (`box_crop`) and
+    `img_box` (int64 [4], top, bottom, left, right) is returned with the views; the strong
+    view is cut from the same padded crop, as the official `local_view`. Without it the
+    padding is the mean colour (0 after normalisation) and there is no box. An image at least
+    `crop` on both sides after the resize gives the same `image` either way."""
     g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-    out, _ = T.classification_crop(image, None, crop, scale_range, rng)
+    if crop_box:
+        out, box = box_crop(image, crop, scale_range, rng)
+    else:
+        out, _ = T.classification_crop(image, None, crop, scale_range, rng)
     x = torch.from_numpy(T.to_chw(out))
     img01 = denormalize(x[None])[0]
     strong = img01.flip(-1) if flip_whole and _u(g) < 0.5 else img01
@@ -201,8 +232,11 @@ def seco_views(image: np.ndarray, rng: np.random.Generator, crop: int,
                            interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
     if _u(g) < 0.5:
         glob = glob.flip(-1)
-    return {"image": x, "strong": normalize(_color(strong, g, 0.8, 0.2, 0.5, 0.0)),
-            "glob": normalize(_color(glob, g, 0.8, 0.2, 0.1, 0.2))}
+    views = {"image": x, "strong": normalize(_color(strong, g, 0.8, 0.2, 0.5, 0.0)),
+             "glob": normalize(_color(glob, g, 0.8, 0.2, 0.1, 0.2))}
+    if crop_box:
+        views["img_box"] = torch.from_numpy(box)
+    return views
 
 
 class Reservoir(nn.Module):
@@ -260,6 +294,18 @@ class SeCoMethod(Method):
         s = self.settings = self.blocks["seco"]
         if s.lil_impl not in ("reference", "clean"):
             raise ConfigError(f"config key seco.lil_impl: {s.lil_impl!r} is not reference or clean")
+        if s.cam_norm not in ("minmax", "max"):
+            raise ConfigError(f"config key seco.cam_norm: {s.cam_norm!r} is not minmax or max")
+        if s.ptc_box_scaling not in ("official", "scaled"):
+            raise ConfigError(f"config key seco.ptc_box_scaling: {s.ptc_box_scaling!r} is not "
+                              f"official or scaled")
+        if not isinstance(s.crop_box, bool):
+            raise ConfigError(f"config key seco.crop_box: {s.crop_box!r} is not true or false")
+        # the exported maps' normalisation (official utils/camutils.py multi_scale_cam2: per
+        # class minus the minimum, divided by the maximum + 1e-5), per instance: the class's
+        # `maps` is the max-only form the registry describes
+        norm = "minmax" if s.cam_norm == "minmax" else True
+        self.maps = (MapSpec("cam", strided=True, normalize=norm), MapSpec("aux", normalize=norm))
         crop = int(self.train_params.get("crop", 224))
         enc = SeCoEncoder(m.backbone, aux_layer=m.aux_layer, img_size=crop, patch_size=m.patch_size,
                           embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
@@ -278,7 +324,8 @@ class SeCoMethod(Method):
         """`seco_views` with the stage's crop and scale range (picklable partial)."""
         return functools.partial(seco_views, crop=int(self.train_params.get("crop", 224)),
                                  scale_range=tuple(self.train_params.get("scale_range", (250, 1000))),
-                                 flip_whole=self.settings.strong_flip_whole_image)
+                                 flip_whole=self.settings.strong_flip_whole_image,
+                                 crop_box=self.settings.crop_box)
 
     # --- state beyond the saved modules ------------------------------------------------------
     def to(self, device: torch.device) -> "SeCoMethod":
@@ -321,7 +368,10 @@ class SeCoMethod(Method):
         s, it = self.settings, ctx.step
         x = batch["image"].to(ctx.device, non_blocking=True)
         y = batch["label"].to(ctx.device, non_blocking=True)
+        # [B, 4] (top, bottom, left, right) from `seco_views` with crop_box; None without
         img_box = batch.get("img_box")
+        if img_box is not None:
+            img_box = [[int(v) for v in b] for b in img_box.tolist()]
         single = y.sum(1) == 1
         label_idx = torch.where(single, y.argmax(1) + 1, torch.full_like(single, -1, dtype=torch.long))
         image01 = denormalize(x)
@@ -370,7 +420,8 @@ class SeCoMethod(Method):
             box = img_box
             if img_box is not None and s.ptc_box_scaling == "scaled":
                 p = net.encoder.patch_size
-                box = [[v // p for v in b] for b in img_box]
+                # the tokens wholly inside the box: top/left rounded up, bottom/right down
+                box = [[-(-t // p), d // p, -(-l // p), r // p] for t, d, l, r in img_box]
             aff = ptc_affinity_mask(cams_aux, y, grid, s.high_thre, s.low_thre, box)
             losses["ptc"] = ptc_loss(out["tokens"], aff)
             seg = F.interpolate(out["seg"], size=x.shape[-2:], mode="bilinear", align_corners=False)

@@ -4,7 +4,8 @@ label maps as palette PNGs (`pred_dir/<id>.png`, so anyone can re-score them) an
 
 With `--from-method` the model file is the classifier of a single-stage method
 (`Method.single_stage`), whose own segmentation head (`Method.segment`) is evaluated the same
-way (multi-scale + flip + CRF, as such methods' papers do).
+way (multi-scale + flip + CRF, as such methods' papers do), or as the block's `own_head`
+says where it is set (SeCo's paper preset: its official tools/infer_seg_voc.py, `head_params`).
 
 The network runs in this process; the CRF, CPU-bound per image, runs in a pool of `threads`
 worker processes while the network goes on with the next images (at most 2 x threads images in
@@ -65,6 +66,15 @@ def load_predictor(model: str | Path, device, from_method: bool = False):
                                      "num_classes": method.num_classes}
 
 
+def head_params(params: dict, from_method: bool) -> dict:
+    """The evaluation settings: `params`, and for a single-stage method's own head
+    (`from_method`) its `own_head` block over them (SeCo's paper preset: official
+    tools/infer_seg_voc.py, 448·s squares, max over scales, its CRF); `square` (null) and
+    `fuse` (mean) default to the shared protocol."""
+    own = params.get("own_head") if from_method else None
+    return {"square": None, "fuse": "mean", **{k: params[k] for k in EVAL_KEYS}, **(own or {})}
+
+
 def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path,
              pred_dir: str | Path, split: str = "val", threads: int | None = None,
              from_method: bool = False) -> dict:
@@ -77,6 +87,7 @@ def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path
     if int(meta["num_classes"]) != idx.num_classes:
         raise DataError(f"{model}: trained for {meta['num_classes']} classes but {index} has "
                         f"{idx.num_classes}")
+    params = head_params(params, from_method)
     scales = [float(s) for s in params["scales"]]
     flip, use_crf = bool(params["flip"]), bool(params["crf"])
     crf_kwargs = {k: params["crf_params"][k] for k in CRF_KEYS}
@@ -89,7 +100,8 @@ def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path
     images = ((image_id, idx.image(image_id)) for image_id in ids)
     with atomic_dir(pred_dir) as tmp, tqdm(total=len(ids), desc="eval seg", unit="img",
                                            mininterval=2.0) as bar, closing(segment_images(
-            net, images, scales, flip, device, crf_kwargs if use_crf else None, workers)) as results:
+            net, images, scales, flip, device, crf_kwargs if use_crf else None, workers,
+            square=params["square"], fuse=params["fuse"])) as results:
         for image_id, _, label in results:
             save_label_png(tmp / f"{image_id}.png", label)
             if idx.has_mask(image_id):
@@ -97,7 +109,8 @@ def eval_seg(index: str | Path, model: str | Path, params: dict, out: str | Path
             bar.update(1)
     seconds = time.perf_counter() - t0
     settings = dict(split=split, split_images=len(ids), scales=scales, flip=flip, crf=use_crf,
-                    crf_params=crf_kwargs if use_crf else None, model=meta["model"],
+                    crf_params=crf_kwargs if use_crf else None, square=params["square"],
+                    fuse=params["fuse"], model=meta["model"],
                     encoder=meta["encoder"], seconds=round(seconds, 2))
     if not idx.mask_ids(split):  # predictions written, nothing to score them against
         report = no_ground_truth_report(**settings)

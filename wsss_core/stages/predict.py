@@ -40,7 +40,7 @@ from ..errors import ConfigError, DataError, WeightsError
 from ..io import atomic_dir, read_user_text, save_label_png, write_json
 from ..seg_inference import segment_images
 from . import common
-from .eval_seg import CRF_KEYS, EVAL_KEYS, load_predictor
+from .eval_seg import CRF_KEYS, EVAL_KEYS, head_params, load_predictor
 
 log = logging.getLogger("wsss")
 
@@ -58,6 +58,7 @@ def resolve_params(params: dict | None) -> dict:
     """eval_seg parameters: `params` (any subset of scales / flip / crf / crf_params, and of the
     CRF keys) over DEFAULT_PARAMS. Raises ConfigError naming an unknown key or a bad scale."""
     params = dict(params or {})
+    own_head = params.pop("own_head", None)  # eval_seg's own-head block (--from-method only)
     unknown = sorted(set(params) - set(EVAL_KEYS))
     if unknown:
         raise ConfigError(f"--params key {unknown[0]!r} unknown; use {', '.join(EVAL_KEYS)}")
@@ -75,6 +76,7 @@ def resolve_params(params: dict | None) -> dict:
                           f"e.g. [0.75, 1.0, 1.25], not {scales!r}")
     resolved["scales"] = [float(s) for s in scales]
     resolved["flip"], resolved["crf"] = bool(resolved["flip"]), bool(resolved["crf"])
+    resolved["own_head"] = own_head
     return resolved
 
 
@@ -193,6 +195,7 @@ def predict(model: str | Path, images: str | Path, out: str | Path, params: dict
     common.set_threads(threads)
     device = common.get_device()
     net, meta = load_model(model, device, from_method)
+    resolved = head_params(resolved, from_method)
     crf_params = resolved["crf_params"] if resolved["crf"] else None
     workers = max(1, int(threads or 1))
     record = {"model": str(model), "architecture": meta["model"], "encoder": meta["encoder"],
@@ -207,7 +210,7 @@ def predict(model: str | Path, images: str | Path, out: str | Path, params: dict
     with atomic_dir(out) as tmp, tqdm(total=len(files), desc="predict", unit="img",
                                       mininterval=1.0) as bar, closing(segment_images(
             net, decoded(), resolved["scales"], resolved["flip"], device, crf_params,
-            workers)) as results:
+            workers, square=resolved["square"], fuse=resolved["fuse"])) as results:
         if overlay:
             (tmp / "overlay").mkdir()
         for file, image, label in results:
