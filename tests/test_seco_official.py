@@ -71,8 +71,9 @@ def test_no_online_label_sees_a_padded_pixel(monkeypatch, crop_box):
     segmentation label, the ROI mask the tags and local crops come from, the dense-energy ROI
     and label, and the PTC pairs treat every padded pixel as ignored (with crop_box false, the
     former behaviour, the padding is image and this fails: the last assertion says so)."""
-    m = create_method({"plugin": "seco", "model": TINY_VIT, "seco": {**ALL_ON, "crop_box": crop_box}},
-                      5, {"crop": 32, "scale_range": (20, 24)})
+    seco = {**ALL_ON, "crop_box": crop_box}
+    m = create_method({"plugin": "seco", "model": TINY_VIT, "seco": seco}, 5,
+                      {"crop": 32, "scale_range": (20, 24)})
     views = m.train_views()
     items = [views(_small_image(k), np.random.default_rng(k)) for k in (0, 1)]
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
@@ -240,7 +241,8 @@ def test_eval_seg_applies_own_head_only_to_a_single_stage_method(monkeypatch):
     assert shared["scales"] == paper["scales"] and shared["crf_params"] == paper["crf_params"]
     tiny = stage_params(cfg, "toy", "seco", "eval_seg")
     assert tiny.get("own_head") is None
-    assert head_params(tiny, True) == {**{k: tiny[k] for k in ("scales", "flip", "crf", "crf_params")},
+    shared_keys = ("scales", "flip", "crf", "crf_params")
+    assert head_params(tiny, True) == {**{k: tiny[k] for k in shared_keys},
                                        "square": None, "fuse": "mean"}
 
 
@@ -251,7 +253,8 @@ def test_presets_select_the_switches():
     from wsss_core.config import load_config, method_params
     cfg = load_config(Path(__file__).resolve().parents[1] / "config.yaml")
     cfg["datasets"]["toy_paper"] = dict(cfg["datasets"]["toy"], preset="paper")
-    want = {"toy_paper": (True, "minmax", "official", "minmax"), "toy": (False, "max", "official", True)}
+    want = {"toy_paper": (True, "minmax", "official", "minmax"),
+            "toy": (False, "max", "official", True)}
     for dataset, (box, norm, ptc, spec) in want.items():
         seco = method_params(cfg, dataset, "seco")["seco"]
         m = create_method({"plugin": "seco", "model": TINY_VIT, "seco": seco}, 5, {"crop": 32})
@@ -260,4 +263,20 @@ def test_presets_select_the_switches():
         assert [x.normalize for x in m.maps] == [spec, spec]
         assert m.train_views().keywords["crop_box"] is box
     with pytest.raises(Exception, match="seco.cam_norm"):
-        create_method({"plugin": "seco", "model": TINY_VIT, "seco": {"cam_norm": "mean"}}, 5, {"crop": 32})
+        create_method({"plugin": "seco", "model": TINY_VIT, "seco": {"cam_norm": "mean"}}, 5,
+                      {"crop": 32})
+
+
+def test_predict_takes_the_own_head_block_of_eval_seg():
+    """`wsss predict` receives the (dataset, method)'s eval_seg block: its own_head block is
+    kept for the own head (--from-method) and dropped for a segmentation network."""
+    from wsss_core.stages.eval_seg import head_params
+    from wsss_core.stages.predict import resolve_params
+    own = {"square": 448, "scales": [1.0, 1.25, 1.5], "fuse": "max"}
+    p = resolve_params({"scales": [1.0], "own_head": own})
+    assert p["own_head"] == own
+    head = head_params(p, from_method=True)
+    assert (head["square"], head["scales"], head["fuse"], head["flip"]) == (
+        448, [1.0, 1.25, 1.5], "max", True)
+    net = head_params(p, from_method=False)
+    assert (net["square"], net["scales"], net["fuse"]) == (None, [1.0], "mean")
