@@ -437,7 +437,8 @@ def test_icd_missing_or_mismatched_file_is_one_line_data_error(tmp_path):
 
 def test_icd_superpixels_through_the_extra_input_hook(cfg, toy_index, tmp_path):
     """`icd` reads <superpixel_dir>/<id>.png (relative to the dataset root, or absolute) through
-    the data hook, and the crop carries the decoded ids; without a folder it is a ConfigError."""
+    the data hook, and the crop carries the decoded ids; missing files are found when the
+    dataset is made; without a folder it is a ConfigError."""
     image_id = toy_index.ids("train_aug")[0]
     h, w = toy_index.image(image_id).shape[:2]
     raw = (np.arange(h)[:, None] // 8 * 1000 + np.arange(w)[None] // 16 * 65536).astype(np.int64)
@@ -448,6 +449,13 @@ def test_icd_superpixels_through_the_extra_input_hook(cfg, toy_index, tmp_path):
     fn = m.extra_input_fns()["superpixels"]
     assert fn.path(image_id, toy_index.root) == tmp_path / "icd" / f"{image_id}.png"
     assert ICDSuperpixels("icd").path(image_id, tmp_path) == tmp_path / "icd" / f"{image_id}.png"
+    ids = toy_index.ids("train_aug")
+    # missing files stop the run when the dataset is made (main process: one line), all counted
+    n = len(ids)
+    with pytest.raises(DataError, match=f"ICD superpixel file not found \\({n - 1} of {n} images"):
+        ClassificationDataset(toy_index, "train_aug", 96, (48, 64), extra=m.extra_input_fns())
+    for other in ids[1:]:
+        _icd_png(tmp_path / "icd" / f"{other}.png", np.zeros(toy_index.image(other).shape[:2], np.int64))
     ds = ClassificationDataset(toy_index, "train_aug", 96, (48, 64), seed=0,
                                extra=m.extra_input_fns(), extra_cache=tmp_path / "cache")
     item = ds[0]

@@ -58,6 +58,9 @@ class ClassificationDataset(EpochDataset):
         self.crop = crop
         self.scale_range = tuple(scale_range)
         self.extra = dict(extra or {})
+        for fn in self.extra.values():  # a map read from files checks them here, in the main process
+            if hasattr(fn, "check_files"):
+                fn.check_files(self.ids, index.root)
         self.extra_cache = Path(extra_cache) if extra_cache else None
         self.views = views
         self._memory: dict[tuple[str, str], np.ndarray] = {}

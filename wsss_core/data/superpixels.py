@@ -146,6 +146,10 @@ def superpixels(image: np.ndarray, generator: str = "fh_ss64", max_segments: int
     return merge_regions(parts, image, max_segments).astype(np.uint8)
 
 
+ICD_FIX = ("put ICD's superpixel PNGs (<image id>.png) in ssc.superpixel_dir, or set "
+           "ssc.superpixel_generator to fh_ss64 or slic64")
+
+
 def decode_rgb_ids(rgb: np.ndarray) -> np.ndarray:
     """ICD's colour-encoded superpixel ids: uint8 [H, W, 3] RGB → int64 [H, W],
     id = R + 256·G + 65536·B (official SSC `voc12/dataloader_new.py`, which adds 1 more)."""
@@ -160,15 +164,13 @@ def read_icd_superpixels(path: str | os.PathLike, shape: tuple[int, int] | None 
     DataError (one line naming the file and the fix) when the file is missing, unreadable, of
     another size than its image, or holds more than 254 superpixels."""
     path = Path(path)
-    fix = ("put ICD's superpixel PNGs (<image id>.png) in ssc.superpixel_dir, or set "
-           "ssc.superpixel_generator to fh_ss64 or slic64")
     if not path.is_file():
-        raise DataError(f"{path}: ICD superpixel file not found; {fix}")
+        raise DataError(f"{path}: ICD superpixel file not found; {ICD_FIX}")
     try:
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB"))
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable ICD superpixel PNG ({e}); {fix}") from None
+        raise DataError(f"{path}: unreadable ICD superpixel PNG ({e}); {ICD_FIX}") from None
     if shape is not None and rgb.shape[:2] != tuple(shape):
         raise DataError(f"{path}: ICD superpixels of size {rgb.shape[0]}x{rgb.shape[1]}, its image "
                         f"is {shape[0]}x{shape[1]}; the PNGs must be those of this dataset's images")
@@ -195,3 +197,12 @@ class ICDSuperpixels:
 
     def __call__(self, image: np.ndarray, image_id: str, root: str | os.PathLike) -> np.ndarray:
         return read_icd_superpixels(self.path(image_id, root), image.shape[:2])
+
+    def check_files(self, image_ids: list[str], root: str | os.PathLike) -> None:
+        """DataError naming the first missing PNG (and how many are missing) before training
+        starts: the data layer calls it in the main process, where the error stays one line
+        (an error raised in a DataLoader worker comes back with the worker's traceback)."""
+        missing = [p for p in (self.path(i, root) for i in image_ids) if not p.is_file()]
+        if missing:
+            raise DataError(f"{missing[0]}: ICD superpixel file not found ({len(missing)} of "
+                            f"{len(image_ids)} images have none); {ICD_FIX}")
