@@ -177,11 +177,13 @@ def test_untagged_pretrained_names_are_refused_before_any_download():
 
 def test_paper_seed_protocol_and_precision(cfg):
     """CoBra's seed number comes from its per-image percentile protocol over θ = 50 … 95, the
-    IRN baseline's from the constant sweep; every paper training stage runs in fp32 as the
-    official code does."""
+    IRN baseline's from IRN's constant 0.15 (the official protocols, issue 31 item 3); every
+    paper training stage runs in fp32 as the official code does."""
     cobra = stage_params(cfg, "voc", "cobra", "eval_seeds")
-    assert cobra["background"] == "percentile" and cobra["percentiles"] == {"start": 50, "stop": 95, "step": 5}
-    assert stage_params(cfg, "voc", "cam", "eval_seeds")["background"] == "constant"
+    assert cobra["background"] == "official" and cobra["official"]["rule"] == "percentile"
+    assert cobra["percentiles"] == {"start": 50, "stop": 95, "step": 5}
+    cam = stage_params(cfg, "voc", "cam", "eval_seeds")
+    assert cam["background"] == "official" and cam["official"]["threshold"] == 0.15
     for method in ("cam", "cobra"):
         for stage in ("train_classifier", "train_irn", "train_seg"):
             assert stage_params(cfg, "voc", method, stage)["precision"] == "fp32"

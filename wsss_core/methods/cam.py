@@ -19,8 +19,8 @@ class CAMMethod(Method):
     backbone_module = "cnn"
     published = {"seed": 48.8, "mask": 66.3, "seg": None, "source": "IRN, as quoted in CoBra Tab. 1",
                  "protocol": "seed: constant background score 0.15 (IRN's eval_cam.py; the `paper` "
-                             "preset reports the arg-max of a constant sweep); mask: random walk of "
-                             "the CAM, global-max rule with background 0.25, no CRF"}
+                             "preset reports it, `eval_seeds.official`, the sweep beside it); mask: "
+                             "random walk of the CAM, global-max rule with background 0.25, no CRF"}
 
     def build(self) -> dict[str, nn.Module]:
         return {"cnn": self.blocks["model"].build(self.num_classes - 1, with_background=False)}

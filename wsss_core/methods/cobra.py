@@ -78,8 +78,8 @@ class CobraMethod(Method):
     backbone_module = "cnn"
     published = {"seed": 62.3, "mask": 73.5, "seg": 74.0, "source": "CoBra Tab. 1 / Tab. 2",
                  "protocol": "seed: per image the θ-th percentile of the attention map as background "
-                             "score, θ searched (CoBra's eval_cam.py; `eval_seeds.background: "
-                             "percentile`), no CRF; mask: random walk of the ViT CAM, per-class "
+                             "score, θ searched (CoBra's eval_cam.py; `eval_seeds.official` rule "
+                             "percentile), no CRF; mask: random walk of the ViT CAM, per-class "
                              "0.31·max + min rule + dense CRF (72.5 without); seg: multi-scale "
                              "testing + dense CRF"}
     partial_losses = True  # the projection heads get no gradient before aux_start_epoch
