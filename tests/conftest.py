@@ -64,17 +64,18 @@ def voc_sample_root() -> Path:
     return VOC_SAMPLE
 
 
-#: Test files that mostly wait (Snakemake runs whose jobs are subprocesses; the SLURM test
-#: waits for the executor's status polls), longest first, as measured on the 2-core machine
-#: (SLURM ~170-210 s, e2e ~100 s, label-only ~80 s, plug-in contract ~45 s, incremental ~30 s;
-#: the opt-in paper-preset smoke runs, WSSS_PAPER_SMOKE=1: CNN ~620 s, ViT ~540 s under load,
-#: go first when they run). Under
-#: pytest-xdist (`-n`, see pyproject.toml) they start first, so the short tests fill the
-#: other worker while they wait instead of the suite ending on one of them alone.
-LONGEST_FIRST = (*(("test_paper_smoke_cnn.py", "test_paper_smoke_vit.py")
-                   if os.environ.get("WSSS_PAPER_SMOKE") == "1" else ()),
-                 "test_slurm.py", "test_e2e.py", "test_label_only.py", "test_plugin_contract.py",
-                 "test_incremental.py")
+#: Test files that run whole Snakemake DAGs, longest first (measured on the 2-core machine; the
+#: SLURM test mostly waits for the executor's status polls). Under pytest-xdist (`-n`, see
+#: pyproject.toml) they start first, so the short tests fill the other workers while they run
+#: instead of the suite ending on one of them alone.
+LONGEST_FIRST = ("test_slurm.py", "test_paper_smoke_cnn.py", "test_paper_smoke_vit.py", "test_e2e.py",
+                 "test_label_only.py", "test_plugin_contract.py", "test_incremental.py")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker more than the CPUs (at most four), since the SLURM test's worker
+    spends most of its minutes waiting for status polls while its jobs are short."""
+    return min((os.cpu_count() or 1) + 1, 4)
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

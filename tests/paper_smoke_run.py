@@ -17,12 +17,12 @@ from conftest import REPO_ROOT, copy_workflow
 
 from wsss_core.config import STAGES, _leaves, load_config, method_params, stage_params
 
-#: the end-to-end runs cost ~560 CPU-seconds together (cnn ~300, vit ~260), more than the suite's
-#: 10-minute budget on the 2-core machine holds today: they run when WSSS_PAPER_SMOKE=1
-#: (`WSSS_PAPER_SMOKE=1 pytest -q tests/test_paper_smoke_cnn.py tests/test_paper_smoke_vit.py`);
-#: the override checks always run
-OPT_IN = pytest.mark.skipif(os.environ.get("WSSS_PAPER_SMOKE") != "1",
-                            reason="paper smoke DAG: set WSSS_PAPER_SMOKE=1 (~560 CPU-s on 2 cores)")
+#: the six methods' end-to-end runs are in the suite; `transcam` (the BNR host without its noise
+#: loss: no code path of its own) and bnr's masks through SegFormer (the paper's second
+#: segmentation network) add ~100 CPU-seconds and run when WSSS_PAPER_SMOKE=1
+#: (`WSSS_PAPER_SMOKE=1 pytest -q tests/test_paper_smoke_*.py`)
+EXTRA = os.environ.get("WSSS_PAPER_SMOKE") == "1"
+OPT_IN = pytest.mark.skipif(not EXTRA, reason="transcam / SegFormer paper smoke: set WSSS_PAPER_SMOKE=1")
 
 VOC_FULL = REPO_ROOT.parent / "shared" / "voc_real" / "voc2012-seg632"
 SMOKE_YAML = REPO_ROOT / "scripts" / "paper_smoke.yaml"

@@ -11,7 +11,7 @@ flip + CRF), train_irn 44, propagate 42, the rest 41; ~300 CPU-seconds in all.""
 from __future__ import annotations
 
 import pytest
-from paper_smoke_run import OPT_IN, check_overrides, check_run, run_smoke
+from paper_smoke_run import check_overrides, check_run, run_smoke
 
 METHODS = ("cam", "cobra", "ssc", "fbr")
 
@@ -26,7 +26,6 @@ def test_smoke_config_overrides_only_steps_batch_and_weights(method):
     check_overrides(method)
 
 
-@OPT_IN
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_paper_preset_runs_end_to_end(root, method):
