@@ -257,5 +257,5 @@ def test_malformed_json_and_missing_image(coco_src, tmp_path):
     data = json.loads(coco_src["val_json"].read_text())
     data["categories"][1]["name"] = "cat"
     wrong.write_text(json.dumps(data))
-    with pytest.raises(DataError, match="category 18 'cat' is not the COCO 2014 category"):
+    with pytest.raises(DataError, match="category 18 'cat' is not the COCO 2014/2017 category"):
         convert({**coco_src, "val_json": wrong}, tmp_path / "out")

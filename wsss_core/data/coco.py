@@ -1,4 +1,4 @@
-"""COCO 2014 instances JSON + images → the VOC layout this pipeline reads (81 classes).
+"""COCO 2014 or 2017 instances JSON + images → the VOC layout this pipeline reads (81 classes).
 
 Output (``out_dir``, written into a temporary sibling folder and renamed into place, so an
 existing ``out_dir`` is replaced as a whole and an interrupted run leaves nothing behind)::
@@ -17,7 +17,8 @@ first N" of train is deterministic.
 Choices (the usual WSSS practice unless noted):
 - Classes: the 80 COCO categories in ascending category id map to labels 1..80 (the sparse ids
   1..90 become dense; e.g. person 1 → 1, dog 18 → 17, toothbrush 90 → 80). The mapping is the
-  fixed COCO 2014 table, so train and val always agree; a JSON naming another category stops.
+  fixed COCO table (the same 80 categories in 2014 and 2017), so train and val always agree;
+  a JSON naming another category stops.
 - Overlaps: non-crowd instances are painted in decreasing pixel area (ties by annotation id),
   so where instances overlap the smaller one is drawn last and stays visible.
 - Crowd regions (iscrowd=1): 255 (ignore) — neither class nor background — except where a
@@ -126,7 +127,7 @@ def load_instances(path: str | os.PathLike, flag: str):
     for cat in data["categories"]:
         cid, name = int(cat["id"]), str(cat["name"])
         if _CATEGORY_NAME.get(cid) != name:
-            raise DataError(f"{path}: category {cid} {name!r} is not the COCO 2014 category "
+            raise DataError(f"{path}: category {cid} {name!r} is not the COCO 2014/2017 category "
                             f"{cid} {_CATEGORY_NAME.get(cid)!r}; only the 80 COCO instance "
                             f"categories are supported")
     unknown = {int(a["category_id"]) for a in data["annotations"]} - set(CATEGORY_TO_LABEL)
@@ -264,7 +265,7 @@ def convert_coco(train_json: str | os.PathLike, train_images: str | os.PathLike,
                  val_json: str | os.PathLike, val_images: str | os.PathLike,
                  out_dir: str | os.PathLike, *, train_eval: int | None = None,
                  workers: int = 1) -> dict:
-    """Convert COCO 2014 instances + images into a VOC-layout root; returns the summary."""
+    """Convert COCO 2014 or 2017 instances + images into a VOC-layout root; returns the summary."""
     if train_eval is not None and train_eval < 1:
         raise ConfigError(f"--train-eval {train_eval}: must be a positive number of images "
                           f"(or left out for all)")

@@ -1,4 +1,4 @@
-"""Tool `convert-coco`: COCO 2014 instances JSON + images → a VOC-layout dataset root.
+"""Tool `convert-coco`: COCO 2014 or 2017 instances JSON + images → a VOC-layout dataset root.
 
 Writes JPEGImages/ (hard links or copies), SegmentationClassAug/ (81-class palette PNGs),
 ImageSets/Segmentation/{train_aug,train,val}.txt and class_names.txt; point a `coco` dataset's
