@@ -328,7 +328,7 @@ def test_each_method_declares_its_official_protocol(cfg):
     """The paper preset reports each method's official number as seed_miou.txt; the tiny
     preset keeps the constant sweep and records the official number beside it. Stride-16 CNN
     methods (IRN host) upsample-then-crop; CoBra, TransCAM / BNR and SeCo resize straight, as
-    their official code."""
+    their official code; the tiny preset resizes (it measures better with the Lite0)."""
     from wsss_core.config import stage_params
     want = {"cam": ("constant", 0.15, "seed"), "fbr": ("constant", 0.25, "seed"),
             "ssc": ("constant", 0.20, "seed"), "seco": ("constant", 0.5, "view"),
@@ -344,7 +344,7 @@ def test_each_method_declares_its_official_protocol(cfg):
             check_stage_params("eval_seeds", block)
             export = stage_params(cfg, dataset, method, "export_cams")
             check_stage_params("export_cams", export)
-            crop = method in ("cam", "fbr", "ssc")
+            crop = method in ("cam", "fbr", "ssc") and dataset == "voc"   # tiny: measured
             assert export["upsample"] == ("upsample_crop" if crop else "resize"), (dataset, method)
             assert (export["seed_view"] is not None) == (method == "seco"), (dataset, method)
         grid = stage_params(cfg, dataset, "transcam", "eval_seeds")["official"]["grid"]
