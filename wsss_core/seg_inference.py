@@ -41,8 +41,8 @@ def _pad_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), value=0.0) if pad_h or pad_w else x
 
 
-#: `fuse` values of predict_multiscale: softmax averaged over flips and scales | SeCo's
-#: official own-head fusion (logits summed over the flip, element-wise max over scales)
+#: `fuse` values of predict_multiscale: softmax averaged over flips and scales | a single-stage
+#: method's official own-head fusion (logits summed over the flip, element-wise max over scales)
 FUSE_MODES = ("mean", "max")
 
 
@@ -55,7 +55,7 @@ def predict_multiscale(model: nn.Module, image_uint8: np.ndarray, scales: Sequen
     (bilinear), pad to a multiple of 32, run the image together with its mirror in one batch,
     softmax, crop, un-mirror and average, resize to H×W; average over scales; then `crf`.
 
-    `square` (SeCo's own head, official tools/infer_seg_voc.py): each scale s resizes the
+    `square` (a single-stage method's official own-head evaluation): each scale s resizes the
     normalised image to int(square·s) × int(square·s) (aspect not kept, bilinear, no
     antialias) and feeds it unpadded. `fuse="max"` (same source): per scale the logits of
     the image and of its un-mirrored mirror, each bilinear to H×W, are summed; the scales'
@@ -106,8 +106,9 @@ def _scale_logits(model: nn.Module, base: torch.Tensor, scale: float, flip: bool
 def _predict_max(model: nn.Module, base: torch.Tensor, hw: tuple[int, int],
                  scales: Sequence[float], flip: bool, device: torch.device,
                  image_uint8: np.ndarray, crf: CRFFn | None, square: int | None) -> np.ndarray:
-    """predict_multiscale with fuse="max" (SeCo official tools/infer_seg_voc.py): per scale the
-    (flip-summed) logits at H×W, element-wise max over scales, softmax, then `crf`."""
+    """predict_multiscale with fuse="max" (a single-stage method's official own-head
+    evaluation): per scale the (flip-summed) logits at H×W, element-wise max over scales,
+    softmax, then `crf`."""
     fused: torch.Tensor | None = None
     for scale in scales:
         _, logits = _scale_logits(model, base, scale, flip, device, square)

@@ -16,9 +16,9 @@ jointly with its image (nearest resize, same flip, same crop; the crop's padding
 
 The third source, `icd`, reads ICD's pre-computed maps themselves (`ICDSuperpixels`): one PNG
 per image, `<folder>/<image id>.png`, each pixel's superpixel id stored in its colour as
-R + 256·G + 65536·B (the official SSC data loader, `voc12/dataloader_new.py`, decodes them
-so). They are read, not computed: ids are renumbered 0..S-1 in increasing order of the stored
-id, nothing is merged or split.
+R + 256·G + 65536·B (the official data loader of the method that uses them decodes them so;
+its page under docs/methods/ names the file). They are read, not computed: ids are renumbered
+0..S-1 in increasing order of the stored id, nothing is merged or split.
 """
 from __future__ import annotations
 
@@ -146,31 +146,35 @@ def superpixels(image: np.ndarray, generator: str = "fh_ss64", max_segments: int
     return merge_regions(parts, image, max_segments).astype(np.uint8)
 
 
-ICD_FIX = ("put ICD's superpixel PNGs (<image id>.png) in ssc.superpixel_dir, or set "
-           "ssc.superpixel_generator to fh_ss64 or slic64")
+#: the fix an ICD error names when its caller gives none; a method passes its own (`fix=`),
+#: naming its config keys
+ICD_FIX = ("put ICD's superpixel PNGs (<image id>.png) in the method's superpixel folder, or use "
+           "the fh_ss64 or slic64 generator")
 
 
 def decode_rgb_ids(rgb: np.ndarray) -> np.ndarray:
     """ICD's colour-encoded superpixel ids: uint8 [H, W, 3] RGB → int64 [H, W],
-    id = R + 256·G + 65536·B (official SSC `voc12/dataloader_new.py`, which adds 1 more)."""
+    id = R + 256·G + 65536·B (the official loader adds 1 more)."""
     rgb = rgb.astype(np.int64)
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
-def read_icd_superpixels(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
+def read_icd_superpixels(path: str | os.PathLike, shape: tuple[int, int] | None = None,
+                         fix: str = ICD_FIX) -> np.ndarray:
     """One ICD superpixel PNG → uint8 [H, W] with ids 0..S-1 (the stored ids renumbered in
     increasing order; S ≤ 254). `shape` (H, W), when given, must be the PNG's size.
 
-    DataError (one line naming the file and the fix) when the file is missing, unreadable, of
-    another size than its image, or holds more than 254 superpixels."""
+    DataError (one line naming the file and the fix, `fix`: the caller's words, naming its
+    config keys) when the file is missing, unreadable, of another size than its image, or holds
+    more than 254 superpixels."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: ICD superpixel file not found; {ICD_FIX}")
+        raise DataError(f"{path}: ICD superpixel file not found; {fix}")
     try:
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB"))
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable ICD superpixel PNG ({e}); {ICD_FIX}") from None
+        raise DataError(f"{path}: unreadable ICD superpixel PNG ({e}); {fix}") from None
     if shape is not None and rgb.shape[:2] != tuple(shape):
         raise DataError(f"{path}: ICD superpixels of size {rgb.shape[0]}x{rgb.shape[1]}, its image "
                         f"is {shape[0]}x{shape[1]}; the PNGs must be those of this dataset's images")
@@ -186,9 +190,11 @@ class ICDSuperpixels:
     """The `icd` source as a picklable extra-input function: `(image, image_id, root)` →
     `read_icd_superpixels(<folder>/<image_id>.png, image.shape[:2])`. `folder` is absolute or
     relative to the dataset root (`root`, the index's root folder), so one setting serves every
-    dataset that keeps its PNGs in the same place under its root."""
+    dataset that keeps its PNGs in the same place under its root. `fix`: the end of every
+    file error (read_icd_superpixels), where the method names its config keys."""
 
     folder: str
+    fix: str = ICD_FIX
     #: the data layer passes the image id and the dataset root (datasets.ClassificationDataset)
     needs_image_id: ClassVar[bool] = True
 
@@ -196,7 +202,7 @@ class ICDSuperpixels:
         return Path(root) / self.folder / f"{image_id}.png"
 
     def __call__(self, image: np.ndarray, image_id: str, root: str | os.PathLike) -> np.ndarray:
-        return read_icd_superpixels(self.path(image_id, root), image.shape[:2])
+        return read_icd_superpixels(self.path(image_id, root), image.shape[:2], self.fix)
 
     def check_files(self, image_ids: list[str], root: str | os.PathLike) -> None:
         """DataError naming the first missing PNG (and how many are missing) before training
@@ -205,4 +211,4 @@ class ICDSuperpixels:
         missing = [p for p in (self.path(i, root) for i in image_ids) if not p.is_file()]
         if missing:
             raise DataError(f"{missing[0]}: ICD superpixel file not found ({len(missing)} of "
-                            f"{len(image_ids)} images have none); {ICD_FIX}")
+                            f"{len(image_ids)} images have none); {self.fix}")

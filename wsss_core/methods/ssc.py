@@ -34,6 +34,10 @@ from .common import ResNetSettings, merge_flip, multilabel_soft_margin
 from .settings import block, check_backbone_name
 from .ssc_losses import asm_loss, perceptual_loss, pixel_loss
 
+#: the fix every ICD superpixel file error ends with (data/superpixels.py), naming this block's keys
+ICD_FIX = ("put ICD's superpixel PNGs (<image id>.png) in ssc.superpixel_dir, or set "
+           "ssc.superpixel_generator to fh_ss64 or slic64")
+
 
 @dataclass
 class SSCModelSettings(ResNetSettings):
@@ -153,7 +157,7 @@ class SSCMethod(Method):
         if not s.asm:
             return {}
         if s.superpixel_generator == ICD:
-            return {"superpixels": ICDSuperpixels(s.superpixel_dir)}
+            return {"superpixels": ICDSuperpixels(s.superpixel_dir, fix=ICD_FIX)}
         return {"superpixels": partial(superpixels, generator=s.superpixel_generator,
                                        max_segments=s.max_segments)}
 

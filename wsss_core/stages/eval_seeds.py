@@ -11,11 +11,14 @@ class-agnostic map (`agnostic_map`: its name, or null for the only one there is)
 
 `official` (null, or a block) adds the number the method's own evaluation script prints,
 at its fixed setting (docs/algorithms.md §seed-protocols):
-  * rule `constant`: one background score `threshold` (IRN eval_cam.py 0.15, SSC 0.20, SeCo 0.5);
-  * rule `sweep`: the arg-max over the official `grid` (TransCAM evaluation.py: 0.00 ... 0.59);
-  * rule `percentile`: the percentile sweep above (CoBra);
+  * rule `constant`: one background score `threshold` (IRN eval_cam.py 0.15; other methods'
+    scripts other values);
+  * rule `sweep`: the arg-max over the official `grid` (a script that sweeps a fixed grid);
+  * rule `percentile`: the percentile sweep above;
   `map: view` scores the method's fuse map exported at export_cams.seed_view (`<name>_view`
-  in cams.h5) instead of the seed (SeCo: a 448 x 448 view, one scale + flip).
+  in cams.h5) instead of the seed (the official evaluation view of a ViT method, e.g. a
+  448 x 448 view, one scale + flip).
+The method pages under docs/methods/ say which rule and setting each method's preset uses.
 
 `background` says which protocol is `seed_miou.txt` (constant / percentile: the sweep's
 arg-max; official: the official number); seed_metrics.json keeps every curve (`curve` /

@@ -5,7 +5,8 @@ label maps as palette PNGs (`pred_dir/<id>.png`, so anyone can re-score them) an
 With `--from-method` the model file is the classifier of a single-stage method
 (`Method.single_stage`), whose own segmentation head (`Method.segment`) is evaluated the same
 way (multi-scale + flip + CRF, as such methods' papers do), or as the block's `own_head`
-says where it is set (SeCo's paper preset: its official tools/infer_seg_voc.py, `head_params`).
+says where it is set (a single-stage method's official own-head evaluation, set by its paper
+preset; its page under docs/methods/ says so; `head_params`).
 
 The network runs in this process; the CRF, CPU-bound per image, runs in a pool of `threads`
 worker processes while the network goes on with the next images (at most 2 x threads images in
@@ -68,8 +69,8 @@ def load_predictor(model: str | Path, device, from_method: bool = False):
 
 def head_params(params: dict, from_method: bool) -> dict:
     """The evaluation settings: `params`, and for a single-stage method's own head
-    (`from_method`) its `own_head` block over them (SeCo's paper preset: official
-    tools/infer_seg_voc.py, 448·s squares, max over scales, its CRF); `square` (null) and
+    (`from_method`) its `own_head` block over them (a single-stage method's official own-head
+    evaluation, e.g. 448·s squares, max over scales, its CRF); `square` (null) and
     `fuse` (mean) default to the shared protocol."""
     own = params.get("own_head") if from_method else None
     return {"square": None, "fuse": "mean", **{k: params[k] for k in EVAL_KEYS}, **(own or {})}

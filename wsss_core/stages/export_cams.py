@@ -16,12 +16,14 @@ Full resolution (`upsample`, docs/algorithms.md §cam-upsampling):
     is computed from the original size, the same for every scale -- and its top-left H x W
     kept. Any other map (a ViT grid that drops trailing pixels, a map a method already
     returns at input resolution) is resized, as below. Both equal when 16 divides H and W;
-  * `resize`: every map bilinearly straight to H x W (CoBra's, TransCAM's, SeCo's code).
+  * `resize`: every map bilinearly straight to H x W, as several methods' official code does
+    (their pages under docs/methods/ say which).
 
 `seed_view` (null, or {size: S, scales}) also exports the method's fuse maps at one official
-evaluation view, as `<name>_view` [K, H, W] (SeCo tools/infer_cam.py): the normalised image
-resized bilinearly to S x S, each scale s an int(s*S)-square resize of that, the maps resized to
-S x S and summed, restricted and normalised at S x S as above, then resized to H x W.
+evaluation view, as `<name>_view` [K, H, W] (the official evaluation view of a ViT method):
+the normalised image resized bilinearly to S x S, each scale s an int(s*S)-square resize of
+that, the maps resized to S x S and summed, restricted and normalised at S x S as above, then
+resized to H x W.
 
 Sharding (`--shard i/n`): shard i exports the i-th of n contiguous blocks of the split's ids
 and records `shard = "i/n"`; `merge_cams` joins the n files into one cams.h5. Each image is
@@ -144,13 +146,13 @@ def image_maps(method: Method, scaled: list[torch.Tensor], size: tuple[int, int]
 @torch.no_grad()
 def view_maps(method: Method, image: np.ndarray, keys: list[int], device: torch.device,
               view: dict) -> dict[str, np.ndarray]:
-    """The method's fuse maps at one evaluation view, `<name>_view` [K, H, W] float32 (SeCo
-    tools/infer_cam.py with utils/camutils.py multi_scale_cam2): the normalised image
-    [3, H, W] resized bilinearly (align_corners=False) to S x S (S = view["size"]); per scale s
-    of view["scales"] that view resized to int(s*S) x int(s*S) (s = 1: the view itself), its
-    maps (image + mirror, merged by the method) resized to S x S and summed over scales;
-    restricted and normalised at S x S as the map's spec declares, then resized bilinearly to
-    H x W. image: uint8 [H, W, 3]."""
+    """The method's fuse maps at one evaluation view, `<name>_view` [K, H, W] float32 (the
+    official evaluation view of a ViT method, as its own inference script computes it): the
+    normalised image [3, H, W] resized bilinearly (align_corners=False) to S x S
+    (S = view["size"]); per scale s of view["scales"] that view resized to int(s*S) x int(s*S)
+    (s = 1: the view itself), its maps (image + mirror, merged by the method) resized to S x S
+    and summed over scales; restricted and normalised at S x S as the map's spec declares, then
+    resized bilinearly to H x W. image: uint8 [H, W, 3]."""
     size = tuple(image.shape[:2])
     side = int(view["size"])
     base = torch.from_numpy(T.to_chw(T.normalize(image)))[None].to(device)
