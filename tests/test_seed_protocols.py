@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from test_official_seed_protocols import _oracle_labels  # tests/ is on sys.path under pytest
 
 from wsss_core.errors import ConfigError
 from wsss_core.io import write_json
@@ -92,14 +93,7 @@ def test_eval_seeds_records_both_curves_and_reports_the_chosen_protocol(stores, 
     with MapReader(base / "seeds.h5") as seeds, MapReader(base / "cams.h5") as cams:
         for i in toy_index.ids("train"):
             seed, keys, att = seeds.get(i, "seed"), seeds.keys(i), cams.get(i, "saliency")
-            bg = _oracle_percentile(att, theta)
-            pred = np.zeros(seed.shape[1:], dtype=np.uint8)
-            for y in range(seed.shape[1]):
-                for x in range(seed.shape[2]):
-                    scores = [bg] + [float(v) for v in seed[:, y, x]]
-                    k = int(np.argmax(scores))
-                    pred[y, x] = 0 if k == 0 else keys[k - 1]
-            preds.append(pred)
+            preds.append(_oracle_labels(seed, keys, _oracle_percentile(att, theta)))
             gts.append(toy_index.mask(i))
     assert saved["miou"] == pytest.approx(_oracle_miou(preds, gts, toy_index.num_classes), abs=1e-6)
     # the constant protocol reports the constant arg-max, with the percentile curve beside it
