@@ -504,6 +504,9 @@ class Check:
     # -- one method
     def method(self, name: str) -> None:
         mp = random_weights(copy.deepcopy(method_params(self.cfg, "voc", name)))
+        sp = mp.get("ssc", {})
+        if sp.get("superpixel_generator") == "icd" and not (self.root / sp["superpixel_dir"]).is_dir():
+            sp["superpixel_generator"] = "fh_ss64"  # ICD's PNGs are a separate download: our rebuild
         threads = self.a.threads
         tc = self.params(name, "train_classifier")
         classifier = self.train_all(name, "train_classifier", tc, lambda index, p, out: (
