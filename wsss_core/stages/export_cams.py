@@ -83,10 +83,7 @@ def full_resolution(m: torch.Tensor, size: tuple[int, int], input_size: tuple[in
     `upsample_crop`: a map on the stride-16 grid of its input (h, w) = ceil(input_size / 16)
     is resized bilinearly (align_corners=False) to strided_up_size(size) and cropped to its
     top-left H x W (IRN make_cam.py); any other map, and every map under `resize`, is resized
-    bilinearly straight to H x W."""
-    if upsample not in UPSAMPLE_MODES:
-        raise ConfigError(f"config key export_cams.upsample: {upsample!r} is not one of "
-                          f"{', '.join(UPSAMPLE_MODES)}")
+    bilinearly straight to H x W (the stage schema's enum admits no other value)."""
     if upsample == "upsample_crop" and tuple(m.shape[-2:]) == strided_size(input_size, CAM_STRIDE):
         up = F.interpolate(m, size=strided_up_size(size), mode="bilinear", align_corners=False)
         return up[..., :size[0], :size[1]]
@@ -107,6 +104,11 @@ def _finish(spec, m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def _accumulate(sums: dict[str, torch.Tensor], key: str, r: torch.Tensor) -> None:
+    """Sum over scales: `r` added to sums[key] (or stored as its first term)."""
+    sums[key] = sums[key] + r if key in sums else r
+
+
 def _class_idx(keys: list[int], device: torch.device) -> torch.Tensor:
     return torch.as_tensor([k - 1 for k in keys], dtype=torch.long, device=device)
 
@@ -122,19 +124,16 @@ def image_maps(method: Method, scaled: list[torch.Tensor], size: tuple[int, int]
     strided_cam). Returns float32 arrays: class maps [K, H, W], agnostic maps [H, W]."""
     h_s4 = strided_size(size)
     sums: dict[str, torch.Tensor] = {}
-
-    def add(key: str, r: torch.Tensor) -> None:
-        sums[key] = sums[key] + r if key in sums else r
-
     for img in scaled:
         img = img.to(device)
         maps = method.infer(torch.stack([img, img.flip(-1)]))
         for spec in method.maps:
             m = maps[spec.name].float()[None]
-            add(spec.name, full_resolution(m, size, tuple(img.shape[-2:]), upsample)[0])
+            full = full_resolution(m, size, tuple(img.shape[-2:]), upsample)[0]
+            _accumulate(sums, spec.name, full)
             if spec.strided:
-                add(spec.name + "_s4", F.interpolate(m, size=h_s4, mode="bilinear",
-                                                     align_corners=False)[0])
+                _accumulate(sums, spec.name + "_s4", F.interpolate(m, size=h_s4, mode="bilinear",
+                                                                   align_corners=False)[0])
     idx = _class_idx(keys, device)
     out: dict[str, np.ndarray] = {}
     for spec in method.maps:
@@ -167,7 +166,7 @@ def view_maps(method: Method, image: np.ndarray, keys: list[int], device: torch.
         for spec in specs:
             r = F.interpolate(maps[spec.name].float()[None], size=(side, side), mode="bilinear",
                               align_corners=False)[0]
-            sums[spec.name] = sums[spec.name] + r if spec.name in sums else r
+            _accumulate(sums, spec.name, r)
     idx = _class_idx(keys, device)
     out = {}
     for spec in specs:
