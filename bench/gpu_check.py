@@ -114,6 +114,17 @@ def card_of(device_name: str) -> str | None:
     return None
 
 
+def rate(count: float, seconds: float) -> float | None:
+    """`count / seconds` rounded to 0.01, or None when no measurable time passed.
+
+    A stage can finish inside the clock's resolution (two photos of a tiny run on a fast
+    machine); its rate is then unknown, not infinite, and the report shows "-".
+    """
+    if seconds <= 0 or not math.isfinite(seconds):
+        return None
+    return round(count / seconds, 2)
+
+
 def say(*parts: Any) -> None:
     print("[gpu_check]", *parts, file=sys.stderr, flush=True)
 
@@ -393,7 +404,8 @@ class Check:
         except Exception as e:  # noqa: BLE001 (recorded, the check goes on)
             row["status"], value = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", None
             self.failed = True
-        row["seconds"] = round(time.perf_counter() - t0, 2)
+        self.last_elapsed = time.perf_counter() - t0
+        row["seconds"] = round(self.last_elapsed, 2)
         row["peak_gib"] = self._memory(reset=False)
         return value
 
@@ -454,9 +466,11 @@ class Check:
         else:
             return
         row["step_s"] = round(step_s, 4)
-        row["images_per_s"] = round(batch / step_s, 2)
+        row["images_per_s"] = rate(batch, step_s)
         row["gflop_per_step"] = None if probe.flops is None else round(probe.flops / 1e9, 1)
         if probe.flops is None:
+            return
+        if step_s <= 0:
             return
         achieved = probe.flops / step_s
         row["tflops_per_s"] = round(achieved / 1e12, 2)
@@ -494,9 +508,9 @@ class Check:
         value = self.run(row, go, needs)
         if row["status"] == "ok":
             if len(ticks) >= 2:
-                row["images_per_s"] = round((len(ticks) - 1) / (ticks[-1] - ticks[0]), 2)
+                row["images_per_s"] = rate(len(ticks) - 1, ticks[-1] - ticks[0])
             else:
-                row["images_per_s"] = round(len(self.images) / row["seconds"], 2)
+                row["images_per_s"] = rate(len(self.images), self.last_elapsed)
                 row["note"] = (row.get("note", "") + "; " if row.get("note") else "") + "wall time of the call"
         self.done(row)
         return value
@@ -576,7 +590,7 @@ class Check:
             by = {(r["method"], r["stage"], r.get("precision")): r for r in self.rows}
             for (m, s, p), r in by.items():
                 o = by.get((m, s, low))
-                if p != base or o is None or r.get("images_per_s") is None or o.get("images_per_s") is None:
+                if p != base or o is None or not r.get("images_per_s") or o.get("images_per_s") is None:
                     continue
                 entry = {"method": m, "stage": s, "speedup": round(o["images_per_s"] / r["images_per_s"], 3),
                          f"loss_{base}": r.get("loss_last"), f"loss_{low}": o.get("loss_last")}

@@ -71,3 +71,18 @@ def test_tiny_cpu_run(gpu_check, tmp_path, capsys):
     assert all(m["speedup"] > 0 and math.isfinite(m["loss_diff"]) for m in mixed.values())
     table = (out / "gpu_check.md").read_text()
     assert "| cam | train_seg | bf16 |" in table and "Mixed precision" in table
+
+
+def test_instant_stage_has_a_rate_or_none(gpu_check):
+    """A per-image stage that ends inside 5 ms (two tiny photos on a fast machine) once divided
+    by its rounded 0.00 s; its rate now comes from the unrounded time, and a zero span is
+    "unknown" (None), never a ZeroDivisionError that kills the whole check."""
+    check = object.__new__(gpu_check.Check)
+    check.a = gpu_check.argparse.Namespace(budget=60.0, stage_timeout=30.0)
+    check.start, check.rows, check.failed = gpu_check.time.perf_counter(), [], False
+    check.images, check.device = ["a", "b"], torch.device("cpu")
+    assert check.per_image("cam", "make_masks", lambda: 7, needs=[], ticked=False) == 7
+    row = check.rows[-1]
+    assert row["status"] == "ok" and row["seconds"] == 0.0
+    assert row["images_per_s"] > 0 and math.isfinite(row["images_per_s"])
+    assert gpu_check.rate(3, 0.0) is None and gpu_check.rate(3, 1.5) == 2.0
