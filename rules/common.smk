@@ -155,7 +155,8 @@ def dataset_files(wildcards):
 
 
 def dataset_options(wildcards):
-    """The dataset entry as `wsss dataset-index` options: lists, classes, label table, overlap."""
+    """The dataset entry as `wsss dataset-index` options: lists, classes, label table, overlap,
+    working resolution."""
     ds = dataset_config(config, wildcards.dataset)
     lists = ds.get("lists", {})
     opts = [f"--{s.replace('_', '-')}-list {shlex.quote(lists.get(s, s))}"
@@ -166,6 +167,8 @@ def dataset_options(wildcards):
         opts.append(f"--labels {shlex.quote(ds['labels'])}")
     if ds.get("allow_split_overlap"):
         opts.append("--allow-split-overlap")
+    if ds.get("long_side"):
+        opts.append(f"--long-side {int(ds['long_side'])}")
     return " ".join(opts)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from ..errors import DataError
@@ -122,7 +123,8 @@ def dataset_class_names(root: str | os.PathLike, num_classes: int | None,
 
 def build_index(name: str, kind: str, root: str | os.PathLike, lists: Mapping[str, str],
                 num_classes: int | None = None, progress: bool = True, labels: str | None = None,
-                allow_split_overlap: bool = False, splits: tuple[str, ...] = SPLITS) -> dict:
+                allow_split_overlap: bool = False, splits: tuple[str, ...] = SPLITS,
+                long_side: int | None = None) -> dict:
     """Validate the images (and masks) of `splits` and return the index dict.
 
     Args:
@@ -136,9 +138,12 @@ def build_index(name: str, kind: str, root: str | os.PathLike, lists: Mapping[st
         allow_split_overlap: accept val ids that are also training ids.
         splits: the splits whose images are indexed (an index part); every list is still read
             for the overlap check.
+        long_side: the working resolution (pixels) every stage reads the dataset at
+            (`DatasetIndex.image`), or None for the files' own size.
 
     Returns:
-        the index: per image its size (H, W), labels (foreground class ids), has_mask.
+        the index: per image its file size (H, W), labels (foreground class ids), has_mask;
+        `long_side` at the top.
 
     Raises:
         DataError: one line naming the file (list, table line, image or mask) and the fix.
@@ -186,6 +191,7 @@ def build_index(name: str, kind: str, root: str | os.PathLike, lists: Mapping[st
         "splits": wanted,
         "images": images,
         "train_aug_without_foreground": no_label,
+        "long_side": None if long_side is None else int(long_side),
     }
 
 
@@ -208,6 +214,16 @@ def _check_table_covers(table: Mapping[str, list[int]], table_path: Path, layout
                                 f"its classes, or move the photo out of JPEGImages/")
 
 
+def working_size(size: tuple[int, int], long_side: int | None) -> tuple[int, int]:
+    """(H, W) shrunk so that max(H, W) <= long_side, aspect kept (each side rounded, >= 1);
+    unchanged when long_side is None or the image is already that small (never enlarged)."""
+    h, w = int(size[0]), int(size[1])
+    if long_side is None or max(h, w) <= long_side:
+        return h, w
+    f = long_side / max(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
 def merge_index_parts(parts: list[dict]) -> dict:
     """One index of every split from the parts (`PARTS`) built as separate jobs.
 
@@ -217,8 +233,8 @@ def merge_index_parts(parts: list[dict]) -> dict:
     first = parts[0]
     merged = dict(first, splits={}, images={}, train_aug_without_foreground=[])
     for part in parts:
-        for key in ("dataset", "root", "num_classes", "class_names"):
-            if part[key] != first[key]:
+        for key in ("dataset", "root", "num_classes", "class_names", "long_side"):
+            if part.get(key) != first.get(key):
                 raise DataError(f"index parts disagree on {key} ({part[key]!r} vs {first[key]!r}); "
                                 f"delete results/{first['dataset']}/index* and re-run")
         merged["splits"].update(part["splits"])
@@ -291,6 +307,9 @@ class DatasetIndex:
         self.root = Path(data["root"])
         self.num_classes: int = int(data["num_classes"])
         self.class_names: list[str] = list(data["class_names"])
+        #: the working resolution: images and masks are read with their long side at most this
+        #: many pixels (None: at their files' size); every size, map and score is at it
+        self.long_side: int | None = data.get("long_side")
         self._layout: VocLayout | None = None
 
     @classmethod
@@ -319,16 +338,28 @@ class DatasetIndex:
     def label_vector(self, image_id: str) -> np.ndarray:
         return multi_hot(self.labels(image_id), self.num_classes)
 
-    def size(self, image_id: str) -> tuple[int, int]:
+    def file_size(self, image_id: str) -> tuple[int, int]:
+        """(H, W) of the image file, pixels."""
         h, w = self.data["images"][image_id]["size"]
         return int(h), int(w)
+
+    def size(self, image_id: str) -> tuple[int, int]:
+        """(H, W) at which every stage sees the image: `working_size(file_size, long_side)`."""
+        return working_size(self.file_size(image_id), self.long_side)
 
     def image_files(self, split: str) -> list[Path]:
         """The image file of every id of `split` (what a stage reading the images depends on)."""
         return [self.layout.image_path(i) for i in self.ids(split)]
 
     def image(self, image_id: str) -> np.ndarray:
-        return self.layout.read_image(image_id)
+        """RGB uint8 [H, W, 3] at `size(image_id)` (a larger photo resized with PIL's bilinear
+        filter, which averages over the shrink factor); DataError naming a missing or corrupt
+        file."""
+        image = self.layout.read_image(image_id)
+        size = self.size(image_id)
+        if image.shape[:2] == size:
+            return image
+        return np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
 
     def has_mask(self, image_id: str) -> bool:
         """Whether `image_id` has a ground-truth mask (label-only datasets have none, or masks for
@@ -345,4 +376,8 @@ class DatasetIndex:
         if not self.has_mask(image_id):
             raise DataError(f"{self.source}: image {image_id} has no ground-truth mask (the dataset "
                             f"gives image-level labels only); score only `mask_ids(split)`")
-        return self.layout.read_mask(image_id, expect_size=self.size(image_id))
+        mask = self.layout.read_mask(image_id, expect_size=self.file_size(image_id))
+        size = self.size(image_id)
+        if mask.shape == size:
+            return mask
+        return np.asarray(Image.fromarray(mask).resize(size[::-1], Image.NEAREST))

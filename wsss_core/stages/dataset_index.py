@@ -20,12 +20,13 @@ log = logging.getLogger("wsss")
 
 def dataset_index(name: str, kind: str, root: str, lists: dict[str, str], out: str | Path,
                   num_classes: int | None = None, labels: str | None = None,
-                  allow_split_overlap: bool = False, part: str | None = None) -> dict:
+                  allow_split_overlap: bool = False, part: str | None = None,
+                  long_side: int | None = None) -> dict:
     """Build the index of `part` (a key of PARTS; None: every split) and write it to `out`.
     Raises DataError (one line) for any missing, corrupt or inconsistent dataset file."""
     splits = PARTS[part] if part else SPLITS
     index = build_index(name, kind, root, lists, num_classes=num_classes, labels=labels,
-                        allow_split_overlap=allow_split_overlap, splits=splits)
+                        allow_split_overlap=allow_split_overlap, splits=splits, long_side=long_side)
     write_json(out, index)
     counts = ", ".join(f"{s} {len(index['splits'][s])}" for s in splits)
     with_mask = sum(1 for v in index["images"].values() if v["has_mask"])
@@ -35,6 +36,9 @@ def dataset_index(name: str, kind: str, root: str, lists: dict[str, str], out: s
              "class_names.txt" if (Path(root) / "class_names.txt").is_file() else
              "no class_names.txt: VOC's" if index["class_names"][:2] == ["background", "aeroplane"]
              else "no class_names.txt: named by the label table, sorted" if labels else "generic")
+    if long_side:
+        log.info("working resolution: long side at most %d px (images bilinear, masks nearest)",
+                 long_side)
     if index["train_aug_without_foreground"]:
         log.info("%d train_aug images have no foreground class (kept; they train background only)",
                  len(index["train_aug_without_foreground"]))
@@ -63,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                         "masks become optional")
     p.add_argument("--allow-split-overlap", action="store_true",
                    help="accept val ids that are also in train_aug or train")
+    p.add_argument("--long-side", type=int, default=None, metavar="PX",
+                   help="working resolution: every stage reads images and masks with the long "
+                        "side shrunk to at most PX pixels (default: the files' size)")
     p.add_argument("--part", choices=sorted(PARTS), default=None,
                    help="index only this part's splits (default: every split)")
     p.add_argument("--merge", nargs="+", metavar="PART_JSON",
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     return common.run_stage(args, dataset_index, name=args.name, kind=args.kind, root=args.root,
                             lists=lists, out=args.out, num_classes=args.num_classes,
                             labels=args.labels, allow_split_overlap=args.allow_split_overlap,
-                            part=args.part)
+                            part=args.part, long_side=args.long_side)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""A dataset's working resolution (`long_side`): every stage reads images and masks through
+`DatasetIndex`, shrunk so the long side is at most `long_side` pixels (images bilinear, masks
+nearest), so maps, masks and scores all agree on one size; the files stay untouched."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO_ROOT
+from PIL import Image
+
+from wsss_core import config as wc
+from wsss_core.data.index import DatasetIndex, build_index, merge_index_parts, working_size
+from wsss_core.errors import ConfigError, DataError
+from wsss_core.stages import dataset_index as stage
+
+LISTS = {"train_aug": "train_aug", "train": "train", "val": "val"}
+
+
+def test_working_size():
+    assert working_size((375, 500), 320) == (240, 320)
+    assert working_size((500, 375), 320) == (320, 240)
+    assert working_size((333, 500), 320) == (213, 320)  # 213.12 rounds down
+    assert working_size((200, 300), 320) == (200, 300)  # never enlarged
+    assert working_size((375, 500), None) == (375, 500)
+    assert working_size((1, 4000), 100) == (1, 100)     # a side never reaches 0
+
+
+@pytest.fixture(scope="module")
+def indexes(toy_root):
+    full = DatasetIndex(build_index("toy", "toy", toy_root, LISTS, progress=False))
+    small = DatasetIndex(build_index("toy", "toy", toy_root, LISTS, progress=False, long_side=40))
+    return full, small
+
+
+def test_images_and_masks_read_at_the_working_size(indexes):
+    full, small = indexes
+    assert full.long_side is None and small.long_side == 40
+    for image_id in full.mask_ids("train")[:4]:
+        h, w = full.size(image_id)
+        assert small.file_size(image_id) == (h, w) and max(h, w) > 40
+        want = working_size((h, w), 40)
+        image, mask = small.image(image_id), small.mask(image_id)
+        assert small.size(image_id) == want == image.shape[:2] == mask.shape
+        assert image.dtype == np.uint8 and mask.dtype == np.uint8
+        # the bilinear shrink averages: the mean colour stays within a few levels
+        big = full.image(image_id)
+        assert np.abs(image.reshape(-1, 3).mean(0) - big.reshape(-1, 3).mean(0)).max() < 4
+        # nearest keeps labels: every value is one of the full mask's, at the pixel PIL picks
+        gt = full.mask(image_id)
+        oracle = np.asarray(Image.fromarray(gt).resize(want[::-1], Image.NEAREST))
+        np.testing.assert_array_equal(mask, oracle)
+        assert set(np.unique(mask)) <= set(np.unique(gt))
+        # the index's labels are the files' (the shrink changes no image-level label)
+        assert small.labels(image_id) == full.labels(image_id)
+
+
+def test_parts_of_different_working_sizes_do_not_merge(toy_root):
+    a = build_index("toy", "toy", toy_root, LISTS, progress=False, splits=("val",), long_side=40)
+    b = build_index("toy", "toy", toy_root, LISTS, progress=False, splits=("train",))
+    with pytest.raises(DataError, match="long_side"):
+        merge_index_parts([a, b])
+    assert merge_index_parts([a, dict(b, long_side=40)])["long_side"] == 40
+
+
+def test_stage_cli_writes_it(toy_root, tmp_path):
+    out = tmp_path / "index.json"
+    assert stage.main(["--name", "toy", "--kind", "toy", "--root", str(toy_root), "--long-side", "48",
+                       "--out", str(out), "--log", str(tmp_path / "log.txt")]) == 0
+    idx = DatasetIndex.load(out)
+    assert idx.long_side == 48 and "working resolution" in (tmp_path / "log.txt").read_text()
+    first = idx.ids("train")[0]
+    assert max(idx.image(first).shape[:2]) == 48
+
+
+def test_config_key_checked():
+    cfg = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    cfg["datasets"]["voc"]["long_side"] = 320
+    assert wc.validate_config(wc.apply_defaults(cfg))["datasets"]["voc"]["long_side"] == 320
+    cfg["datasets"]["voc"]["long_side"] = 8
+    with pytest.raises(ConfigError, match=r"datasets\.voc\.long_side"):
+        wc.validate_config(wc.apply_defaults(cfg))
