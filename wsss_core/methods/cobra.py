@@ -32,6 +32,9 @@ class ViTSettings:
     num_heads: int | None = None
     hybrid_stem: str | None = None  # a CNN (tf_efficientnet_lite0) as patch embedding: hybrid ViT
     train_stem: bool = True  # hybrid: fine-tune the stem (false: no gradient, CPU-cheap)
+    # hybrid / from-scratch: start the new blocks as the features they read (vit_cam.start_blocks)
+    init_values: float | None = None  # LayerScale γ start (CaiT sec. 3), ≥ 0; null: no LayerScale
+    qk_identity: bool = False  # query / key projections start as the identity (feature affinity)
 
 
 @dataclass
@@ -86,10 +89,28 @@ class CobraMethod(Method):
 
     @classmethod
     def check_settings(cls, name: str, settings, where: str) -> None:
+        """Backbone names (Method's check), `cobra.top_bot_k` (four counts) and the ViT block
+        start: `model.vit.init_values` null or a number ≥ 0, `model.vit.qk_identity` a boolean,
+        either only with new blocks (`hybrid_stem` or `embed_dim` set)."""
+        from ..errors import ConfigError
         super().check_settings(name, settings, where)
         if name == "cobra" and len(settings.top_bot_k) != 4:
-            from ..errors import ConfigError
             raise ConfigError(f"config key {where}.top_bot_k: needs four counts (SAP+, SAP-, CAP+, CAP-)")
+        if name == "model":
+            v = settings.vit
+            iv = v.init_values
+            if iv is not None and (isinstance(iv, bool) or not isinstance(iv, (int, float))
+                                   or not 0 <= iv < float("inf")):
+                raise ConfigError(f"config key {where}.vit.init_values: {iv!r} is not null or a "
+                                  f"number ≥ 0 (the LayerScale start, e.g. 1.0e-5)")
+            if not isinstance(v.qk_identity, bool):
+                raise ConfigError(f"config key {where}.vit.qk_identity: {v.qk_identity!r} is not "
+                                  f"true or false")
+            if (iv is not None or v.qk_identity) and v.hybrid_stem is None and v.embed_dim is None:
+                key = "init_values" if iv is not None else "qk_identity"
+                raise ConfigError(f"config key {where}.vit.{key}: starts new transformer blocks, "
+                                  f"but {v.backbone} keeps its pretrained ones; set hybrid_stem or "
+                                  f"embed_dim, or leave it {'null' if iv is not None else 'false'}")
 
     def build(self) -> dict[str, nn.Module]:
         self.model_settings = self.blocks["model"]
@@ -105,7 +126,8 @@ class CobraMethod(Method):
         vit = ViTCAM(v.backbone, self.num_classes - 1, proj_dim=m.proj_dim, img_size=crop,
                      patch_size=v.patch_size, embed_dim=v.embed_dim, depth=v.depth,
                      num_heads=v.num_heads, pretrained=v.pretrained, pretrained_file=v.pretrained_file,
-                     hybrid_stem=v.hybrid_stem, train_stem=v.train_stem)
+                     hybrid_stem=v.hybrid_stem, train_stem=v.train_stem,
+                     init_values=v.init_values, qk_identity=v.qk_identity)
         return {"cnn": cnn, "vit": vit}
 
     def optimizers(self, lr, weight_decay, momentum, kind="sgd"):

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import WeightsError
 from .backbones import cnn_stages
-from .vit_blocks import block_forward
+from .vit_blocks import block_forward, identity_query_key
 
 #: the stem stages a hybrid Conformer's CNN branch can start from, and the attention starts
 HYBRID_CNN_STRIDES = (4, 16)
@@ -217,7 +217,7 @@ class Conformer(nn.Module):
         self.apply(_init_weights)
         if attn_init == "identity":
             for blk in [self.trans_1] + [b.trans_block for b in self.coupled_blocks()]:
-                _identity_query_key(blk.attn.qkv)
+                identity_query_key(blk.attn.qkv)
         if self.hybrid:  # added after the initialisation: keeps its ImageNet weights
             self.stem = lite
             self.stem.requires_grad_(train_stem)
@@ -295,18 +295,6 @@ class Conformer(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
-def _identity_query_key(qkv: nn.Linear) -> None:
-    """Query and key projections set to the identity (values keep their random start): a
-    block's attention then starts as the softmax of scaled dot products of its LayerNorm-ed
-    input tokens, a feature affinity, instead of near-uniform weights. For hybrid Conformers,
-    whose tokens are ImageNet features, on data too small to learn attention from scratch."""
-    d = qkv.in_features
-    with torch.no_grad():
-        qkv.weight[: 2 * d].copy_(torch.eye(d).repeat(2, 1))
-        if qkv.bias is not None:
-            qkv.bias[: 2 * d].zero_()
-
-
 def _init_weights(m: nn.Module) -> None:
     """Official initialisation: trunc-normal Linear, unit norms, Kaiming fan-out convs."""
     if isinstance(m, nn.Linear):
@@ -367,7 +355,7 @@ def conformer_lite0_hybrid(pretrained: bool = False, **kwargs) -> Conformer:
     `pretrained` must be false (no Conformer weights); `stem_pretrained` loads the offline Lite0
     ImageNet weights into the stem, `train_stem: false` freezes it; `hybrid_cnn_stride=16`
     starts the CNN branch from the stride-16 features too; `attn_init="identity"` starts every
-    attention as a feature affinity (`_identity_query_key`)."""
+    attention as a feature affinity (`vit_blocks.identity_query_key`)."""
     if pretrained:
         raise WeightsError("backbone conformer_lite0_hybrid: no Conformer weights exist; set "
                            "pretrained: false (the Lite0 stem loads its own with stem_pretrained)")

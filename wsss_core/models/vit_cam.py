@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.layers import HybridEmbed
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block, LayerScale, VisionTransformer
 
 from ..errors import ConfigError, WeightsError
 from .backbones import cnn_stages, create_timm
-from .vit_blocks import block_forward
+from .vit_blocks import block_forward, identity_query_key
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, src_grid: tuple[int, int],
@@ -82,6 +82,32 @@ def hybrid_vit(name: str, stem_name: str, *, img_size: int, patch_size: int | No
                              mlp_ratio=4.0, qkv_bias=True, num_classes=0)
 
 
+def start_blocks(vit: VisionTransformer, init_values: float | None = None,
+                 qk_identity: bool = False) -> None:
+    """Start the new transformer blocks of `vit` as the features they read (in place).
+
+    `init_values` (≥ 0; None: unchanged, timm's plain residual blocks): every block's two
+    residual branches get a LayerScale, a learned per-channel gain γ [D] started at that value
+    (CaiT, Touvron et al. 2021, sec. 3 "LayerScale"; 0 is ReZero's start), so
+    x + γ1 ⊙ MHSA(LN(x)) and x + γ2 ⊙ MLP(LN(x)) begin as x: with γ ≈ 0 the output tokens
+    [B, T, D] equal the final LayerNorm of the patch-embedded tokens + positions (ViT paper,
+    eq. 1). `qk_identity`: every block's query and key projections start as the identity
+    (`vit_blocks.identity_query_key`), its attention [B, heads, T, T] as the softmax of the
+    scaled affinity of its LayerNorm-ed input tokens instead of near-uniform weights.
+
+    Raises: ConfigError for a negative or non-finite `init_values`."""
+    if init_values is not None:
+        if not (isinstance(init_values, (int, float)) and not isinstance(init_values, bool)
+                and 0 <= init_values < float("inf")):
+            raise ConfigError(f"vit init_values: {init_values!r} is not null or a number ≥ 0")
+        for blk in vit.blocks:
+            blk.ls1 = LayerScale(vit.embed_dim, init_values=float(init_values))
+            blk.ls2 = LayerScale(vit.embed_dim, init_values=float(init_values))
+    if qk_identity:
+        for blk in vit.blocks:
+            identity_query_key(blk.attn.qkv)
+
+
 class ViTCAM(nn.Module):
     """ViT + 3x3 CAM head (background = channel 0) + 1x1 projection head (SAP embedding).
 
@@ -97,12 +123,14 @@ class ViTCAM(nn.Module):
                  embed_dim: int | None = None, depth: int | None = None,
                  num_heads: int | None = None, pretrained: bool = False,
                  pretrained_file: str | None = None, hybrid_stem: str | None = None,
-                 train_stem: bool = True) -> None:
+                 train_stem: bool = True, init_values: float | None = None,
+                 qk_identity: bool = False) -> None:
         super().__init__()
         self.train_stem = train_stem
         vit = create_vit(backbone, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
                          depth=depth, num_heads=num_heads, pretrained=pretrained,
-                         pretrained_file=pretrained_file, hybrid_stem=hybrid_stem, key="vit")
+                         pretrained_file=pretrained_file, hybrid_stem=hybrid_stem, key="vit",
+                         init_values=init_values, qk_identity=qk_identity)
         if hybrid_stem is not None:
             patch_size = 16
         if not all(isinstance(b, Block) for b in vit.blocks):
@@ -179,14 +207,20 @@ class ViTCAM(nn.Module):
 
 def create_vit(backbone: str, img_size: int, patch_size: int | None, embed_dim: int | None,
                depth: int | None, num_heads: int | None, pretrained: bool,
-               pretrained_file: str | None, hybrid_stem: str | None, key: str) -> VisionTransformer:
+               pretrained_file: str | None, hybrid_stem: str | None, key: str,
+               init_values: float | None = None, qk_identity: bool = False) -> VisionTransformer:
     """The ViT a method's settings describe: a hybrid on a pretrained CNN stem (`hybrid_stem`),
     a custom-size ViT trained from scratch (`embed_dim` set), or a timm model by name with the
-    project's weights policy. `key` names the config block in errors.
+    project's weights policy. `key` names the config block in errors. `init_values` and
+    `qk_identity` start the new blocks of the first two (`start_blocks`).
 
-    Raises: ConfigError for an incomplete custom size or a model that is not a timm
-    VisionTransformer with one class token, no register tokens and a class position embedding;
-    WeightsError for pretrained weights of a custom size."""
+    Raises: ConfigError for an incomplete custom size, `init_values` / `qk_identity` on a timm
+    model by name (its blocks are not new), or a model that is not a timm VisionTransformer
+    with one class token, no register tokens and a class position embedding; WeightsError for
+    pretrained weights of a custom size."""
+    if hybrid_stem is None and embed_dim is None and (init_values is not None or qk_identity):
+        raise ConfigError(f"{key} {backbone}: init_values / qk_identity start new transformer "
+                          f"blocks; set hybrid_stem or embed_dim, or leave them null / false")
     if hybrid_stem is not None:
         vit = hybrid_vit(backbone, hybrid_stem, img_size=img_size, patch_size=patch_size,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads,
@@ -208,4 +242,6 @@ def create_vit(backbone: str, img_size: int, patch_size: int | None, embed_dim: 
             or vit.reg_token is not None or vit.no_embed_class or vit.pos_embed is None:
         raise ConfigError(f"{key} {backbone}: need a timm VisionTransformer with one class "
                           f"token, no register tokens and a class position embedding")
+    if hybrid_stem is not None or embed_dim is not None:
+        start_blocks(vit, init_values=init_values, qk_identity=qk_identity)
     return vit
