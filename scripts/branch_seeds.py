@@ -7,6 +7,7 @@ A name of the method's maps scores that map alone; a recipe (max, mean, max_mean
 the maps the method declares for fusion (wsss_core.pseudo.seeds.recipe_inputs).
 """
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -17,7 +18,8 @@ from wsss_core.pseudo.seeds import fuse, recipe_inputs, seed_labels_sweep
 
 
 def main(root: str, method: str, recipes: list[str]) -> None:
-    idx = DatasetIndex.load(f"{root}/index.json")
+    part = Path(root) / "index" / "train.json"  # the index part with `train` (data.index.PARTS)
+    idx = DatasetIndex.load(part if part.is_file() else Path(root) / "index.json")
     ths = [round(0.05 * i, 2) for i in range(1, 20)]
     cms = {r: [ConfusionMatrix(idx.num_classes) for _ in ths] for r in recipes}
     with MapReader(f"{root}/{method}/cams.h5") as reader:
