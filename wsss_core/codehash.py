@@ -34,7 +34,17 @@ def _dotted_name(root: Path, path: Path) -> str:
 
 
 def _imports(root: Path, path: Path) -> set[Path]:
-    """Files of the wsss_core modules `path` imports (absolute or relative)."""
+    """Files of the wsss_core modules `path` imports (absolute or relative).
+
+    Each file is parsed once per process and version: the result is cached under its path,
+    size and modification time (a workflow start hashes ~20 stages that share most modules)."""
+    st = path.stat()
+    return set(_imports_of(root, path, st.st_size, st.st_mtime_ns))
+
+
+@lru_cache(maxsize=None)
+def _imports_of(root: Path, path: Path, size: int, mtime_ns: int) -> frozenset[Path]:
+    """`_imports` of one version (size, mtime_ns) of `path`."""
     name = _dotted_name(root, path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[Path] = set()
@@ -64,7 +74,7 @@ def _imports(root: Path, path: Path) -> set[Path]:
         # a registry imports the modules of its package by discovery, not by name: they are
         # its dependencies all the same (editing a method re-runs the stages that run it)
         found.update(f for f in path.parent.glob("*.py") if not f.name.startswith("_"))
-    return found
+    return frozenset(found)
 
 
 @lru_cache(maxsize=None)
