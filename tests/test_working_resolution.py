@@ -80,3 +80,29 @@ def test_config_key_checked():
     cfg["datasets"]["voc"]["long_side"] = 8
     with pytest.raises(ConfigError, match=r"datasets\.voc\.long_side"):
         wc.validate_config(wc.apply_defaults(cfg))
+
+
+VOC632 = REPO_ROOT.parent / "shared" / "voc_real" / "voc2012-seg632"
+
+
+@pytest.mark.skipif(not VOC632.is_dir(), reason="../shared/voc_real/voc2012-seg632 is absent")
+def test_voc632_benchmark_config_plans_the_whole_dag_at_320_px(tmp_path, cli_env):
+    """scripts/voc632.yaml, as the README runs it (its root relative to the working folder):
+    the whole cam DAG is planned and the index is built at its working resolution."""
+    import subprocess
+    import sys
+
+    wd = tmp_path / "work"
+    wd.mkdir()
+    (tmp_path / "shared").symlink_to(VOC632.parent.parent, target_is_directory=True)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "-d", str(wd),
+           "--cores", "2", "--configfile", str(REPO_ROOT / "config.yaml"),
+           str(REPO_ROOT / "scripts" / "voc632.yaml"), "-n", "-p", "--",
+           "results/voc632/cam/seg_miou.txt"]
+    done = subprocess.run(cmd, cwd=wd, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert out.count("--long-side 320") == 2  # both index parts
+    for rule in ("train_classifier", "export_cams", "ir_labels", "train_irn", "propagate",
+                 "make_masks", "train_seg", "eval_seg"):
+        assert f"rule {rule}:" in out, rule
