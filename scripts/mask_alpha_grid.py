@@ -5,7 +5,7 @@ the tiny preset's `make_masks.alpha`, run on several toy generator seeds.
     python scripts/mask_alpha_grid.py --config config.yaml [--config more.yaml] \
         --runs toy/cam toy_s1/cam toy_s2/cam --grid 0.31 0.4 0.45 0.5 0.55 [--results results]
 
-Reads each run's rw.h5 and index.json, writes nothing under results/ (masks go to a temporary
+Reads each run's rw.h5 and index/train.json, writes nothing under results/ (masks go to a temporary
 folder), prints one row per run and the mean over runs per grid value.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ THRESHOLD_KEY = {"per_class_alpha": "alpha", "global_max": "bg"}
 
 def grid_row(results: Path, dataset: str, method: str, params: dict, grid: list[float],
              threads: int) -> list[float]:
-    index = results / dataset / "index.json"
+    part = results / dataset / "index" / "train.json"  # the index part with `train` (data.index.PARTS)
+    index = part if part.is_file() else results / dataset / "index.json"
     rw = results / dataset / method / "rw.h5"
     idx = DatasetIndex.load(index)
     ids = idx.ids("train")
