@@ -106,3 +106,28 @@ def test_voc632_benchmark_config_plans_the_whole_dag_at_320_px(tmp_path, cli_env
     for rule in ("train_classifier", "export_cams", "ir_labels", "train_irn", "propagate",
                  "make_masks", "train_seg", "eval_seg"):
         assert f"rule {rule}:" in out, rule
+
+
+def test_dataset_overrides_win_over_preset_and_method_and_say_so():
+    """`datasets.<name>.overrides.<stage>`: that dataset's own stage keys, over the preset's and
+    the method's; `wsss explain` / `wsss params` name them as the source; a block that is not a
+    stage is one config line."""
+    cfg = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    cfg["datasets"]["real"] = {"kind": "voc", "preset": "tiny", "root": "x",
+                               "overrides": {"train_classifier": {"lr": 3.0e-4, "epochs": 16},
+                                             "make_masks": {"alpha": 0.5}}}
+    cfg["methods"]["cam"]["presets"]["tiny"]["make_masks"] = {"alpha": 0.7, "bg": 0.3}
+    cfg = wc.validate_config(wc.apply_defaults(cfg))
+    tiny = cfg["presets"]["tiny"]
+    p = wc.stage_params(cfg, "real", "cam", "train_classifier")
+    assert (p["lr"], p["epochs"], p["crop"]) == (3.0e-4, 16, tiny["train_classifier"]["crop"])
+    m = wc.stage_params(cfg, "real", "cam", "make_masks")
+    assert (m["alpha"], m["bg"]) == (0.5, 0.3)           # dataset > method > preset
+    assert wc.stage_params(cfg, "toy", "cam", "train_classifier") == tiny["train_classifier"]
+    src = wc.stage_params_sources(cfg, "real", "cam", "make_masks")
+    assert src["alpha"] == (0.5, "datasets.real.overrides.make_masks.alpha")
+    assert src["bg"] == (0.3, "methods.cam.presets.tiny.make_masks.bg")
+    assert src["rule"][1] == "presets.tiny.make_masks.rule"
+    cfg["datasets"]["real"]["overrides"] = {"cobra": {"tau": 1}}
+    with pytest.raises(ConfigError, match=r"datasets\.real\.overrides\.cobra: not a stage"):
+        wc.validate_config(cfg)

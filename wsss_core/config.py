@@ -105,6 +105,11 @@ def validate_config(cfg: dict, plugins: bool = True, cache: str | Path | None = 
         preset = cfg["datasets"][name]["preset"]
         if preset not in cfg["presets"]:
             raise ConfigError(f"config key datasets.{name}.preset: no block presets.{preset}")
+        for block in cfg["datasets"][name].get("overrides") or {}:
+            if block not in STAGES:
+                raise ConfigError(f"config key datasets.{name}.overrides.{block}: not a stage (a "
+                                  f"dataset overrides stage blocks: {', '.join(STAGES)}); set a "
+                                  f"method's settings in methods.<method>.presets.{preset}")
     for d in cfg["datasets"]:
         for m in cfg["methods"]:
             for stage in STAGES:
@@ -349,11 +354,14 @@ def method_config(cfg: dict, method: str) -> dict:
 
 
 def stage_params(cfg: dict, dataset: str, method: str, stage: str) -> dict:
-    """The resolved parameter block of `stage` for (dataset, method)."""
-    preset = dataset_config(cfg, dataset)["preset"]
+    """The resolved parameter block of `stage` for (dataset, method): the dataset's preset
+    block, the method's entry for that preset over it, the dataset's own `overrides.<stage>`
+    over both (key by key, `deep_merge`)."""
+    ds = dataset_config(cfg, dataset)
+    preset = ds["preset"]
     base = cfg["presets"].get(preset, {}).get(stage, {})
     over = method_config(cfg, method).get("presets", {}).get(preset, {}).get(stage, {})
-    params = deep_merge(base, over)
+    params = deep_merge(deep_merge(base, over), (ds.get("overrides") or {}).get(stage) or {})
     if stage in STAGES:
         # keys with a schema default (e.g. max_steps: null) may be left out: the stage fills them
         # at the door, and a block that leaves them out keeps the Snakemake params (and so the
@@ -476,10 +484,13 @@ def stage_params_sources(cfg: dict, dataset: str, method: str, block: str,
     over = ("methods", method, "presets", preset, block)
     own = _leaves((((method_config(cfg, method).get("presets") or {}).get(preset) or {})
                    .get(block) or {}))
+    ds_path = ("datasets", dataset, "overrides", block)
+    ds_own = _leaves((dataset_config(cfg, dataset).get("overrides") or {}).get(block) or {})
 
     def source(path: tuple) -> str:
-        # deep_merge keeps the method's leaves over the preset's, key by key
-        full = (*over, *path) if path in own else (*base, *path)
+        # deep_merge keeps the dataset's leaves over the method's over the preset's, key by key
+        full = ((*ds_path, *path) if path in ds_own else (*over, *path) if path in own
+                else (*base, *path))
         text = ".".join(map(str, full))
         layer = _layer_of(list(layers), full) if layers else None
         return f"{text} ({layer})" if layer else text
