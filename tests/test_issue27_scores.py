@@ -260,3 +260,18 @@ def test_audit_page_without_ground_truth_shows_pictures_without_scores(nogt_resu
     assert "no ground truth" in text
     panels = list((page.parent / "panels").glob("*.png"))
     assert len(panels) == 2  # the random sample: no image has a score to rank by
+
+
+def test_results_table_sums_the_index_parts_wall_time(nogt_results):
+    """The index is built as one job per part (dataset_index_train / _val.tsv): the table's
+    shared line sums them (it looked for a dataset_index.tsv no run writes, and showed '–')."""
+    bench = nogt_results / "toy" / "benchmarks"
+    bench.mkdir(parents=True, exist_ok=True)
+    head = "s\th:m:s\tmax_rss\n"
+    (bench / "dataset_index_train.tsv").write_text(head + "1.24\t0:00:01\t47.3\n")
+    (bench / "dataset_index_val.tsv").write_text(head + "2.50\t0:00:02\t40.1\n")
+    table = results_table(nogt_results, "toy", None)
+    assert "dataset_index 4 s" in table  # 3.74 s, to the second
+    for f in bench.glob("dataset_index_*.tsv"):
+        f.unlink()
+    assert "dataset_index – s" in results_table(nogt_results, "toy", None)

@@ -44,6 +44,13 @@ def _seconds(bench: Path) -> float | None:
     return None if record is None else record.seconds
 
 
+def _total_seconds(benches: list[Path]) -> float | None:
+    """Summed wall time of a stage run as several jobs (the index's parts and their merge);
+    None when none of them was benchmarked."""
+    seconds = [t for t in (_seconds(b) for b in benches) if t is not None]
+    return sum(seconds) if seconds else None
+
+
 def methods_with_results(results: Path, dataset: str) -> list[str]:
     """The method folders of results/<dataset> that hold a seed mIoU, sorted."""
     return sorted(p.parent.name for p in (Path(results) / dataset).glob("*/seed_miou.txt"))
@@ -96,7 +103,9 @@ def results_table(results: str | Path, dataset: str, methods: list[str] | None, 
                   readme: str | Path | None = None) -> str:
     results = Path(results)
     rows = collect(results, dataset, methods)
-    shared = {s: _seconds(results / dataset / "benchmarks" / f"{s}.tsv") for s in ("make_toy", "dataset_index")}
+    bench = results / dataset / "benchmarks"
+    shared = {"make_toy": _seconds(bench / "make_toy.tsv"),
+              "dataset_index": _total_seconds(sorted(bench.glob("dataset_index_*.tsv")))}
     table = markdown(rows, dataset, shared)
     if out:
         write_text(out, table)
