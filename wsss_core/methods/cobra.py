@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.vit_cam import ViTCAM
+from ..models.vit_cam import ViTCAM, builds_new_blocks, valid_init_values
 from ._registry import register_method
 from .base import MapSpec, Method, StepContext, make_optimizer
 from .cobra_losses import cap_loss, cnn_pseudo_labels, l1_intercam, l1_positive_term, sap_loss
@@ -99,14 +99,13 @@ class CobraMethod(Method):
         if name == "model":
             v = settings.vit
             iv = v.init_values
-            if iv is not None and (isinstance(iv, bool) or not isinstance(iv, (int, float))
-                                   or not 0 <= iv < float("inf")):
+            if not valid_init_values(iv):
                 raise ConfigError(f"config key {where}.vit.init_values: {iv!r} is not null or a "
                                   f"number ≥ 0 (the LayerScale start, e.g. 1.0e-5)")
             if not isinstance(v.qk_identity, bool):
                 raise ConfigError(f"config key {where}.vit.qk_identity: {v.qk_identity!r} is not "
                                   f"true or false")
-            if (iv is not None or v.qk_identity) and v.hybrid_stem is None and v.embed_dim is None:
+            if (iv is not None or v.qk_identity) and not builds_new_blocks(v.hybrid_stem, v.embed_dim):
                 key = "init_values" if iv is not None else "qk_identity"
                 raise ConfigError(f"config key {where}.vit.{key}: starts new transformer blocks, "
                                   f"but {v.backbone} keeps its pretrained ones; set hybrid_stem or "

@@ -82,6 +82,19 @@ def hybrid_vit(name: str, stem_name: str, *, img_size: int, patch_size: int | No
                              mlp_ratio=4.0, qkv_bias=True, num_classes=0)
 
 
+def builds_new_blocks(hybrid_stem: str | None, embed_dim: int | None) -> bool:
+    """Whether `create_vit` builds new transformer blocks (a hybrid or a custom size), the only
+    ones `start_blocks` may start; a timm ViT by name keeps its pretrained blocks."""
+    return hybrid_stem is not None or embed_dim is not None
+
+
+def valid_init_values(value) -> bool:
+    """Whether `value` is a LayerScale start `start_blocks` takes: None or a finite number ≥ 0
+    (a bool is not a number here)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and 0 <= value < float("inf"))
+
+
 def start_blocks(vit: VisionTransformer, init_values: float | None = None,
                  qk_identity: bool = False) -> None:
     """Start the new transformer blocks of `vit` as the features they read (in place).
@@ -96,10 +109,9 @@ def start_blocks(vit: VisionTransformer, init_values: float | None = None,
     scaled affinity of its LayerNorm-ed input tokens instead of near-uniform weights.
 
     Raises: ConfigError for a negative or non-finite `init_values`."""
+    if not valid_init_values(init_values):
+        raise ConfigError(f"vit init_values: {init_values!r} is not null or a number ≥ 0")
     if init_values is not None:
-        if not (isinstance(init_values, (int, float)) and not isinstance(init_values, bool)
-                and 0 <= init_values < float("inf")):
-            raise ConfigError(f"vit init_values: {init_values!r} is not null or a number ≥ 0")
         for blk in vit.blocks:
             blk.ls1 = LayerScale(vit.embed_dim, init_values=float(init_values))
             blk.ls2 = LayerScale(vit.embed_dim, init_values=float(init_values))
@@ -218,7 +230,7 @@ def create_vit(backbone: str, img_size: int, patch_size: int | None, embed_dim: 
     model by name (its blocks are not new), or a model that is not a timm VisionTransformer
     with one class token, no register tokens and a class position embedding; WeightsError for
     pretrained weights of a custom size."""
-    if hybrid_stem is None and embed_dim is None and (init_values is not None or qk_identity):
+    if not builds_new_blocks(hybrid_stem, embed_dim) and (init_values is not None or qk_identity):
         raise ConfigError(f"{key} {backbone}: init_values / qk_identity start new transformer "
                           f"blocks; set hybrid_stem or embed_dim, or leave them null / false")
     if hybrid_stem is not None:
@@ -242,6 +254,6 @@ def create_vit(backbone: str, img_size: int, patch_size: int | None, embed_dim: 
             or vit.reg_token is not None or vit.no_embed_class or vit.pos_embed is None:
         raise ConfigError(f"{key} {backbone}: need a timm VisionTransformer with one class "
                           f"token, no register tokens and a class position embedding")
-    if hybrid_stem is not None or embed_dim is not None:
+    if builds_new_blocks(hybrid_stem, embed_dim):
         start_blocks(vit, init_values=init_values, qk_identity=qk_identity)
     return vit
