@@ -468,9 +468,7 @@ class Check:
         row["step_s"] = round(step_s, 4)
         row["images_per_s"] = rate(batch, step_s)
         row["gflop_per_step"] = None if probe.flops is None else round(probe.flops / 1e9, 1)
-        if probe.flops is None:
-            return
-        if step_s <= 0:
+        if probe.flops is None or step_s <= 0:
             return
         achieved = probe.flops / step_s
         row["tflops_per_s"] = round(achieved / 1e12, 2)

@@ -235,7 +235,7 @@ def merge_index_parts(parts: list[dict]) -> dict:
     for part in parts:
         for key in ("dataset", "root", "num_classes", "class_names", "long_side"):
             if part.get(key) != first.get(key):
-                raise DataError(f"index parts disagree on {key} ({part[key]!r} vs {first[key]!r}); "
+                raise DataError(f"index parts disagree on {key} ({part.get(key)!r} vs {first.get(key)!r}); "
                                 f"delete results/{first['dataset']}/index* and re-run")
         merged["splits"].update(part["splits"])
         merged["images"].update(part["images"])
