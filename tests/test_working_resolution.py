@@ -131,3 +131,13 @@ def test_dataset_overrides_win_over_preset_and_method_and_say_so():
     cfg["datasets"]["real"]["overrides"] = {"cobra": {"tau": 1}}
     with pytest.raises(ConfigError, match=r"datasets\.real\.overrides\.cobra: not a stage"):
         wc.validate_config(cfg)
+
+
+def test_a_part_from_before_the_key_is_named_not_a_keyerror(toy_root):
+    """An index part written before `long_side` existed has no such key: the merge refuses it
+    with the one-line DataError, not a KeyError while formatting the message."""
+    new = build_index("toy", "toy", toy_root, LISTS, progress=False, splits=("val",), long_side=40)
+    old = build_index("toy", "toy", toy_root, LISTS, progress=False, splits=("train",))
+    del old["long_side"]
+    with pytest.raises(DataError, match=r"long_side \(None vs 40\)"):
+        merge_index_parts([new, old])
