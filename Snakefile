@@ -6,6 +6,7 @@ import sys
 
 from snakemake.utils import min_version
 
+from wsss_core import codehash as wsss_codehash
 from wsss_core import config as wsss_config
 from wsss_core import methods as wsss_methods
 
@@ -28,6 +29,9 @@ wsss_config.apply_defaults(config)
 # what the config check needs of the method plug-ins (settings blocks, single-stage flag) is
 # kept under .snakemake/ by code fingerprint: a start then imports no plug-in, torch or timm
 wsss_methods.keep_descriptions(".snakemake/wsss-config-cache")
+# what each source file imports, for the code fingerprints (rules/common.smk `code`), kept there
+# by content: a start parses only edited files
+wsss_codehash.keep_import_cache(".snakemake/wsss-config-cache")
 # the one validation: against config.schema.yaml assembled with the registered methods'
 # settings blocks (wsss_core.config.config_schema), plug-in blocks included, before any job
 # runs or any output is deleted; one line naming the key, exit 2. Plug-in blocks are checked

@@ -305,3 +305,30 @@ def test_real_plugin_model_blocks_in_config_are_accepted(cfg):
         block_["strdes"] = [2, 2, 2, 1]
         with pytest.raises(ConfigError, match=f"methods.cam.presets.{preset}.model.strdes"):
             from_dict(cam.ResNetSettings, block_, f"methods.cam.presets.{preset}.model")
+
+
+def test_a_config_that_passed_is_not_checked_again_and_a_changed_one_is(cfg, tmp_path, monkeypatch):
+    """With a cache folder (the Snakefile's), a config that passed is recorded and the same
+    config is not checked again; a changed config, or one naming a plug-in module outside the
+    package (code that is not fingerprinted), is checked."""
+    cache = tmp_path / "cache"
+    good = wc.apply_defaults(copy.deepcopy(cfg))
+    wc.validate_config(copy.deepcopy(good), cache=cache)
+    assert len(list(cache.glob("config-passed-*-plugins"))) == 1
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("checked again")
+
+    monkeypatch.setattr(wc, "config_schema", no_check)
+    wc.validate_config(copy.deepcopy(good), cache=cache)
+    wc.validate_config(copy.deepcopy(good), plugins=False, cache=cache)  # covered by the check with plug-ins
+    monkeypatch.undo()
+    bad = copy.deepcopy(good)
+    bad["presets"]["tiny"]["train_classifier"]["epochs"] = 0
+    with pytest.raises(ConfigError, match="epochs"):
+        wc.validate_config(bad, cache=cache)
+    outside = copy.deepcopy(good)
+    outside["methods"]["cam"]["module"] = "wsss_core.methods.cam"
+    monkeypatch.setattr(wc, "config_schema", no_check)
+    with pytest.raises(AssertionError, match="checked again"):
+        wc.validate_config(outside, cache=cache)

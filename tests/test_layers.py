@@ -196,3 +196,38 @@ def test_fingerprinting_every_stage_parses_each_module_once(tmp_path, monkeypatc
     count = len(parsed)
     again = codehash.source_hash.__wrapped__(str(tmp_path), "wsss_core.stages.fuse_seeds")
     assert len(parsed) == count + 1 and again != first["fuse_seeds"]
+
+
+def test_a_later_process_reads_the_import_cache_and_parses_only_edited_files(tmp_path, monkeypatch):
+    """With `keep_import_cache` (the Snakefile's), what each file imports is kept on disk by
+    content: a new process (the in-memory caches cleared) parses no file, an edited file is
+    parsed again, and a damaged cache file is rebuilt."""
+    import ast
+
+    from wsss_core import codehash
+
+    shutil.copytree(PACKAGE, tmp_path / "wsss_core", ignore=shutil.ignore_patterns("__pycache__"))
+    parsed: list[bytes] = []
+    real_parse = ast.parse
+    monkeypatch.setattr(codehash.ast, "parse", lambda src, *a, **k: parsed.append(src) or real_parse(src, *a, **k))
+    monkeypatch.setattr(codehash, "_DISK", dict(codehash._DISK))
+
+    def new_process():
+        codehash._imports_of.cache_clear()
+        codehash.keep_import_cache(tmp_path / "cache")
+        parsed.clear()
+        return {m: codehash.source_hash.__wrapped__(str(tmp_path), f"wsss_core.{m}")
+                for m in ("stages.fuse_seeds", "stages.train_classifier", "methods")}
+
+    first = new_process()
+    assert parsed and (tmp_path / "cache" / codehash.CACHE_FILE).is_file()
+    assert new_process() == first and parsed == []
+    edited = tmp_path / "wsss_core" / "stages" / "fuse_seeds.py"
+    edited.write_text(edited.read_text() + "\n# an edit\n")
+    after = new_process()
+    assert len(parsed) == 1 and after["stages.fuse_seeds"] != first["stages.fuse_seeds"]
+    assert {m: h for m, h in after.items() if m != "stages.fuse_seeds"} == {
+        m: h for m, h in first.items() if m != "stages.fuse_seeds"}
+    (tmp_path / "cache" / codehash.CACHE_FILE).write_text("{not json")
+    assert new_process() == after and len(parsed) > 1
+    codehash._imports_of.cache_clear()

@@ -3,17 +3,64 @@
 Each rule passes its stage's fingerprint as a param, so editing a stage's code (or code it
 uses) re-runs that stage and what follows, while editing an unrelated module re-runs nothing.
 Comments and formatting count as changes: the hash is over the source bytes.
+
+Snakemake parses the workflow at every start (and twice per cluster job), so what each file
+imports can be kept on disk (`keep_import_cache`): a file is parsed only when its bytes are new
+to the cache.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = "wsss_core"
 #: a package's registry module (methods/_registry.py): it depends on every module beside it
 REGISTRY = "_registry.py"
+#: the on-disk import cache: its file, and the entries read from it or added this process
+_DISK: dict = {"path": None, "entries": None, "dirty": False}
+CACHE_FILE = "codehash-imports.json"
+
+
+def keep_import_cache(folder: str | Path | None) -> None:
+    """Keep what each source file imports in `folder` (`codehash-imports.json`), under the file's
+    path and a digest of its bytes, so a later process parses only files it has not seen. The
+    Snakefile calls it; None keeps the cache in memory only. A damaged cache file is ignored
+    and rewritten."""
+    _DISK.update(path=None if folder is None else Path(folder) / CACHE_FILE, entries=None,
+                 dirty=False)
+
+
+def _disk_entries() -> dict:
+    if _DISK["entries"] is None:
+        entries = {}
+        if _DISK["path"] is not None:
+            try:
+                loaded = json.loads(_DISK["path"].read_text())
+                entries = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                pass
+        _DISK["entries"] = entries
+    return _DISK["entries"]
+
+
+def _save_disk_entries() -> None:
+    """Write the cache (temporary name, then renamed: a concurrent start reads a whole file or
+    none; the last writer's entries win, and a lost entry is parsed again)."""
+    path = _DISK["path"]
+    if path is None or not _DISK["dirty"]:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_DISK["entries"], sort_keys=True))
+        os.replace(tmp, path)
+        _DISK["dirty"] = False
+    except OSError:
+        pass  # a read-only folder: the cache stays in memory
 
 
 def _module_file(root: Path, dotted: str) -> Path | None:
@@ -48,9 +95,32 @@ def _imports_of(root: Path, path: Path, size: int, mtime_ns: int) -> frozenset[P
     name = _dotted_name(root, path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[Path] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for target in _import_targets(path.read_bytes(), name, package):
+        # a package import also runs the package's __init__
+        parts = target.split(".")
+        for i in range(1, len(parts) + 1):
+            f = _module_file(root, ".".join(parts[:i]))
+            if f is not None:
+                found.add(f)
+    if path.name == REGISTRY:
+        # a registry imports the modules of its package by discovery, not by name: they are
+        # its dependencies all the same (editing a method re-runs the stages that run it)
+        found.update(f for f in path.parent.glob("*.py") if not f.name.startswith("_"))
+    return frozenset(found)
+
+
+def _import_targets(source: bytes, name: str, package: str) -> list[str]:
+    """The wsss_core modules a source imports, as dotted names with relative imports resolved
+    (`from .x import y` gives both `pkg.x` and `pkg.x.y`: either may be the module); read from
+    the on-disk cache when it holds the same bytes of the same module."""
+    key = f"{name}:{hashlib.blake2b(source, digest_size=16).hexdigest()}"
+    entries = _disk_entries()
+    if isinstance(entries.get(key), list):
+        return entries[key]
+    targets: list[str] = []
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
+            found = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 anchor = package.split(".")
@@ -58,23 +128,13 @@ def _imports_of(root: Path, path: Path, size: int, mtime_ns: int) -> frozenset[P
                 base = ".".join(anchor + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            found = [base] + [f"{base}.{a.name}" for a in node.names]
         else:
             continue
-        for target in targets:
-            if target.split(".")[0] != PACKAGE:
-                continue
-            # a package import also runs the package's __init__
-            parts = target.split(".")
-            for i in range(1, len(parts) + 1):
-                f = _module_file(root, ".".join(parts[:i]))
-                if f is not None:
-                    found.add(f)
-    if path.name == REGISTRY:
-        # a registry imports the modules of its package by discovery, not by name: they are
-        # its dependencies all the same (editing a method re-runs the stages that run it)
-        found.update(f for f in path.parent.glob("*.py") if not f.name.startswith("_"))
-    return frozenset(found)
+        targets.extend(t for t in found if t.split(".")[0] == PACKAGE and t not in targets)
+    entries[key] = targets
+    _DISK["dirty"] = True
+    return targets
 
 
 @lru_cache(maxsize=None)
@@ -93,6 +153,7 @@ def source_hash(root: str, module: str) -> str:
             continue
         seen.add(f)
         todo.extend(_imports(base, f) - seen)
+    _save_disk_entries()
     digest = hashlib.sha256()
     for f in sorted(seen):
         digest.update(str(f.relative_to(base)).encode() + b"\0" + f.read_bytes() + b"\0")

@@ -83,10 +83,19 @@ def config_schema(cfg: dict | None = None) -> dict:
 
 def validate_config(cfg: dict, plugins: bool = True, cache: str | Path | None = None) -> dict:
     """Check `cfg` against the assembled schema (`config_schema`) and, with `plugins`, every
-    method's settings blocks and backbone names (`check_plugin_blocks`, recorded in the folder
-    `cache` once passed); raise ConfigError naming the first offending key."""
+    method's settings blocks and backbone names (`check_plugin_blocks`); raise ConfigError
+    naming the first offending key.
+
+    With a folder `cache`, a config that passed is recorded there under a digest of its content,
+    the code of this module and what it imports (the plug-ins included), and the schema files,
+    and the same config is not checked again (Snakemake re-reads the Snakefile at every start and
+    in every cluster job). A config naming a plug-in kept outside the package is always checked:
+    that code is not fingerprinted."""
     import jsonschema
 
+    passed = _passed_marker(cfg, plugins, cache)
+    if passed is not None and any(p.is_file() for p in passed):
+        return cfg
     schema = config_schema(cfg)
     validator = _validator(schema, SCHEMA_DIR)
     # not best_match: it descends into the oneOf context by itself and may report the
@@ -118,7 +127,31 @@ def validate_config(cfg: dict, plugins: bool = True, cache: str | Path | None = 
     check_map_settings(cfg)
     if plugins:
         check_plugin_blocks(cfg, cache)
+    if passed is not None:
+        passed[0].parent.mkdir(parents=True, exist_ok=True)
+        passed[0].touch()
     return cfg
+
+
+def _passed_marker(cfg: dict, plugins: bool, cache: str | Path | None) -> list[Path] | None:
+    """The files that record that `cfg` passed `validate_config` (with `plugins`: the one this
+    check writes, then the one a check with plug-ins wrote, which also covers a check without
+    them); None where nothing is recorded (no `cache`, or a plug-in module outside the package)."""
+    import hashlib
+    import json
+
+    from .codehash import source_hash
+
+    methods = cfg.get("methods") or {}
+    if cache is None or any(isinstance(e, dict) and e.get("module") for e in methods.values()):
+        return None
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    digest.update(source_hash(str(Path(__file__).parent.parent), __name__).encode())
+    for f in sorted(SCHEMA_DIR.rglob("*.yaml")):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    key = digest.hexdigest()
+    with_plugins = Path(cache) / f"config-passed-{key}-plugins"
+    return [with_plugins] if plugins else [Path(cache) / f"config-passed-{key}", with_plugins]
 
 
 #: training stages (a `processes` count of their own) and whether a per-process batch of one
