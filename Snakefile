@@ -27,19 +27,20 @@ os.environ["WSSS_ROOT"] = workflow.basedir
 
 wsss_config.apply_defaults(config)
 # what the config check needs of the method plug-ins (settings blocks, single-stage flag) is
-# kept under .snakemake/ by code fingerprint: a start then imports no plug-in, torch or timm
-wsss_methods.keep_descriptions(".snakemake/wsss-config-cache")
-# what each source file imports, for the code fingerprints (rules/common.smk `code`), kept there
-# by content: a start parses only edited files
-wsss_codehash.keep_import_cache(".snakemake/wsss-config-cache")
+# kept by code fingerprint, so a start imports no plug-in, torch or timm; what each source file
+# imports (the code fingerprints of rules/common.smk `code`) is kept by content, so a start
+# parses only edited files. The folder: .snakemake/wsss-config-cache, or $WSSS_CACHE_DIR
+# (wsss_core.config.workflow_cache_folder)
+WSSS_CACHE = str(wsss_config.workflow_cache_folder())
+wsss_methods.keep_descriptions(WSSS_CACHE)
+wsss_codehash.keep_import_cache(WSSS_CACHE)
 # the one validation: against config.schema.yaml assembled with the registered methods'
 # settings blocks (wsss_core.config.config_schema), plug-in blocks included, before any job
-# runs or any output is deleted; one line naming the key, exit 2. Plug-in blocks are checked
-# once per content: job processes of cluster executors re-read the Snakefile, and blocks that
-# passed are recorded under .snakemake/
+# runs or any output is deleted; one line naming the key, exit 2. A config is checked once per
+# content: job processes of cluster executors re-read the Snakefile, and a config that passed
+# is recorded in the same folder
 wsss_config.check_or_exit(lambda: wsss_config.validate_config(
-    config, plugins=workflow.is_main_process, cache=".snakemake/wsss-config-cache"))
-
+    config, plugins=workflow.is_main_process, cache=WSSS_CACHE))
 
 include: "rules/common.smk"
 include: "rules/data.smk"

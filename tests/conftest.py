@@ -18,6 +18,21 @@ VOC_SAMPLE = REPO_ROOT.parent / "shared" / "voc_real" / "voc2012-sample48"
 SMALL_TOY = dict(seed=5, image_size=64, num_train_aug=12, num_train_eval=4, num_val=6)
 
 
+def pytest_configure(config) -> None:
+    """One folder for what Snakemake starts learn about the code and the config (plug-in
+    descriptions, import lists, configs that passed; keyed by content), shared by every test's
+    working folder and every pytest-xdist worker (they inherit the environment): without it each
+    test's first start in a new folder imports every plug-in, torch and timm (~4 s of CPU)."""
+    if os.environ.get("WSSS_CACHE_DIR") or hasattr(config, "workerinput"):
+        return
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="wsss-test-cache-")
+    os.environ["WSSS_CACHE_DIR"] = folder
+    config.add_cleanup(lambda: (os.environ.pop("WSSS_CACHE_DIR", None),
+                                shutil.rmtree(folder, ignore_errors=True)))
+
+
 def copy_workflow(repo_root: Path, wd: Path) -> None:
     """A copy of the workflow in `wd`, so tests may edit its sources (the stages' code
     fingerprints are read beside the Snakefile; the commands themselves run the installed

@@ -22,6 +22,19 @@ from .param_schema import load_schema as _load_schema
 from .param_schema import schema_validator as _validator
 
 SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
+#: environment variable naming a folder that Snakemake starts share for what they learn about
+#: the code and the config (`workflow_cache_folder`)
+CACHE_ENV = "WSSS_CACHE_DIR"
+
+
+def workflow_cache_folder(workdir: str | Path = ".") -> Path:
+    """Where a workflow start keeps what it learnt about the code and the config: the plug-in
+    descriptions, each source file's imports, the configs that passed the check. Every entry is
+    keyed by the content it was made from, so folders can be shared: `$WSSS_CACHE_DIR` when set
+    (one folder for many working folders, e.g. a test session), else
+    `<workdir>/.snakemake/wsss-config-cache`."""
+    shared = os.environ.get(CACHE_ENV)
+    return Path(shared) if shared else Path(workdir) / ".snakemake" / "wsss-config-cache"
 
 #: stages whose parameter blocks are defined by a schema in schemas/stages/
 STAGES = (

@@ -28,6 +28,7 @@ from ..config import (
     config_from_layers,
     read_config_layers,
     stage_params_sources,
+    workflow_cache_folder,
 )
 from ..errors import ConfigError, WSSSError
 
@@ -247,8 +248,9 @@ def _when(seconds: float | None) -> str:
 
 
 def _keep_descriptions(workdir: Path) -> None:
-    """Read the plug-in descriptions the workflow keeps under .snakemake/ (no torch import)."""
-    folder = workdir / ".snakemake" / "wsss-config-cache"
+    """Read the plug-in descriptions the workflow keeps (`workflow_cache_folder`; no torch
+    import)."""
+    folder = workflow_cache_folder(workdir)
     if folder.is_dir():
         from ..methods import keep_descriptions
         keep_descriptions(folder)
