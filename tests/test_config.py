@@ -332,3 +332,10 @@ def test_a_config_that_passed_is_not_checked_again_and_a_changed_one_is(cfg, tmp
     monkeypatch.setattr(wc, "config_schema", no_check)
     with pytest.raises(AssertionError, match="checked again"):
         wc.validate_config(outside, cache=cache)
+
+
+def test_workflow_cache_folder_is_the_shared_one_when_set(tmp_path, monkeypatch):
+    monkeypatch.delenv(wc.CACHE_ENV, raising=False)
+    assert wc.workflow_cache_folder(tmp_path) == tmp_path / ".snakemake" / "wsss-config-cache"
+    monkeypatch.setenv(wc.CACHE_ENV, str(tmp_path / "shared"))
+    assert wc.workflow_cache_folder(tmp_path) == tmp_path / "shared"
