@@ -26,8 +26,8 @@ CACHE_FILE = "codehash-imports.json"
 
 
 def keep_import_cache(folder: str | Path | None) -> None:
-    """Keep what each source file imports in `folder` (`codehash-imports.json`), under the file's
-    path and a digest of its bytes, so a later process parses only files it has not seen. The
+    """Keep what each source file imports in `folder` (`codehash-imports.json`), under its module's
+    dotted name and a digest of its bytes, so a later process parses only files it has not seen. The
     Snakefile calls it; None keeps the cache in memory only. A damaged cache file is ignored
     and rewritten."""
     _DISK.update(path=None if folder is None else Path(folder) / CACHE_FILE, entries=None,

@@ -161,7 +161,7 @@ def _passed_marker(cfg: dict, plugins: bool, cache: str | Path | None) -> list[P
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     digest.update(source_hash(str(Path(__file__).parent.parent), __name__).encode())
     for f in sorted(SCHEMA_DIR.rglob("*.yaml")):
-        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+        digest.update(str(f.relative_to(SCHEMA_DIR)).encode() + b"\0" + f.read_bytes())
     key = digest.hexdigest()
     with_plugins = Path(cache) / f"config-passed-{key}-plugins"
     return [with_plugins] if plugins else [Path(cache) / f"config-passed-{key}", with_plugins]
