@@ -22,9 +22,14 @@ def pytest_configure(config) -> None:
     """One folder for what Snakemake starts learn about the code and the config (plug-in
     descriptions, import lists, configs that passed; keyed by content), shared by every test's
     working folder and every pytest-xdist worker (they inherit the environment): without it each
-    test's first start in a new folder imports every plug-in, torch and timm (~4 s of CPU)."""
+    test's first start in a new folder imports every plug-in, torch and timm (~4 s of CPU).
+
+    OpenMP threads that wait passively: three workers share two CPUs, and a thread spinning
+    after its parallel region takes the CPU another worker's test needs (the CPU time of the
+    suite is its wall time)."""
     if os.environ.get("WSSS_CACHE_DIR") or hasattr(config, "workerinput"):
         return
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import tempfile
 
     folder = tempfile.mkdtemp(prefix="wsss-test-cache-")
