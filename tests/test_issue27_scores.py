@@ -275,3 +275,17 @@ def test_results_table_sums_the_index_parts_wall_time(nogt_results):
     for f in bench.glob("dataset_index_*.tsv"):
         f.unlink()
     assert "dataset_index – s" in results_table(nogt_results, "toy", None)
+
+
+@pytest.mark.parametrize("kind", ["toy", "voc", "coco"])
+def test_results_table_names_only_what_the_dataset_kind_has(tmp_path, kind):
+    """A COCO table carries no PASCAL VOC paper numbers, and only a toy dataset has a make_toy
+    job to time."""
+    results = tmp_path / "results"
+    (results / "d" / "m").mkdir(parents=True)
+    (results / "d" / "m" / "seed_miou.txt").write_text("41.50\n")
+    write_json(results / "d" / "index" / "train.json", {"kind": kind, "images": {}})
+    table = results_table(results, "d", None)
+    assert "| m | 41.50 |" in table
+    assert ("PASCAL VOC 2012 numbers" in table) == (kind != "coco")
+    assert ("make_toy" in table) == (kind == "toy")

@@ -51,6 +51,15 @@ def _total_seconds(benches: list[Path]) -> float | None:
     return sum(seconds) if seconds else None
 
 
+def dataset_kind(results: Path, dataset: str) -> str | None:
+    """`kind` (toy, voc, coco) of results/<dataset> from its index (index/train.json, or the
+    merged index.json); None when neither exists yet."""
+    for path in (Path(results) / dataset / "index" / "train.json", Path(results) / dataset / "index.json"):
+        if path.is_file():
+            return json.loads(path.read_text()).get("kind")
+    return None
+
+
 def methods_with_results(results: Path, dataset: str) -> list[str]:
     """The method folders of results/<dataset> that hold a seed mIoU, sorted."""
     return sorted(p.parent.name for p in (Path(results) / dataset).glob("*/seed_miou.txt"))
@@ -77,7 +86,9 @@ def _fmt(v: float | str | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def markdown(rows: list[dict], dataset: str, shared: dict[str, float | None]) -> str:
+def markdown(rows: list[dict], dataset: str, shared: dict[str, float | None], voc_reference: bool = True) -> str:
+    """The table's Markdown; `voc_reference`: append the papers' PASCAL VOC 2012 numbers (left
+    out for a COCO dataset, which they do not describe)."""
     lines = ["| method | seed mIoU | IR-label mIoU | mask mIoU | seg mIoU |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {_fmt(r['seed'])} | {_fmt(r['ir_label'])} | {_fmt(r['mask'])} "
@@ -89,8 +100,10 @@ def markdown(rows: list[dict], dataset: str, shared: dict[str, float | None]) ->
         total = sum(s for s in secs if s is not None)
         lines.append(f"| {r['method']} | " + " | ".join(_fmt(s, 0) for s in secs) + f" | {total:.0f} |")
     data = ", ".join(f"{k} {_fmt(v, 0)} s" for k, v in shared.items())
-    lines += ["", f"Shared by all methods: {data}.", "",
-              "For reference only, the papers' PASCAL VOC 2012 numbers (seeds and masks on `train`, "
+    lines += ["", f"Shared by all methods: {data}."]
+    if not voc_reference:
+        return "\n".join(lines) + "\n"
+    lines += ["", "For reference only, the papers' PASCAL VOC 2012 numbers (seeds and masks on `train`, "
               "segmentation DeepLabV3+ ResNet-101 on `val`) — not produced by this repository:", "",
               "| method | seed mIoU | mask mIoU | seg mIoU | source | protocol |", "|---|---|---|---|---|---|"]
     for m, p in paper_voc().items():
@@ -104,9 +117,10 @@ def results_table(results: str | Path, dataset: str, methods: list[str] | None, 
     results = Path(results)
     rows = collect(results, dataset, methods)
     bench = results / dataset / "benchmarks"
-    shared = {"make_toy": _seconds(bench / "make_toy.tsv"),
-              "dataset_index": _total_seconds(sorted(bench.glob("dataset_index_*.tsv")))}
-    table = markdown(rows, dataset, shared)
+    kind = dataset_kind(results, dataset)
+    shared = {"make_toy": _seconds(bench / "make_toy.tsv")} if kind in (None, "toy") else {}
+    shared["dataset_index"] = _total_seconds(sorted(bench.glob("dataset_index_*.tsv")))
+    table = markdown(rows, dataset, shared, voc_reference=kind != "coco")
     if out:
         write_text(out, table)
     if readme:
