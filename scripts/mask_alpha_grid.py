@@ -20,12 +20,11 @@ from pathlib import Path
 
 from wsss_core.config import load_config, stage_params
 from wsss_core.data.index import DatasetIndex
-from wsss_core.pseudo.masks import rule_threshold
-from wsss_core.ops.pool import map_pool, pool_chunks
-from wsss_core.stages.eval_masks import score_label_dir
 from wsss_core.io import save_label_png
 from wsss_core.map_store import MapReader
-from wsss_core.pseudo.masks import pseudo_mask
+from wsss_core.ops.pool import map_pool, pool_chunks
+from wsss_core.pseudo.masks import pseudo_mask, rule_threshold
+from wsss_core.stages.eval_masks import score_label_dir
 from wsss_core.stages.make_masks import _chunk, _Job
 
 #: the threshold key of each mask rule
