@@ -20,10 +20,9 @@ from pathlib import Path
 
 from wsss_core.config import load_config, stage_params
 from wsss_core.data.index import DatasetIndex
-from wsss_core.io import save_label_png
 from wsss_core.map_store import MapReader
 from wsss_core.ops.pool import map_pool, pool_chunks
-from wsss_core.pseudo.masks import pseudo_mask, rule_threshold
+from wsss_core.pseudo.masks import rule_threshold
 from wsss_core.stages.eval_masks import score_label_dir
 from wsss_core.stages.make_masks import _chunk, _Job
 
@@ -31,23 +30,16 @@ from wsss_core.stages.make_masks import _chunk, _Job
 THRESHOLD_KEY = {"per_class_alpha": "alpha", "global_max": "bg"}
 
 
-def _cam_chunk(job: _Job) -> int:
-    """`make_masks`' worker on the walked map of cams.h5 (`job.rw` names cams.h5)."""
-    idx = DatasetIndex.load(job.index)
-    with MapReader(job.rw) as reader:
-        name = reader.attrs["roles"]["walk"]
-        for image_id in job.ids:
-            image = idx.image(image_id) if job.params["crf"] else None
-            mask = pseudo_mask(image, reader.get(image_id, name), reader.keys(image_id), job.params)
-            save_label_png(Path(job.out_dir) / f"{image_id}.png", mask)
-    return len(job.ids)
-
-
 def grid_row(results: Path, dataset: str, method: str, params: dict, grid: list[float],
              threads: int, maps: str = "rw") -> list[float]:
     part = results / dataset / "index" / "train.json"  # the index part with `train` (data.index.PARTS)
     index = part if part.is_file() else results / dataset / "index.json"
     rw = results / dataset / method / ("rw.h5" if maps == "rw" else "cams.h5")
+    if maps == "rw":
+        name = "rw"
+    else:
+        with MapReader(rw) as reader:
+            name = reader.attrs["roles"]["walk"]
     idx = DatasetIndex.load(index)
     ids = idx.ids("train")
     key = THRESHOLD_KEY[params["rule"]]
@@ -55,8 +47,8 @@ def grid_row(results: Path, dataset: str, method: str, params: dict, grid: list[
     for value in grid:
         p = dict(params, **{key: value})
         with tempfile.TemporaryDirectory() as tmp:
-            jobs = [_Job(str(index), str(rw), p, c, tmp) for c in pool_chunks(ids, threads)]
-            map_pool(_chunk if maps == "rw" else _cam_chunk, jobs, threads)
+            jobs = [_Job(str(index), str(rw), p, c, tmp, name) for c in pool_chunks(ids, threads)]
+            map_pool(_chunk, jobs, threads)
             row.append(score_label_dir(idx, tmp, "train").miou() * 100)
         assert rule_threshold(p) == value
     return row

@@ -165,11 +165,18 @@ def collect(results: str | Path, dataset: str, methods: list[str]) -> list[Metho
     return [MethodRecord.read(Path(results) / dataset / m) for m in methods]
 
 
-def class_names_of(results: str | Path, dataset: str) -> list[str] | None:
+def dataset_index_data(results: str | Path, dataset: str) -> dict | None:
+    """The JSON of results/<dataset>'s index (the merged index.json, else its train part
+    index/train.json; both hold the dataset's kind and class names); None before either exists."""
     for index in (Path(results) / dataset / "index.json", Path(results) / dataset / "index" / "train.json"):
         if index.is_file():
-            return list(read_json(index)["class_names"])
+            return read_json(index)
     return None
+
+
+def class_names_of(results: str | Path, dataset: str) -> list[str] | None:
+    data = dataset_index_data(results, dataset)
+    return None if data is None else list(data["class_names"])
 
 
 COMPARISON_CSS = """

@@ -24,6 +24,9 @@ class _Job:
     params: dict
     ids: tuple[str, ...]
     out_dir: str
+    #: the map of `rw` the rule reads: the walk's output, or (scripts/mask_alpha_grid.py
+    #: --maps cam) the map a cams.h5 walks
+    map_name: str = "rw"
 
 
 def _chunk(job: _Job) -> int:
@@ -31,7 +34,7 @@ def _chunk(job: _Job) -> int:
     with MapReader(job.rw) as reader:
         for image_id in job.ids:
             image = idx.image(image_id) if job.params["crf"] else None
-            mask = pseudo_mask(image, reader.get(image_id, "rw"), reader.keys(image_id), job.params)
+            mask = pseudo_mask(image, reader.get(image_id, job.map_name), reader.keys(image_id), job.params)
             save_label_png(Path(job.out_dir) / f"{image_id}.png", mask)
     return len(job.ids)
 

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from ..audit.artifacts import BENCHMARK_RULES, read_benchmark
-from ..audit.compare import NO_GT
+from ..audit.compare import NO_GT, dataset_index_data
 from ..errors import DataError
 from ..io import write_text
 from ..metrics import read_miou
@@ -49,15 +49,6 @@ def _total_seconds(benches: list[Path]) -> float | None:
     None when none of them was benchmarked."""
     seconds = [t for t in (_seconds(b) for b in benches) if t is not None]
     return sum(seconds) if seconds else None
-
-
-def dataset_kind(results: Path, dataset: str) -> str | None:
-    """`kind` (toy, voc, coco) of results/<dataset> from its index (index/train.json, or the
-    merged index.json); None when neither exists yet."""
-    for path in (Path(results) / dataset / "index" / "train.json", Path(results) / dataset / "index.json"):
-        if path.is_file():
-            return json.loads(path.read_text()).get("kind")
-    return None
 
 
 def methods_with_results(results: Path, dataset: str) -> list[str]:
@@ -117,7 +108,7 @@ def results_table(results: str | Path, dataset: str, methods: list[str] | None, 
     results = Path(results)
     rows = collect(results, dataset, methods)
     bench = results / dataset / "benchmarks"
-    kind = dataset_kind(results, dataset)
+    kind = (dataset_index_data(results, dataset) or {}).get("kind")  # toy, voc, coco; None: no index yet
     shared = {"make_toy": _seconds(bench / "make_toy.tsv")} if kind in (None, "toy") else {}
     shared["dataset_index"] = _total_seconds(sorted(bench.glob("dataset_index_*.tsv")))
     table = markdown(rows, dataset, shared, voc_reference=kind != "coco")
