@@ -382,7 +382,7 @@ def test_a_failed_job_leaves_no_stale_result_for_the_next_run(run, tmp_path):
     nothing to do and keep the seg_miou.txt of the old parameters; the workflow's `onerror`
     hook removes the out-of-date outputs of every job that did not run."""
     root, snakemake = run
-    from wsss_core.models.lite0 import lite0_file
+    from wsss_core.models.efficientnet_lite import lite_file
 
     weights = tmp_path / "encoder.pth"
     weights.write_bytes(b"not a state dict")
@@ -393,7 +393,7 @@ def test_a_failed_job_leaves_no_stale_result_for_the_next_run(run, tmp_path):
     failed = _workflow(run, tmp_path, change, "--", str(seg_miou))
     assert failed.returncode != 0 and "encoder.pth" in failed.stdout + failed.stderr
     assert not seg_miou.exists() and not (root / "cam" / "seg_metrics.json").exists()
-    shutil.copy(lite0_file(), weights)  # the cause is gone; the change stays
+    shutil.copy(lite_file(), weights)  # the cause is gone; the change stays
     assert _jobs(_workflow(run, tmp_path, change, "-n", "--", str(seg_miou))) == {
         "train_seg", "eval_seg"}
     # the module's later tests expect the finished run of the unchanged config

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import WeightsError
-from .lite0 import OFFLINE_WEIGHTS
+from .efficientnet_lite import OFFLINE_WEIGHTS
 
 
 class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
@@ -99,8 +99,9 @@ def pretrained_source(name: str) -> tuple[str, str, str]:
 def create_timm(name: str, pretrained: bool = False, pretrained_file: str | None = None,
                 **kwargs) -> nn.Module:
     """timm.create_model with the project's weight policy: a local file, the weights shipped
-    in a Python package (`lite0.OFFLINE_WEIGHTS`: `tf_efficientnet_lite0`, no network), the
-    timm cache/hub, or a one-line WeightsError naming what was looked for.
+    in a Python package (`efficientnet_lite.OFFLINE_WEIGHTS`: `tf_efficientnet_lite0` to
+    `_lite2`, no network), the timm cache/hub, or a one-line WeightsError naming what was
+    looked for.
 
     With `pretrained` and no `pretrained_file`, `name` must carry an explicit weights tag
     (`pretrained_source`), so no default tag is ever implied — except for the packaged offline

