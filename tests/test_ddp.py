@@ -195,6 +195,32 @@ def test_one_process_sees_the_batches_of_a_shuffled_loader():
     assert [a + b for a, b in zip(*halves)] == plain
 
 
+class _AugmentedSamples(torch.utils.data.Dataset):
+    """Each sample one draw of its own (seed, epoch, index) stream, as the training datasets."""
+
+    def __len__(self) -> int:
+        return 13
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from wsss_core.data.datasets import sample_rng
+        return torch.tensor(sample_rng(3, 5, i).random())
+
+
+def test_workers_are_capped_at_the_cpus_and_do_not_change_the_batches(monkeypatch):
+    """num_workers 8 on a process allowed one CPU starts one worker; zero, one or two workers
+    give the same batches, since augmentation is seeded per sample."""
+    from wsss_core import engine
+    data = _AugmentedSamples()
+    cfg = FitConfig(epochs=1, batch_size=4, seed=3)
+    ref = [b.tolist() for b in epoch_loader(data, cfg, 5, False)]
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    capped = epoch_loader(data, FitConfig(epochs=1, batch_size=4, seed=3, num_workers=8), 5, False)
+    assert capped.num_workers == 1 and [b.tolist() for b in capped] == ref
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    two = epoch_loader(data, FitConfig(epochs=1, batch_size=4, seed=3, num_workers=2), 5, False)
+    assert two.num_workers == 2 and [b.tolist() for b in two] == ref
+
+
 def test_global_batch_must_split_over_the_processes():
     with pytest.raises(ConfigError, match=r"train_seg\.batch_size: 6 does not split over 4"):
         _check_global_batch(FitConfig(epochs=1, batch_size=6, seed=0, stage="train_seg"), 100, 4)

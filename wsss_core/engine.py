@@ -148,6 +148,18 @@ class RankBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
+def loader_workers(requested: int) -> int:
+    """DataLoader worker processes to start: `requested` (the stage's `num_workers`), at most the
+    CPUs this process may run on (`os.sched_getaffinity`), since more workers than CPUs only
+    contend with the training threads (and torch warns). The batches do not change with the
+    count: every sample's augmentation is seeded by (seed, epoch, index), not by its worker."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(requested, cpus))
+
+
 def epoch_loader(dataset: Dataset, cfg: FitConfig, epoch: int, drop_last: bool,
                  collate_fn: Callable | None = None, info: DistInfo = DistInfo()) -> DataLoader:
     """The batches of `epoch` for this process: the shuffle is seeded by (seed, epoch), in the
@@ -156,7 +168,7 @@ def epoch_loader(dataset: Dataset, cfg: FitConfig, epoch: int, drop_last: bool,
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
     batches = BatchSampler(RandomSampler(dataset, generator=gen), cfg.batch_size, drop_last)
     return DataLoader(dataset, batch_sampler=RankBatches(batches, info.rank, info.world_size),
-                      num_workers=cfg.num_workers, generator=gen, collate_fn=collate_fn,
+                      num_workers=loader_workers(cfg.num_workers), generator=gen, collate_fn=collate_fn,
                       persistent_workers=False)
 
 
@@ -280,6 +292,9 @@ def fit(
     if stop < max_step:
         log.info("max_steps %d: training stops after %d of the schedule's %d steps", cfg.max_steps,
                  stop, max_step)
+    if loader_workers(cfg.num_workers) < cfg.num_workers:
+        log.info("num_workers %d: %d DataLoader workers, one per CPU this process may use",
+                 cfg.num_workers, loader_workers(cfg.num_workers))
     scaler = grad_scaler(cfg.precision, device)
     autocast = autocast_factory(cfg.precision, device)
     for epoch in range(start_epoch, cfg.epochs):
