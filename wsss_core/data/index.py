@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping
 
@@ -294,6 +295,20 @@ def files_fingerprint(root: str | os.PathLike, lists: Mapping[str, str], splits:
     return h.hexdigest()
 
 
+def torch_worker_info():
+    """torch's DataLoader worker info in a worker process, None elsewhere (torch not imported:
+    None, without importing it)."""
+    import sys
+    data = sys.modules.get("torch.utils.data")
+    return None if data is None else data.get_worker_info()
+
+
+#: bytes of decoded working-size images one process keeps (`DatasetIndex.image`): the training
+#: stages read every image once per epoch, and decoding a ~500-px JPEG and resizing it costs
+#: about as much as a tenth of a CPU training step; 1 GiB holds voc632 or the toy set many times
+IMAGE_CACHE_BYTES = 1 << 30
+
+
 class DatasetIndex:
     """Read access to a dataset through its index.json."""
 
@@ -311,6 +326,8 @@ class DatasetIndex:
         #: many pixels (None: at their files' size); every size, map and score is at it
         self.long_side: int | None = data.get("long_side")
         self._layout: VocLayout | None = None
+        self._images: OrderedDict[str, np.ndarray] = OrderedDict()  # least recently used first
+        self._image_bytes = 0
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DatasetIndex":
@@ -353,13 +370,27 @@ class DatasetIndex:
 
     def image(self, image_id: str) -> np.ndarray:
         """RGB uint8 [H, W, 3] at `size(image_id)` (a larger photo resized with PIL's bilinear
-        filter, which averages over the shrink factor); DataError naming a missing or corrupt
-        file."""
+        filter, which averages over the shrink factor), read-only; DataError naming a missing or
+        corrupt file.
+
+        The main process keeps the decoded images it has read, up to `IMAGE_CACHE_BYTES` (least
+        recently used dropped first), so an epoch after the first decodes nothing; DataLoader
+        workers, which live for one epoch, keep none."""
+        cached = self._images.get(image_id)
+        if cached is not None:
+            self._images.move_to_end(image_id)
+            return cached
         image = self.layout.read_image(image_id)
         size = self.size(image_id)
-        if image.shape[:2] == size:
-            return image
-        return np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+        if image.shape[:2] != size:
+            image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+        image.flags.writeable = False  # shared by every later read: no caller may edit it
+        if image.nbytes <= IMAGE_CACHE_BYTES and torch_worker_info() is None:
+            self._images[image_id] = image
+            self._image_bytes += image.nbytes
+            while self._image_bytes > IMAGE_CACHE_BYTES:
+                self._image_bytes -= self._images.popitem(last=False)[1].nbytes
+        return image
 
     def has_mask(self, image_id: str) -> bool:
         """Whether `image_id` has a ground-truth mask (label-only datasets have none, or masks for
