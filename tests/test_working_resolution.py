@@ -141,3 +141,34 @@ def test_a_part_from_before_the_key_is_named_not_a_keyerror(toy_root):
     del old["long_side"]
     with pytest.raises(DataError, match=r"long_side \(None vs 40\)"):
         merge_index_parts([new, old])
+
+
+def test_voc632_levers_change_only_their_lever():
+    """scripts/voc632_levers.yaml: each entry resolves to `cam`'s voc632 parameters except the
+    one lever its name says (classifier seed, backbone, IRN epochs), so docs/results.md's
+    comparisons hold one thing fixed at a time."""
+    from wsss_core.config import STAGES, load_config, method_params
+    cfg = load_config(REPO_ROOT / "config.yaml", REPO_ROOT / "scripts" / "voc632.yaml",
+                      REPO_ROOT / "scripts" / "voc632_levers.yaml")
+
+    def resolved(method):
+        stages = {s: wc.stage_params(cfg, "voc632", method, s) for s in STAGES}
+        return stages, method_params(cfg, "voc632", method)["model"]
+
+    base_stages, base_model = resolved("cam")
+    expected = {"cam_seed1": ({"train_classifier": {"seed": 1}}, {}),
+                "cam_seed2": ({"train_classifier": {"seed": 2}}, {}),
+                "cam_lite1": ({}, {"backbone": "tf_efficientnet_lite1"}),
+                "cam_lite2": ({}, {"backbone": "tf_efficientnet_lite2"}),
+                "cam_lite2_seed1": ({"train_classifier": {"seed": 1}}, {"backbone": "tf_efficientnet_lite2"}),
+                "cam_irn8": ({"train_irn": {"epochs": 8}}, {}),
+                "cam_irn16": ({"train_irn": {"epochs": 16}}, {}),
+                "cam_irn32": ({"train_irn": {"epochs": 32}}, {}),
+                "cam_seed1_irn8": ({"train_classifier": {"seed": 1}, "train_irn": {"epochs": 8}}, {}),
+                "cam_seed2_irn8": ({"train_classifier": {"seed": 2}, "train_irn": {"epochs": 8}}, {})}
+    assert set(expected) == set(yaml.safe_load((REPO_ROOT / "scripts" / "voc632_levers.yaml").read_text())["methods"])
+    for method, (stage_changes, model_changes) in expected.items():
+        stages, model = resolved(method)
+        for stage in STAGES:
+            assert stages[stage] == {**base_stages[stage], **stage_changes.get(stage, {})}, (method, stage)
+        assert model == {**base_model, **model_changes}, method
