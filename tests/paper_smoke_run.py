@@ -21,7 +21,8 @@ from wsss_core.config import STAGES, _leaves, load_config, method_params, stage_
 #: suite, 3 workers): ~1,000 job-seconds for the seven methods and SegFormer (seco's ViT-B
 #: classifier step 96 s and 7-scale export 77 s, cobra's export 69 s, and every method's
 #: DeepLabV3+ ResNet-101 step 22-37 s and 6-scale eval + CRF 19-35 s); with them the suite took
-#: 1,015 s, with `cam`'s alone 593 s (the CI machine is ~1.35x slower). So they run when
+#: 1,015 s, with `cam`'s alone 593 s (the CI machine is ~1.35x slower); by themselves on the
+#: quiet machine 612 s (620 job-seconds, ~4 s of each heavy job imports). So they run when
 #: WSSS_PAPER_SMOKE=1 (`WSSS_PAPER_SMOKE=1 pytest -q tests/test_paper_smoke_*.py`); the
 #: override checks always run
 EXTRA = os.environ.get("WSSS_PAPER_SMOKE") == "1"

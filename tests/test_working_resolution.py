@@ -145,8 +145,8 @@ def test_a_part_from_before_the_key_is_named_not_a_keyerror(toy_root):
 
 def test_voc632_levers_change_only_their_lever():
     """scripts/voc632_levers.yaml: each entry resolves to `cam`'s voc632 parameters except the
-    one lever its name says (classifier seed, backbone, IRN epochs), so docs/results.md's
-    comparisons hold one thing fixed at a time."""
+    one lever its name says (classifier seed, backbone with the segmentation encoder that starts
+    from it, IRN epochs), so docs/results.md's comparisons hold one thing fixed at a time."""
     from wsss_core.config import STAGES, load_config, method_params
     cfg = load_config(REPO_ROOT / "config.yaml", REPO_ROOT / "scripts" / "voc632.yaml",
                       REPO_ROOT / "scripts" / "voc632_levers.yaml")
@@ -156,17 +156,23 @@ def test_voc632_levers_change_only_their_lever():
         return stages, method_params(cfg, "voc632", method)["model"]
 
     base_stages, base_model = resolved("cam")
+
+    def lite_seg(n):  # the segmentation encoder that starts from a Lite<n> classifier
+        encoders = base_stages["train_seg"]["encoders"]
+        return {"encoders": {**encoders, "deeplabv3plus": f"tu-tf_efficientnet_lite{n}"}}
     expected = {"cam_seed1": ({"train_classifier": {"seed": 1}}, {}),
                 "cam_seed2": ({"train_classifier": {"seed": 2}}, {}),
-                "cam_lite1": ({}, {"backbone": "tf_efficientnet_lite1"}),
-                "cam_lite2": ({}, {"backbone": "tf_efficientnet_lite2"}),
-                "cam_lite2_seed1": ({"train_classifier": {"seed": 1}}, {"backbone": "tf_efficientnet_lite2"}),
+                "cam_lite1": ({"train_seg": lite_seg(1)}, {"backbone": "tf_efficientnet_lite1"}),
+                "cam_lite2": ({"train_seg": lite_seg(2)}, {"backbone": "tf_efficientnet_lite2"}),
+                "cam_lite2_seed1": ({"train_classifier": {"seed": 1}, "train_seg": lite_seg(2)},
+                                    {"backbone": "tf_efficientnet_lite2"}),
                 "cam_irn8": ({"train_irn": {"epochs": 8}}, {}),
                 "cam_irn16": ({"train_irn": {"epochs": 16}}, {}),
                 "cam_irn32": ({"train_irn": {"epochs": 32}}, {}),
                 "cam_seed1_irn8": ({"train_classifier": {"seed": 1}, "train_irn": {"epochs": 8}}, {}),
                 "cam_seed2_irn8": ({"train_classifier": {"seed": 2}, "train_irn": {"epochs": 8}}, {})}
-    assert set(expected) == set(yaml.safe_load((REPO_ROOT / "scripts" / "voc632_levers.yaml").read_text())["methods"])
+    levers = yaml.safe_load((REPO_ROOT / "scripts" / "voc632_levers.yaml").read_text())
+    assert set(expected) == set(levers["methods"])
     for method, (stage_changes, model_changes) in expected.items():
         stages, model = resolved(method)
         for stage in STAGES:

@@ -168,8 +168,8 @@ def epoch_loader(dataset: Dataset, cfg: FitConfig, epoch: int, drop_last: bool,
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
     batches = BatchSampler(RandomSampler(dataset, generator=gen), cfg.batch_size, drop_last)
     return DataLoader(dataset, batch_sampler=RankBatches(batches, info.rank, info.world_size),
-                      num_workers=loader_workers(cfg.num_workers), generator=gen, collate_fn=collate_fn,
-                      persistent_workers=False)
+                      num_workers=loader_workers(cfg.num_workers), generator=gen,
+                      collate_fn=collate_fn, persistent_workers=False)
 
 
 def batch_used(n: int, batch_size: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping
@@ -298,7 +299,6 @@ def files_fingerprint(root: str | os.PathLike, lists: Mapping[str, str], splits:
 def torch_worker_info():
     """torch's DataLoader worker info in a worker process, None elsewhere (torch not imported:
     None, without importing it)."""
-    import sys
     data = sys.modules.get("torch.utils.data")
     return None if data is None else data.get_worker_info()
 
