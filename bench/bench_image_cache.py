@@ -4,8 +4,8 @@
 
 For one dataset index (built by the dataset_index rule, e.g. voc632 at its 320-px working
 size) and the split the training stages read (`train_aug`), each epoch serves every sample of
-the segmentation training dataset (read, resize to the working size, scale/crop/flip; the
-classifier's dataset reads images the same way), first with the cache off
+the segmentation training dataset (read with `keep=True`, as every training dataset reads;
+resize to the working size; scale, crop and flip), first with the cache off
 (`IMAGE_CACHE_BYTES = 0`: every epoch decodes every file, as before the cache), then on. Printed:
 seconds per epoch for both (the first epoch with the cache on is the one that fills it), the
 off / on ratio over the later epochs, and that both served identical samples.
@@ -32,7 +32,7 @@ def epoch_times(index_path: Path, split: str, epochs: int, crop: int, cache_byte
     for epoch in range(epochs):
         start = time.perf_counter()
         for i, image_id in enumerate(ids):
-            image = idx.image(image_id)
+            image = idx.image(image_id, keep=True)
             mask = (idx.mask(image_id) if idx.has_mask(image_id)
                     else np.zeros(image.shape[:2], np.uint8))
             x, y = augment(image, mask, np.random.default_rng([0, epoch, i]))

@@ -107,29 +107,31 @@ def test_index_round_trip_through_json(toy_copy, tmp_path):
 
 
 def test_decoded_images_are_kept_read_only_and_bounded(toy_copy, monkeypatch):
-    """A second read decodes nothing (the file may even be gone), the array is read-only, the
-    least recently read image leaves first when the byte bound is reached, and a DataLoader
-    worker keeps nothing."""
+    """With keep=True (the training datasets) a second read decodes nothing (the file may even be
+    gone), the array is read-only, the least recently read image leaves first when the byte
+    bound is reached, and a DataLoader worker keeps nothing; without keep nothing is kept."""
     from wsss_core.data import index as index_module
     idx = build_index("t", "toy", toy_copy, LISTS, progress=False)
     idx = DatasetIndex(idx, "index.json")
     a, b, c = idx.ids("train_aug")[:3]
-    first = idx.image(a)
-    assert not first.flags.writeable
+    once = idx.image(a)
+    assert not once.flags.writeable and not idx._images  # a single-pass read keeps nothing
+    first = idx.image(a, keep=True)
+    assert np.array_equal(first, once) and not first.flags.writeable
     (toy_copy / "JPEGImages" / f"{a}.jpg").unlink()
-    assert idx.image(a) is first
+    assert idx.image(a) is first and idx.image(a, keep=True) is first
     monkeypatch.setattr(index_module, "IMAGE_CACHE_BYTES", 2 * first.nbytes)
     fresh = DatasetIndex(idx.data, "index.json")
-    fresh.image(b), fresh.image(c)
-    fresh.image(b)  # c is now the least recently read
-    fresh.image(idx.ids("train_aug")[3])
+    fresh.image(b, keep=True), fresh.image(c, keep=True)
+    fresh.image(b, keep=True)  # c is now the least recently read
+    fresh.image(idx.ids("train_aug")[3], keep=True)
     assert list(fresh._images) == [b, idx.ids("train_aug")[3]]
     monkeypatch.setattr(index_module, "torch_worker_info", lambda: object())
     in_worker = DatasetIndex(idx.data, "index.json")
-    in_worker.image(b)
+    in_worker.image(b, keep=True)
     assert not in_worker._images
     with pytest.raises(DataError, match=f"{a}"):
-        in_worker.image(a)  # its file is gone: nothing cached it in this process
+        in_worker.image(a, keep=True)  # its file is gone: nothing cached it in this process
 
 
 def test_index_version_and_missing_index(tmp_path):

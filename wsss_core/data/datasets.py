@@ -99,7 +99,7 @@ class ClassificationDataset(EpochDataset):
     def __getitem__(self, i: int) -> dict:
         image_id = self.ids[i]
         rng = self.rng(i)
-        img = self.index.image(image_id)
+        img = self.index.image(image_id, keep=True)
         if self.views is not None:
             item = {k: torch.as_tensor(v) for k, v in self.views(img, rng).items()}
         elif self.extra:
@@ -131,7 +131,7 @@ class MultiScaleDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         image_id = self.ids[i]
-        img = self.index.image(image_id)
+        img = self.index.image(image_id, keep=True)
         scaled = []
         for s in self.scales:
             im = img if s == 1.0 else T.resize_image(img, T.scaled_size(img.shape[:2], s))
@@ -164,7 +164,7 @@ class IRNDataset(EpochDataset):
     def __getitem__(self, i: int) -> dict:
         image_id = self.ids[i]
         rng = self.rng(i)
-        img = self.index.image(image_id)
+        img = self.index.image(image_id, keep=True)
         label = read_label_png(self.label_dir / f"{image_id}.png")
         img, label = T.random_rescale(img, label, *self.scale_range, rng)
         img = T.normalize(img)

@@ -368,14 +368,15 @@ class DatasetIndex:
         """The image file of every id of `split` (what a stage reading the images depends on)."""
         return [self.layout.image_path(i) for i in self.ids(split)]
 
-    def image(self, image_id: str) -> np.ndarray:
+    def image(self, image_id: str, keep: bool = False) -> np.ndarray:
         """RGB uint8 [H, W, 3] at `size(image_id)` (a larger photo resized with PIL's bilinear
         filter, which averages over the shrink factor), read-only; DataError naming a missing or
         corrupt file.
 
-        The main process keeps the decoded images it has read, up to `IMAGE_CACHE_BYTES` (least
-        recently used dropped first), so an epoch after the first decodes nothing; DataLoader
-        workers, which live for one epoch, keep none."""
+        `keep=True` (the training datasets, which read every image once per epoch) keeps the
+        decoded image in this process, up to `IMAGE_CACHE_BYTES` (least recently used dropped
+        first), so an epoch after the first decodes nothing; a DataLoader worker, which lives for
+        one epoch, keeps none. Stages that read each image once leave `keep` off."""
         cached = self._images.get(image_id)
         if cached is not None:
             self._images.move_to_end(image_id)
@@ -385,7 +386,7 @@ class DatasetIndex:
         if image.shape[:2] != size:
             image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
         image.flags.writeable = False  # shared by every later read: no caller may edit it
-        if image.nbytes <= IMAGE_CACHE_BYTES and torch_worker_info() is None:
+        if keep and image.nbytes <= IMAGE_CACHE_BYTES and torch_worker_info() is None:
             self._images[image_id] = image
             self._image_bytes += image.nbytes
             while self._image_bytes > IMAGE_CACHE_BYTES:

@@ -88,7 +88,7 @@ class SegmentationDataset(EpochDataset):
 
     def __getitem__(self, i: int) -> dict:
         image_id = self.ids[i]
-        image = self.index.image(image_id)
+        image = self.index.image(image_id, keep=True)
         mask = read_seg_mask(mask_path(self.masks_dir, image_id), image.shape[:2],
                              self.index.num_classes)
         image_chw, mask_hw = self.augment(image, mask, self.rng(i))
