@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from wsss_core.data import index as index_module
-from wsss_core.data.seg_dataset import SegTrainAugment, read_seg_mask
+from wsss_core.data.seg_dataset import SegTrainAugment
 
 
 def epoch_times(index_path: Path, split: str, epochs: int, crop: int, cache_bytes: int):

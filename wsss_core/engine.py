@@ -292,9 +292,10 @@ def fit(
     if stop < max_step:
         log.info("max_steps %d: training stops after %d of the schedule's %d steps", cfg.max_steps,
                  stop, max_step)
-    if loader_workers(cfg.num_workers) < cfg.num_workers:
+    workers = loader_workers(cfg.num_workers)
+    if workers < cfg.num_workers:
         log.info("num_workers %d: %d DataLoader workers, one per CPU this process may use",
-                 cfg.num_workers, loader_workers(cfg.num_workers))
+                 cfg.num_workers, workers)
     scaler = grad_scaler(cfg.precision, device)
     autocast = autocast_factory(cfg.precision, device)
     for epoch in range(start_epoch, cfg.epochs):

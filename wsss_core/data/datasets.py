@@ -131,7 +131,7 @@ class MultiScaleDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         image_id = self.ids[i]
-        img = self.index.image(image_id, keep=True)
+        img = self.index.image(image_id)  # the CAM export reads each image once
         scaled = []
         for s in self.scales:
             im = img if s == 1.0 else T.resize_image(img, T.scaled_size(img.shape[:2], s))
