@@ -25,6 +25,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # environment's `wsss` runs this checkout's code
 os.environ["WSSS_ROOT"] = workflow.basedir
 
+# a run from another folder (-d) whose --configfile leaves out config.yaml's defaults: one line
+wsss_config.check_or_exit(lambda: wsss_config.require_base_config(config, os.getcwd(), workflow.basedir))
 wsss_config.apply_defaults(config)
 # what the config check needs of the method plug-ins (settings blocks, single-stage flag) is
 # kept by code fingerprint, so a start imports no plug-in, torch or timm; what each source file

@@ -339,3 +339,27 @@ def test_workflow_cache_folder_is_the_shared_one_when_set(tmp_path, monkeypatch)
     assert wc.workflow_cache_folder(tmp_path) == tmp_path / ".snakemake" / "wsss-config-cache"
     monkeypatch.setenv(wc.CACHE_ENV, str(tmp_path / "shared"))
     assert wc.workflow_cache_folder(tmp_path) == tmp_path / "shared"
+
+
+def test_partial_config_from_another_folder_is_one_line_naming_config_yaml(tmp_path, cli_env):
+    """Snakemake skips the Snakefile's `configfile: "config.yaml"` when the working directory has
+    none and --configfile is given: a run there with only scripts/voc632.yaml stops at start with
+    one line naming the folder and the --configfile that fixes it (it said "'results' is a
+    required property"); with the checkout's config.yaml the same folder dry-runs."""
+    import subprocess
+    import sys
+
+    def snakemake(*configs: Path, target: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+               "--cores", "1", "-n", "--configfile", *map(str, configs), "--", target]
+        return subprocess.run(cmd, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
+
+    partial = snakemake(REPO / "scripts" / "voc632.yaml", target="results/voc632/index.json")
+    text = partial.stdout + partial.stderr
+    errors = [line for line in text.splitlines() if line.startswith("wsss: error:")]
+    assert partial.returncode == 2 and "Traceback" not in text, text[-2000:]
+    assert len(errors) == 1 and str(tmp_path) in errors[0], text[-2000:]
+    assert f"--configfile {REPO / 'config.yaml'}" in errors[0]
+    assert not (tmp_path / "results").exists()
+    full = snakemake(CONFIG, target="results/toy/index.json")
+    assert full.returncode == 0, (full.stdout + full.stderr)[-2000:]

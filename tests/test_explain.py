@@ -114,3 +114,24 @@ def test_params_lists_a_block_with_sources(workdir, capsys):
     assert params.main(["toy", "cobra", "no_such_block", "--workdir", str(workdir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_such_block" in err[0]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--configfile", "{a}", "{b}", "toy", "cobra", "train_irn", "--workdir", "{w}"],
+    ["toy", "--configfile", "{a}", "{b}", "cobra", "train_irn", "--workdir", "{w}"],
+    ["--workdir", "{w}", "--config", "threads=3", "--configfile", "{a}", "{b}", "toy", "cobra", "train_irn"],
+    ["--configfile", "{a}", "{b}", "--workdir", "{w}", "--", "toy", "cobra", "train_irn"],
+], ids=["after-files", "between", "after-config-items", "after-dashes"])
+def test_params_positionals_after_the_config_file_list(workdir, capsys, argv):
+    """`--configfile` takes one or more files, as Snakemake's does: the dataset, method and
+    block written after its files are still read as such (argparse alone read them as three more
+    files and stopped on a missing dataset), in their order, with both files applied in theirs."""
+    from wsss_core.stages import params
+    (workdir / "a.yaml").write_text(yaml.safe_dump({"presets": {"tiny": {"train_irn": {"epochs": 5}}}}))
+    (workdir / "b.yaml").write_text(yaml.safe_dump({"presets": {"tiny": {"train_irn": {"epochs": 7}}}}))
+    names = {"a": str(workdir / "a.yaml"), "b": str(workdir / "b.yaml"), "w": str(workdir)}
+    assert params.main([word.format(**names) for word in argv]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("dataset toy, method cobra") and "train_irn:" in text
+    epochs = next(line for line in text.splitlines() if line.strip().startswith("epochs "))
+    assert epochs.split("<-")[0].split("=")[1].strip() == "7" and epochs.endswith("b.yaml)"), epochs

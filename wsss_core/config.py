@@ -338,6 +338,26 @@ def _check_method_settings(cfg: dict, params: dict, method: str) -> None:
 _DEFAULT_PRESET = {"toy": "tiny", "voc": "paper", "coco": "paper"}
 
 
+def require_base_config(cfg: dict, workdir: str | Path, checkout: str | Path) -> None:
+    """Check that the project's defaults (config.yaml: `results`, `datasets`, `methods`,
+    `presets`) are part of `cfg`. Snakemake reads the Snakefile's `configfile: "config.yaml"`
+    from its working directory and skips it when absent there and `--configfile` is given, so a
+    run from another folder with only a partial config (e.g. `-d run --configfile
+    scripts/voc632.yaml`) would otherwise fail validation on the first missing key.
+
+    Raises:
+        ConfigError: a top-level key of the defaults is missing and `workdir` holds no
+            config.yaml; the line names the folder and the `--configfile` that fixes it.
+    """
+    required = _load_schema(SCHEMA_PATH)["required"]
+    missing = [key for key in required if key not in cfg]
+    if missing and not (Path(workdir) / "config.yaml").is_file():
+        raise ConfigError(
+            f"config.yaml not found in the working directory {workdir} (config key {missing[0]} "
+            f"is missing): pass the defaults first, --configfile {Path(checkout) / 'config.yaml'} "
+            f"<your yaml ...>, or run from the checkout")
+
+
 def apply_defaults(cfg: dict) -> dict:
     """Fill dataset keys left out (so `toy2: {kind: toy, seed: 7}` is a complete entry)."""
     schema = _load_schema(SCHEMA_PATH)["$defs"]

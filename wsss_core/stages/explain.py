@@ -426,6 +426,38 @@ def _config_options(p: argparse.ArgumentParser) -> None:
                    help="the run's --config items")
 
 
+#: what each list option takes; the first word after it that is not one ends its list
+_LIST_ITEM = {"--configfile": lambda w: w.endswith((".yaml", ".yml", ".json")),
+              "--config": lambda w: "=" in w}
+
+
+def _positionals_first(argv: list[str]) -> list[str]:
+    """`argv` with its positional words first, in their order, and the options after them.
+
+    `--configfile` and `--config` take one or more words, as Snakemake's do, so argparse would
+    read `--configfile a.yaml b.yaml voc632 cam` as four files and then miss the dataset and
+    method. A config file ends in .yaml / .yml / .json and a --config item holds `=`: the first
+    word after such a list that is neither is a positional, as is a plain word that is no
+    option's value. Every other option takes one value (`-h` / `--help` none); words after
+    `--` stay where they are."""
+    positionals, options, taking = [], [], None
+    for i, word in enumerate(argv):
+        if word == "--":
+            options += argv[i:]
+            break
+        if word.startswith("-") and word != "-":
+            options.append(word)
+            name, inline = word.split("=", 1)[0], "=" in word
+            taking = None if inline or name in ("-h", "--help") else _LIST_ITEM.get(name, "value")
+        elif taking == "value" or (callable(taking) and taking(word)):
+            options.append(word)
+            taking = None if taking == "value" else taking
+        else:
+            positionals.append(word)
+            taking = None
+    return positionals + options
+
+
 def _print_or_fail(make) -> int:
     try:
         print("\n".join(make()))
@@ -443,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="the workflow's working folder (default: the nearest "
                                      "folder above PATH with .snakemake/)")
     _config_options(p)
-    a = p.parse_args(argv)
+    a = p.parse_args(_positionals_first(sys.argv[1:] if argv is None else argv))
     return _print_or_fail(lambda: explain(a.path, a.workdir, a.configfile, a.config))
 
 
@@ -455,7 +487,7 @@ def params_main(argv: list[str] | None = None) -> int:
     p.add_argument("stage", nargs="?", help="a stage (or a method's settings block); default: all")
     p.add_argument("--workdir", default=".", help="the folder holding config.yaml (default: .)")
     _config_options(p)
-    a = p.parse_args(argv)
+    a = p.parse_args(_positionals_first(sys.argv[1:] if argv is None else argv))
     return _print_or_fail(lambda: params_report(a.dataset, a.method, a.stage, a.workdir,
                                                 a.configfile, a.config))
 
