@@ -144,16 +144,18 @@ def test_a_part_from_before_the_key_is_named_not_a_keyerror(toy_root):
 
 
 def test_voc632_levers_change_only_their_lever():
-    """scripts/voc632_levers.yaml: each entry resolves to `cam`'s voc632 parameters except the
-    one lever its name says (classifier seed, backbone with the segmentation encoder that starts
-    from it, IRN epochs), so docs/results.md's comparisons hold one thing fixed at a time."""
-    from wsss_core.config import STAGES, load_config, method_params
+    """scripts/voc632_levers.yaml: each method entry resolves to `cam`'s voc632 parameters except
+    the one lever its name says (classifier seed, backbone with the segmentation encoder that
+    starts from it), and each dataset entry voc632_irnN is voc632 (same photos, size, every
+    stage's parameters) except train_irn.epochs N, so docs/results.md's comparisons hold one
+    thing fixed at a time."""
+    from wsss_core.config import STAGES, dataset_config, load_config, method_params
     cfg = load_config(REPO_ROOT / "config.yaml", REPO_ROOT / "scripts" / "voc632.yaml",
                       REPO_ROOT / "scripts" / "voc632_levers.yaml")
 
-    def resolved(method):
-        stages = {s: wc.stage_params(cfg, "voc632", method, s) for s in STAGES}
-        return stages, method_params(cfg, "voc632", method)["model"]
+    def resolved(method, dataset="voc632"):
+        stages = {s: wc.stage_params(cfg, dataset, method, s) for s in STAGES}
+        return stages, method_params(cfg, dataset, method)["model"]
 
     base_stages, base_model = resolved("cam")
 
@@ -165,12 +167,7 @@ def test_voc632_levers_change_only_their_lever():
                 "cam_lite1": ({"train_seg": lite_seg(1)}, {"backbone": "tf_efficientnet_lite1"}),
                 "cam_lite2": ({"train_seg": lite_seg(2)}, {"backbone": "tf_efficientnet_lite2"}),
                 "cam_lite2_seed1": ({"train_classifier": {"seed": 1}, "train_seg": lite_seg(2)},
-                                    {"backbone": "tf_efficientnet_lite2"}),
-                "cam_irn8": ({"train_irn": {"epochs": 8}}, {}),
-                "cam_irn16": ({"train_irn": {"epochs": 16}}, {}),
-                "cam_irn32": ({"train_irn": {"epochs": 32}}, {}),
-                "cam_seed1_irn8": ({"train_classifier": {"seed": 1}, "train_irn": {"epochs": 8}}, {}),
-                "cam_seed2_irn8": ({"train_classifier": {"seed": 2}, "train_irn": {"epochs": 8}}, {})}
+                                    {"backbone": "tf_efficientnet_lite2"})}
     levers = yaml.safe_load((REPO_ROOT / "scripts" / "voc632_levers.yaml").read_text())
     assert set(expected) == set(levers["methods"])
     for method, (stage_changes, model_changes) in expected.items():
@@ -178,3 +175,16 @@ def test_voc632_levers_change_only_their_lever():
         for stage in STAGES:
             assert stages[stage] == {**base_stages[stage], **stage_changes.get(stage, {})}, (method, stage)
         assert model == {**base_model, **model_changes}, method
+    assert base_stages["train_irn"]["epochs"] == 8
+    base_ds = {k: v for k, v in dataset_config(cfg, "voc632").items() if k != "overrides"}
+    assert set(levers["datasets"]) == {"voc632_irn4", "voc632_irn16", "voc632_irn32"}
+    for dataset in levers["datasets"]:
+        epochs = int(dataset.removeprefix("voc632_irn"))
+        assert {k: v for k, v in dataset_config(cfg, dataset).items() if k != "overrides"} == base_ds
+        for method in ("cam", "cam_seed1"):
+            stages, model = resolved(method, dataset)
+            want, want_model = resolved(method)
+            for stage in STAGES:
+                change = {"epochs": epochs} if stage == "train_irn" else {}
+                assert stages[stage] == {**want[stage], **change}, (dataset, method, stage)
+            assert model == want_model
