@@ -135,3 +135,39 @@ def test_params_positionals_after_the_config_file_list(workdir, capsys, argv):
     assert text.startswith("dataset toy, method cobra") and "train_irn:" in text
     epochs = next(line for line in text.splitlines() if line.strip().startswith("epochs "))
     assert epochs.split("<-")[0].split("=")[1].strip() == "7" and epochs.endswith("b.yaml)"), epochs
+
+
+def test_params_json_is_the_params_text_the_workflow_passes_to_each_stage(workdir, repo_root, capsys):
+    """`wsss params DATASET METHOD STAGE --json` prints, character for character, the `--params`
+    of that stage's shell command in Snakemake's dry run (-p) of the same config, for every
+    stage of cobra's toy DAG (train_seg resolved for its default architecture; sweep_masks
+    takes make_masks' block), with an extra config file changing two stages."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from wsss_core.stages import params
+    (workdir / "a.yaml").write_text(yaml.safe_dump(
+        {"presets": {"tiny": {"eval_seg": {"scales": [0.75, 1.0]}, "train_seg": {"epochs": 3}}}}))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo_root / "Snakefile"), "-d", str(workdir),
+           "-n", "-p", "--configfile", str(workdir / "config.yaml"), str(workdir / "a.yaml"), "--",
+           "results/toy/cobra/seg_miou.txt", "results/toy/cobra/mask_sweep.json"]
+    done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    passed = {}
+    for line in re.findall(r"^Shell command: (.*)$", done.stdout + done.stderr, re.M):
+        words = shlex.split(line)
+        if "--params" in words and "wsss" in words:
+            passed[words[words.index("wsss") + 1].replace("-", "_")] = words[words.index("--params") + 1]
+    assert {"train_classifier", "export_cams", "ir_labels", "train_irn", "make_masks", "train_seg",
+            "eval_seg", "sweep_masks"} <= set(passed), sorted(passed)
+    assert json.loads(passed["eval_seg"])["scales"] == [0.75, 1.0]
+    assert json.loads(passed["train_seg"])["epochs"] == 3
+    for stage, text in passed.items():
+        argv = ["toy", "cobra", stage, "--json", "--workdir", str(workdir), "--configfile", str(workdir / "a.yaml")]
+        assert params.main(argv) == 0
+        assert capsys.readouterr().out.strip() == text, stage
+    with pytest.raises(SystemExit) as stop:  # --json prints one block: a missing STAGE is a usage error
+        params.main(["toy", "cobra", "--json", "--workdir", str(workdir)])
+    assert stop.value.code == 2 and "--json needs a STAGE" in capsys.readouterr().err

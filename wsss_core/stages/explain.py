@@ -419,6 +419,33 @@ def params_report(dataset: str, method: str, stage: str | None = None, workdir: 
     return lines
 
 
+def params_json(dataset: str, method: str, stage: str, workdir: str | Path = ".",
+                configfiles: list[str] = (), overrides: list[str] = ()) -> str:
+    """`wsss params --json`: the resolved block `stage` of (dataset, method) as the JSON text the
+    workflow passes to the stage's `--params` (keys sorted; train_seg resolved for its default
+    architecture, as the train_seg rule does), so a stage can be re-run by hand on other inputs,
+    e.g. `wsss eval-seg ... --params "$(wsss params voc632 cam eval_seg --json)"`.
+
+    Raises: ConfigError for a bad config, an unknown dataset, method or block."""
+    from ..config import method_params, resolve_seg_params, stage_params
+
+    _keep_descriptions(Path(workdir))
+    cfg = config_from_layers(read_config_layers(Path(workdir) / "config.yaml", tuple(configfiles),
+                                                list(overrides)))
+    block = PARAMS_BLOCK.get(stage, stage)
+    settings = {k: v for k, v in method_params(cfg, dataset, method).items() if isinstance(v, dict)}
+    if block in STAGES:
+        values = stage_params(cfg, dataset, method, block)
+        if block == "train_seg":
+            values = resolve_seg_params(values, None)
+    elif block in settings:
+        values = settings[block]
+    else:
+        raise ConfigError(f"no parameter block {stage!r} for method {method} "
+                          f"(blocks: {', '.join([*STAGES, *settings])})")
+    return json.dumps(values, sort_keys=True)
+
+
 def _config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configfile", nargs="+", default=[], action="extend",
                    help="the run's --configfile files (merged over <workdir>/config.yaml)")
@@ -431,6 +458,10 @@ _LIST_ITEM = {"--configfile": lambda w: w.endswith((".yaml", ".yml", ".json")),
               "--config": lambda w: "=" in w}
 
 
+#: the options that take no value
+_FLAGS = ("-h", "--help", "--json")
+
+
 def _positionals_first(argv: list[str]) -> list[str]:
     """`argv` with its positional words first, in their order, and the options after them.
 
@@ -438,7 +469,7 @@ def _positionals_first(argv: list[str]) -> list[str]:
     read `--configfile a.yaml b.yaml voc632 cam` as four files and then miss the dataset and
     method. A config file ends in .yaml / .yml / .json and a --config item holds `=`: the first
     word after such a list that is neither is a positional, as is a plain word that is no
-    option's value. Every other option takes one value (`-h` / `--help` none); words after
+    option's value. Every other option takes one value (the `_FLAGS` none); words after
     `--` stay where they are."""
     positionals, options, taking = [], [], None
     for i, word in enumerate(argv):
@@ -448,7 +479,7 @@ def _positionals_first(argv: list[str]) -> list[str]:
         if word.startswith("-") and word != "-":
             options.append(word)
             name, inline = word.split("=", 1)[0], "=" in word
-            taking = None if inline or name in ("-h", "--help") else _LIST_ITEM.get(name, "value")
+            taking = None if inline or name in _FLAGS else _LIST_ITEM.get(name, "value")
         elif taking == "value" or (callable(taking) and taking(word)):
             options.append(word)
             taking = None if taking == "value" else taking
@@ -486,8 +517,15 @@ def params_main(argv: list[str] | None = None) -> int:
     p.add_argument("method")
     p.add_argument("stage", nargs="?", help="a stage (or a method's settings block); default: all")
     p.add_argument("--workdir", default=".", help="the folder holding config.yaml (default: .)")
+    p.add_argument("--json", action="store_true",
+                   help="print only STAGE's block as the JSON its stage takes as --params")
     _config_options(p)
     a = p.parse_args(_positionals_first(sys.argv[1:] if argv is None else argv))
+    if a.json:
+        if a.stage is None:
+            p.error("--json needs a STAGE (one block)")
+        return _print_or_fail(lambda: [params_json(a.dataset, a.method, a.stage, a.workdir,
+                                                   a.configfile, a.config)])
     return _print_or_fail(lambda: params_report(a.dataset, a.method, a.stage, a.workdir,
                                                 a.configfile, a.config))
 
