@@ -146,7 +146,8 @@ def test_a_part_from_before_the_key_is_named_not_a_keyerror(toy_root):
 def test_voc632_levers_change_only_their_lever():
     """scripts/voc632_levers.yaml: each method entry resolves to `cam`'s voc632 parameters except
     the one lever its name says (classifier seed, backbone with the segmentation encoder that
-    starts from it, weight decay, the segmentation network's seed), and each dataset entry
+    starts from it, weight decay, the segmentation network's seed, the training scale range
+    with a classifier seed), and each dataset entry
     voc632_irnN is voc632 (same photos, size, every stage's parameters) except
     train_irn.epochs N, so docs/results.md's comparisons hold one thing fixed at a time."""
     from wsss_core.config import STAGES, dataset_config, load_config, method_params
@@ -170,7 +171,9 @@ def test_voc632_levers_change_only_their_lever():
                                     {"backbone": "tf_efficientnet_lite2"}),
                 "cam_wd05": ({"train_classifier": {"weight_decay": 0.05}}, {}),
                 "cam_segseed1": ({"train_seg": {"seed": 1}}, {}),
-                "cam_segseed2": ({"train_seg": {"seed": 2}}, {})}
+                "cam_segseed2": ({"train_seg": {"seed": 2}}, {}),
+                **{f"cam_sr{tail}": ({"train_classifier": {"scale_range": [140, 280], **seed}}, {})
+                   for tail, seed in (("", {}), ("_seed1", {"seed": 1}), ("_seed2", {"seed": 2}))}}
     levers = yaml.safe_load((REPO_ROOT / "scripts" / "voc632_levers.yaml").read_text())
     assert set(expected) == set(levers["methods"])
     for method, (stage_changes, model_changes) in expected.items():
