@@ -165,7 +165,8 @@ def test_params_json_is_the_params_text_the_workflow_passes_to_each_stage(workdi
     assert json.loads(passed["eval_seg"])["scales"] == [0.75, 1.0]
     assert json.loads(passed["train_seg"])["epochs"] == 3
     for stage, text in passed.items():
-        argv = ["toy", "cobra", stage, "--json", "--workdir", str(workdir), "--configfile", str(workdir / "a.yaml")]
+        # --json takes no value: the positionals after it stay positionals
+        argv = ["--json", "toy", "cobra", stage, "--workdir", str(workdir), "--configfile", str(workdir / "a.yaml")]
         assert params.main(argv) == 0
         assert capsys.readouterr().out.strip() == text, stage
     with pytest.raises(SystemExit) as stop:  # --json prints one block: a missing STAGE is a usage error

@@ -424,7 +424,7 @@ def params_json(dataset: str, method: str, stage: str, workdir: str | Path = "."
     """`wsss params --json`: the resolved block `stage` of (dataset, method) as the JSON text the
     workflow passes to the stage's `--params` (keys sorted; train_seg resolved for its default
     architecture, as the train_seg rule does), so a stage can be re-run by hand on other inputs,
-    e.g. `wsss eval-seg ... --params "$(wsss params voc632 cam eval_seg --json)"`.
+    e.g. `wsss eval-seg ... --params "$(wsss params toy cam eval_seg --json)"`.
 
     Raises: ConfigError for a bad config, an unknown dataset, method or block."""
     from ..config import method_params, resolve_seg_params, stage_params
