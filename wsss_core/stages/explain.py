@@ -395,26 +395,37 @@ def _code_now(workdir: Path, module: str) -> str:
         return "unknown (module not found)"
 
 
+def _params_config(workdir: str | Path, configfiles, overrides):
+    """(layers, merged config) of `wsss params`: <workdir>/config.yaml, the run's --configfile
+    files and --config items, as the workflow merges them."""
+    _keep_descriptions(Path(workdir))
+    layers = read_config_layers(Path(workdir) / "config.yaml", tuple(configfiles), list(overrides))
+    return layers, config_from_layers(layers)
+
+
+def _blocks(cfg: dict, dataset: str, method: str, stage: str | None) -> list[str]:
+    """The parameter blocks `wsss params` shows: every stage's and the method's settings blocks,
+    or the one block `stage` names (ConfigError listing the known ones when it names none)."""
+    from ..config import method_params
+
+    known = [*STAGES, *(k for k, v in method_params(cfg, dataset, method).items() if isinstance(v, dict))]
+    if stage is None:
+        return known
+    block = PARAMS_BLOCK.get(stage, stage)
+    if block not in known:
+        raise ConfigError(f"no parameter block {stage!r} for method {method} (blocks: {', '.join(known)})")
+    return [block]
+
+
 def params_report(dataset: str, method: str, stage: str | None = None, workdir: str | Path = ".",
                   configfiles: list[str] = (), overrides: list[str] = ()) -> list[str]:
     """The report of `wsss params`: the resolved blocks of (dataset, method), every stage's or
     `stage`'s (a stage or one of the method's settings blocks), each key with its source.
 
     Raises: ConfigError for a bad config, an unknown dataset, method or block."""
-    from ..config import method_params
-
-    _keep_descriptions(Path(workdir))
-    layers = read_config_layers(Path(workdir) / "config.yaml", tuple(configfiles), list(overrides))
-    cfg = config_from_layers(layers)
-    if stage is None:
-        blocks = [*STAGES, *(k for k, v in method_params(cfg, dataset, method).items() if isinstance(v, dict))]
-    else:
-        blocks = [PARAMS_BLOCK.get(stage, stage)]
-        known = [*STAGES, *(k for k, v in method_params(cfg, dataset, method).items() if isinstance(v, dict))]
-        if blocks[0] not in known:
-            raise ConfigError(f"no parameter block {stage!r} for method {method} (blocks: {', '.join(known)})")
+    layers, cfg = _params_config(workdir, configfiles, overrides)
     lines = [f"dataset {dataset}, method {method} (config: {', '.join(name for name, _ in layers)})"]
-    for block in blocks:
+    for block in _blocks(cfg, dataset, method, stage):
         lines += format_block(block, None, stage_params_sources(cfg, dataset, method, block, layers), "")
     return lines
 
@@ -429,21 +440,12 @@ def params_json(dataset: str, method: str, stage: str, workdir: str | Path = "."
     Raises: ConfigError for a bad config, an unknown dataset, method or block."""
     from ..config import method_params, resolve_seg_params, stage_params
 
-    _keep_descriptions(Path(workdir))
-    cfg = config_from_layers(read_config_layers(Path(workdir) / "config.yaml", tuple(configfiles),
-                                                list(overrides)))
-    block = PARAMS_BLOCK.get(stage, stage)
-    settings = {k: v for k, v in method_params(cfg, dataset, method).items() if isinstance(v, dict)}
-    if block in STAGES:
-        values = stage_params(cfg, dataset, method, block)
-        if block == "train_seg":
-            values = resolve_seg_params(values, None)
-    elif block in settings:
-        values = settings[block]
-    else:
-        raise ConfigError(f"no parameter block {stage!r} for method {method} "
-                          f"(blocks: {', '.join([*STAGES, *settings])})")
-    return json.dumps(values, sort_keys=True)
+    _, cfg = _params_config(workdir, configfiles, overrides)
+    [block] = _blocks(cfg, dataset, method, stage)
+    if block not in STAGES:
+        return json.dumps(method_params(cfg, dataset, method)[block], sort_keys=True)
+    values = stage_params(cfg, dataset, method, block)
+    return json.dumps(resolve_seg_params(values, None) if block == "train_seg" else values, sort_keys=True)
 
 
 def _config_options(p: argparse.ArgumentParser) -> None:
